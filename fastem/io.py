@@ -1,0 +1,698 @@
+"""Reading and writing files: fitted models without pickle, and data tables.
+
+Saved models
+------------
+:func:`save_model` writes a fitted :class:`fastem.GaussianMixture` to a
+NumPy ``.npz`` archive (``numpy.savez_compressed``) and :func:`load_model`
+reads it back with ``allow_pickle=False``, so opening a model file can never
+run code. The archive holds, as plain numeric or unicode arrays:
+
+``weights_``, ``means_``, ``covariances_``, ``precisions_``, ``precisions_cholesky_``
+    The fitted parameters, with the shapes of the covariance type.
+``lower_bounds_``
+    The per-iteration lower bounds of the best restart, as a 1-D array.
+``feature_names_in_``
+    Only when the model has it; a 1-D unicode array.
+``weights_init``, ``means_init``, ``precisions_init``
+    Only when the corresponding constructor parameter is an array.
+``__fastem_meta__``
+    A 0-d unicode array holding a JSON object with ``"format"``
+    (``"fastem.GaussianMixture"``), ``"format_version"`` (``1``),
+    ``"fastem_version"``, ``"params"`` (the constructor parameters whose
+    values JSON can hold exactly: ``None``, booleans, integers, floats and
+    strings) and ``"fitted"`` (``converged_``, ``n_iter_``, ``lower_bound_``,
+    ``n_features_in_``).
+
+A constructor parameter that is neither JSON-representable nor one of the
+three initial arrays (in practice a ``numpy.random.RandomState`` or
+``Generator`` passed as ``random_state``) is not saved, so the loaded model has
+the class default for it.
+
+Data tables
+-----------
+:func:`read_table` reads the numeric matrix the command line fits, from CSV,
+TSV, whitespace-separated text, ``.npy``, ``.npz`` or Parquet files, and
+:func:`load_demo_data` returns the Old Faithful data shipped with fastem.
+
+Every problem with a file's existence or content is reported as a
+``ValueError`` whose message names the file, so a caller such as the command
+line can report all bad input the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+__all__ = ["load_demo_data", "load_model", "read_table", "save_model"]
+
+FORMAT_NAME = "fastem.GaussianMixture"
+FORMAT_VERSION = 1
+META_KEY = "__fastem_meta__"
+
+_PARAMETER_ARRAYS = (
+    "weights_",
+    "means_",
+    "covariances_",
+    "precisions_",
+    "precisions_cholesky_",
+)
+_INIT_ARRAYS = ("weights_init", "means_init", "precisions_init")
+_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+_MISSING_TOKENS = frozenset({"", "NA"})
+
+
+# ---------------------------------------------------------------------------
+# Saved models
+# ---------------------------------------------------------------------------
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    """Write a fitted Gaussian mixture to an ``.npz`` file, without pickle.
+
+    Parameters
+    ----------
+    model : fastem.GaussianMixture or sklearn.mixture.GaussianMixture
+        A fitted estimator.
+    path : str or os.PathLike
+        Destination. Exactly this path is written: unlike
+        ``numpy.savez_compressed`` given a file name, no ``.npz`` suffix is
+        appended. The archive is first written to a temporary file in the same
+        directory and then renamed over ``path``, so an interrupted save never
+        leaves a truncated model behind.
+
+    Raises
+    ------
+    sklearn.exceptions.NotFittedError
+        If ``model`` has not been fitted.
+
+    See Also
+    --------
+    load_model : Read the file back.
+
+    Notes
+    -----
+    The file layout is described in the module docstring of :mod:`fastem.io`.
+    """
+    check_is_fitted(model, "means_")
+    path = Path(path)
+
+    arrays = {name: np.asarray(getattr(model, name)) for name in _PARAMETER_ARRAYS}
+    arrays["lower_bounds_"] = np.asarray(model.lower_bounds_, dtype=np.float64)
+    if hasattr(model, "feature_names_in_"):
+        arrays["feature_names_in_"] = np.asarray(model.feature_names_in_, dtype=str)
+
+    params = {}
+    for name, value in model.get_params(deep=False).items():
+        if name in _INIT_ARRAYS and value is not None:
+            arrays[name] = np.asarray(value, dtype=np.float64)
+            continue
+        kept, json_value = _as_json_scalar(value)
+        if kept:
+            params[name] = json_value
+
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fastem_version": _fastem_version(),
+        "params": params,
+        "fitted": {
+            "converged_": bool(model.converged_),
+            "n_iter_": int(model.n_iter_),
+            # json writes floats with repr, which round-trips float64 exactly.
+            "lower_bound_": float(model.lower_bound_),
+            "n_features_in_": int(model.n_features_in_),
+        },
+    }
+    arrays[META_KEY] = np.array(json.dumps(meta))
+
+    # A sibling temporary file makes the final rename atomic; opening it with
+    # open() rather than mkstemp keeps the usual umask-based permissions.
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        # Passing an open file rather than a name stops NumPy from appending ".npz".
+        with open(tmp_path, "xb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: str | os.PathLike):
+    """Read a Gaussian mixture written by :func:`save_model`.
+
+    The file is opened with ``numpy.load(..., allow_pickle=False)``: no Python
+    object is ever unpickled, so loading an untrusted file cannot run code.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`save_model`.
+
+    Returns
+    -------
+    model : fastem.GaussianMixture
+        A fitted estimator whose parameters and fitted arrays are bit-identical
+        to the saved ones. ``lower_bounds_`` is restored as a list of floats and
+        ``feature_names_in_`` as an object array of str, as scikit-learn has
+        them.
+
+    Raises
+    ------
+    ValueError
+        If the file does not exist, is not an ``.npz`` archive, was not written
+        by fastem, has a newer format version than this fastem reads, holds
+        pickled objects, or has missing, misshapen or non-finite arrays. The
+        message names the file and the problem.
+    """
+    path = Path(path)
+    entries = _read_npz_entries(path)
+    if META_KEY not in entries:
+        raise ValueError(
+            f"{path} is not a fastem model file: it has no '{META_KEY}' entry "
+            f"(entries: {_quoted(sorted(entries))})"
+        )
+    meta = _parse_meta(path, entries.pop(META_KEY))
+    params, fitted = meta["params"], meta["fitted"]
+    _check_arrays(path, entries, params, fitted)
+
+    for name in _INIT_ARRAYS:
+        if name in entries:
+            params[name] = entries.pop(name)
+
+    from fastem.mixture import GaussianMixture
+
+    model = GaussianMixture()
+    try:
+        model.set_params(**params)
+    except ValueError as exc:
+        raise ValueError(
+            f"{path}: the saved parameters do not fit this fastem: {exc}"
+        ) from exc
+
+    for name in _PARAMETER_ARRAYS:
+        setattr(model, name, entries[name])
+    model.lower_bounds_ = entries["lower_bounds_"].tolist()
+    if "feature_names_in_" in entries:
+        model.feature_names_in_ = entries["feature_names_in_"].astype(object)
+    model.converged_ = fitted["converged_"]
+    model.n_iter_ = fitted["n_iter_"]
+    model.lower_bound_ = np.float64(fitted["lower_bound_"])
+    model.n_features_in_ = fitted["n_features_in_"]
+    return model
+
+
+def _as_json_scalar(value) -> tuple[bool, object]:
+    """Return ``(True, value)`` if JSON holds ``value`` exactly, else ``(False, None)``.
+
+    NumPy scalars are converted to the Python scalars JSON can write.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return True, value
+    if isinstance(value, np.bool_):
+        return True, bool(value)
+    if isinstance(value, (int, np.integer)):
+        return True, int(value)
+    if isinstance(value, (float, np.floating)):
+        return True, float(value)
+    return False, None
+
+
+def _fastem_version() -> str:
+    try:
+        from fastem import __version__
+    except ImportError:
+        return "unknown"
+    return str(__version__)
+
+
+def _read_npz_entries(path: Path) -> dict[str, np.ndarray]:
+    """Load every entry of an ``.npz`` file, refusing anything pickled."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such model file")
+    not_ours = f"{path} is not a fastem model file"
+    # numpy.load falls back to unpickling for content it does not recognise,
+    # so anything that is not a zip archive is rejected before it gets there.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{not_ours}: not an .npz (zip) archive")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{not_ours}: {exc}") from exc
+    entries = {}
+    with archive:
+        for name in archive.files:
+            try:
+                entry = archive[name]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise ValueError(
+                        f"{not_ours}: entry '{name}' holds pickled Python objects, "
+                        "which fastem never loads"
+                    ) from None
+                raise ValueError(f"{not_ours}: entry '{name}': {exc}") from exc
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise ValueError(
+                    f"{not_ours}: entry '{name}' is unreadable: {exc}"
+                ) from exc
+            # A zip member that is not an .npy comes back as bytes; as a bytes
+            # array it fails the dtype checks every entry goes through.
+            entries[name] = np.asarray(entry)
+    return entries
+
+
+def _parse_meta(path: Path, raw: np.ndarray) -> dict:
+    """Decode and check the JSON metadata entry; return it as a dict."""
+    if raw.ndim != 0 or raw.dtype.kind != "U":
+        raise ValueError(f"{path}: the '{META_KEY}' entry is not a unicode string")
+    try:
+        meta = json.loads(str(raw))
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: the '{META_KEY}' entry is not valid JSON: {exc}"
+        ) from exc
+    # Anything but a JSON object is read as an empty one, which the checks
+    # below then reject with a message about what is missing.
+    meta = _json_object(meta)
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{path} is not a fastem model file: format is {meta.get('format')!r}, "
+            f"expected {FORMAT_NAME!r}"
+        )
+    version = meta.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"{path}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has model format version {version}, newer than the version "
+            f"{FORMAT_VERSION} this fastem reads; upgrade fastem to load it"
+        )
+
+    params = meta["params"] = _json_object(meta.get("params"))
+    fitted = meta["fitted"] = _json_object(meta.get("fitted"))
+    n_components = params.get("n_components")
+    if not _is_int(n_components) or n_components < 1:
+        raise ValueError(f"{path}: invalid n_components {n_components!r}")
+    if params.get("covariance_type") not in _COVARIANCE_TYPES:
+        raise ValueError(
+            f"{path}: invalid covariance_type {params.get('covariance_type')!r}"
+        )
+
+    checks = {
+        "converged_": lambda v: isinstance(v, bool),
+        "n_iter_": lambda v: _is_int(v) and v >= 0,
+        "lower_bound_": lambda v: (
+            (isinstance(v, float) or _is_int(v)) and np.isfinite(v)
+        ),
+        "n_features_in_": lambda v: _is_int(v) and v >= 1,
+    }
+    for name, is_valid in checks.items():
+        if name not in fitted:
+            raise ValueError(f"{path}: the metadata lacks the fitted attribute {name}")
+        if not is_valid(fitted[name]):
+            raise ValueError(
+                f"{path}: invalid fitted attribute {name}={fitted[name]!r}"
+            )
+    return meta
+
+
+def _json_object(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_int(value) -> bool:
+    # bool is a subclass of int, but True is no count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _covariance_shape(
+    covariance_type: str, n_components: int, n_features: int
+) -> tuple:
+    return {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+
+
+def _check_arrays(path: Path, entries: dict, params: dict, fitted: dict) -> None:
+    """Check that the archive holds exactly the expected arrays, shaped and finite."""
+    k, d = params["n_components"], fitted["n_features_in_"]
+    cov_shape = _covariance_shape(params["covariance_type"], k, d)
+    expected = {
+        "weights_": (k,),
+        "means_": (k, d),
+        "covariances_": cov_shape,
+        "precisions_": cov_shape,
+        "precisions_cholesky_": cov_shape,
+        "lower_bounds_": None,
+    }
+    optional = {
+        "feature_names_in_": (d,),
+        "weights_init": (k,),
+        "means_init": (k, d),
+        "precisions_init": cov_shape,
+    }
+
+    missing = [name for name in expected if name not in entries]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {_quoted(missing)}")
+    unexpected = [
+        name for name in entries if name not in expected and name not in optional
+    ]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected entries {_quoted(unexpected)}")
+
+    for name, array in entries.items():
+        shape = expected.get(name, optional.get(name))
+        if name == "feature_names_in_":
+            if array.dtype.kind != "U" or array.shape != shape:
+                raise ValueError(
+                    f"{path}: feature_names_in_ must be {d} strings, "
+                    f"got dtype {array.dtype} and shape {array.shape}"
+                )
+            continue
+        if array.dtype.kind != "f":
+            raise ValueError(
+                f"{path}: array {name} has dtype {array.dtype}, expected floats"
+            )
+        if shape is None:
+            if array.ndim != 1:
+                raise ValueError(
+                    f"{path}: array {name} must be 1-D, got shape {array.shape}"
+                )
+        elif array.shape != shape:
+            raise ValueError(
+                f"{path}: array {name} has shape {array.shape}, expected {shape} for "
+                f"covariance_type={params['covariance_type']!r}, n_components={k}, "
+                f"n_features={d}"
+            )
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{path}: array {name} has non-finite values")
+
+
+# ---------------------------------------------------------------------------
+# Data tables
+# ---------------------------------------------------------------------------
+
+
+def read_table(
+    path: str | os.PathLike, columns: Sequence[str | int] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Read a numeric data matrix from a file, choosing the format by extension.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file. Supported extensions (case-insensitive):
+
+        ``.csv``
+            Comma-separated. The first row is a header if any of its fields is
+            not a number (empty fields and ``NA`` count as numbers here, being
+            missing values).
+        ``.tsv``, ``.tab``
+            Tab-separated, header detected as for ``.csv``.
+        ``.txt``
+            Comma-separated if the first non-blank line contains a comma,
+            otherwise separated by runs of spaces and tabs; header detected as
+            for ``.csv``.
+        ``.npy``
+            A 1-D array (read as one column) or a 2-D array.
+        ``.npz``
+            The archive's only array, or the array named ``X`` if it has several.
+        ``.parquet``
+            Needs pyarrow, which fastem does not install.
+
+        Blank lines in text files are skipped. Columns without a header, and
+        the columns of NumPy files, are named ``x0``, ``x1``, ...
+    columns : sequence of str or int, optional
+        The columns to return, in this order, by name or by 0-based index. A
+        string of digits is taken as an index unless a column has that name.
+        By default all columns are returned.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_columns), dtype float64
+        The data. Missing values (empty fields, ``NA``, ``nan``; nulls in
+        Parquet) are NaN: they are read here and rejected later by the
+        estimator with its own message.
+    names : list of str
+        The names of the returned columns.
+
+    Raises
+    ------
+    ValueError
+        If the file does not exist (a ``ValueError`` rather than
+        ``FileNotFoundError``, like every other input problem here), has an
+        unsupported extension, is empty or has no data rows, has a row with
+        the wrong number of fields (the message gives its line number), if
+        ``columns`` names unknown columns (the message lists the available
+        ones), or if a selected column is not numeric (the message names all
+        such columns).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such data file")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".tab", ".txt"):
+        return _read_text_table(path, suffix, columns)
+    if suffix in (".npy", ".npz"):
+        array = _read_numpy_array(path, suffix)
+        names = [f"x{j}" for j in range(array.shape[1])]
+        selected = _select_columns(path, names, columns)
+        return (
+            np.ascontiguousarray(array[:, selected], dtype=np.float64),
+            [names[j] for j in selected],
+        )
+    if suffix == ".parquet":
+        return _read_parquet(path, columns)
+    raise ValueError(
+        f"{path}: unsupported file type {path.suffix!r} "
+        "(use .csv, .tsv, .tab, .txt, .npy, .npz or .parquet)"
+    )
+
+
+def load_demo_data() -> tuple[np.ndarray, list[str]]:
+    """Return the Old Faithful geyser data shipped with fastem.
+
+    Returns
+    -------
+    X : ndarray of shape (272, 2), dtype float64
+        Eruption duration (minutes) and waiting time to the next eruption
+        (minutes), a classic two-cluster example.
+    names : list of str
+        ``["eruptions", "waiting"]``.
+    """
+    source = resources.files(__package__) / "data" / "faithful.csv"
+    with resources.as_file(source) as path:
+        return read_table(path)
+
+
+def _text_rows(path: Path, suffix: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line_number, fields)`` for each non-blank line of a text table."""
+    # utf-8-sig drops the byte-order mark spreadsheet programs put in front.
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        if suffix == ".txt":
+            first = next((line for line in handle if line.strip()), "")
+            handle.seek(0)
+            if "," not in first:
+                for line_number, line in enumerate(handle, start=1):
+                    fields = line.split()
+                    if fields:
+                        yield line_number, fields
+                return
+        delimiter = "\t" if suffix in (".tsv", ".tab") else ","
+        reader = csv.reader(handle, delimiter=delimiter)
+        for row in reader:
+            if row:
+                # line_num counts physical lines, so it is right after quoted newlines.
+                yield reader.line_num, [field.strip() for field in row]
+
+
+def _is_number(field: str) -> bool:
+    if field in _MISSING_TOKENS:
+        return True
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_text_table(
+    path: Path, suffix: str, columns: Sequence[str | int] | None
+) -> tuple[np.ndarray, list[str]]:
+    rows = _text_rows(path, suffix)
+    first = next(rows, None)
+    if first is None:
+        raise ValueError(f"{path}: the file is empty")
+    first_line, first_fields = first
+    n_fields = len(first_fields)
+    if all(_is_number(field) for field in first_fields):
+        names = [f"x{j}" for j in range(n_fields)]
+        data = [first_fields]
+    else:
+        names = first_fields
+        data = []
+    for line_number, fields in rows:
+        if len(fields) != n_fields:
+            raise ValueError(
+                f"{path}: line {line_number} has {len(fields)} fields, expected {n_fields} "
+                f"(as on line {first_line})"
+            )
+        data.append(fields)
+    if not data:
+        raise ValueError(f"{path}: no data rows after the header")
+
+    selected = _select_columns(path, names, columns)
+    X = np.empty((len(data), len(selected)), dtype=np.float64)
+    non_numeric = []
+    for out, j in enumerate(selected):
+        values = ["nan" if row[j] in _MISSING_TOKENS else row[j] for row in data]
+        try:
+            X[:, out] = np.array(values, dtype=np.float64)
+        except ValueError:
+            non_numeric.append(names[j])
+    if non_numeric:
+        raise ValueError(
+            f"{path}: non-numeric columns: {_quoted(non_numeric)} "
+            "(select numeric columns with columns= or --columns)"
+        )
+    return X, [names[j] for j in selected]
+
+
+def _read_numpy_array(path: Path, suffix: str) -> np.ndarray:
+    """Return the 2-D array stored in a ``.npy`` or ``.npz`` file."""
+    unreadable = f"{path}: cannot read it as a NumPy {suffix} file"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{unreadable}: {exc}") from exc
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = loaded.files
+            if len(names) != 1 and "X" not in names:
+                raise ValueError(
+                    f"{path}: expected one array or an array named 'X', "
+                    f"found {len(names)}: {_quoted(names)}"
+                )
+            key = names[0] if len(names) == 1 else "X"
+            try:
+                loaded = loaded[key]
+            except (
+                OSError,
+                ValueError,
+                EOFError,
+                zipfile.BadZipFile,
+                zlib.error,
+            ) as exc:
+                raise ValueError(f"{unreadable}: array '{key}': {exc}") from exc
+    if not isinstance(loaded, np.ndarray) or loaded.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: the file does not hold a numeric array")
+    if loaded.ndim == 1:
+        loaded = loaded[:, np.newaxis]
+    if loaded.ndim != 2:
+        raise ValueError(
+            f"{path}: expected a 1-D or 2-D array, got shape {loaded.shape}"
+        )
+    if loaded.shape[0] == 0:
+        raise ValueError(f"{path}: the array has no rows")
+    return loaded
+
+
+def _read_parquet(
+    path: Path, columns: Sequence[str | int] | None
+) -> tuple[np.ndarray, list[str]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(
+            f"{path}: reading Parquet files needs pyarrow (pip install pyarrow)"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{path}: cannot read it as a Parquet file: {exc}") from exc
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no data rows")
+    names = list(table.column_names)
+    selected = _select_columns(path, names, columns)
+
+    def is_numeric(arrow_type) -> bool:
+        return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+
+    non_numeric = [
+        names[j] for j in selected if not is_numeric(table.schema.field(j).type)
+    ]
+    if non_numeric:
+        raise ValueError(
+            f"{path}: non-numeric columns: {_quoted(non_numeric)} "
+            "(select numeric columns with columns= or --columns)"
+        )
+    X = np.empty((table.num_rows, len(selected)), dtype=np.float64)
+    for out, j in enumerate(selected):
+        column = table.column(j).cast(pa.float64())
+        X[:, out] = column.to_numpy().astype(np.float64)
+        # Nulls come back as NaN from a float column, but say so rather than rely on it.
+        X[np.asarray(column.is_null()), out] = np.nan
+    return X, [names[j] for j in selected]
+
+
+def _select_columns(
+    path: Path, names: list[str], columns: Sequence[str | int] | None
+) -> list[int]:
+    """Resolve ``columns`` (names or 0-based indices) to indices into ``names``."""
+    if columns is None:
+        return list(range(len(names)))
+    if isinstance(columns, (str, int, np.integer)):
+        columns = [columns]
+    if len(columns) == 0:
+        raise ValueError(f"{path}: no columns selected")
+
+    selected, unknown = [], []
+    for key in columns:
+        if isinstance(key, str) and key in names:
+            matches = [j for j, name in enumerate(names) if name == key]
+            if len(matches) > 1:
+                raise ValueError(f"{path}: several columns are named {key!r}")
+            selected.append(matches[0])
+        elif (
+            _is_int(key)
+            or isinstance(key, np.integer)
+            or (isinstance(key, str) and key.isascii() and key.isdigit())
+        ):
+            index = int(key)
+            if not 0 <= index < len(names):
+                raise ValueError(
+                    f"{path}: column index {index} is out of range for {len(names)} columns"
+                )
+            selected.append(index)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown columns: {_quoted(unknown)}; available: {_quoted(names)}"
+        )
+    repeated = sorted({names[j] for j in selected if selected.count(j) > 1})
+    if repeated:
+        raise ValueError(
+            f"{path}: columns selected more than once: {_quoted(repeated)}"
+        )
+    return selected
+
+
+def _quoted(items) -> str:
+    return ", ".join(repr(str(item)) for item in items)
