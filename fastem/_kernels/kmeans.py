@@ -1,0 +1,114 @@
+"""k-means++ seeding and Lloyd iteration kernels.
+
+Twins: :func:`fastem.reference.kmeans_plusplus` and
+:func:`fastem.reference.lloyd`. Sums are kept per chunk and reduced in chunk
+order, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._blocks import chunk_rows
+
+
+@njit(cache=True)
+def _sq_dist(X, n, center):
+    total = 0.0
+    for d in range(X.shape[1]):
+        t = X[n, d] - center[d]
+        total += t * t
+    return total
+
+
+@njit(parallel=True, cache=True)
+def sq_distances(X, center, out):
+    r"""out[n] = :math:`\lVert x_n - c \rVert^2`."""
+    for n in prange(X.shape[0]):
+        out[n] = _sq_dist(X, n, center)
+
+
+@njit(parallel=True, cache=True)
+def candidate_potentials(X, sample_weight, candidates, closest, n_chunks):
+    r"""Potential :math:`\sum_n w_n \min(D_n^2, \lVert x_n - c_t\rVert^2)` of each candidate."""
+    n_samples = X.shape[0]
+    n_candidates = candidates.shape[0]
+    weighted = sample_weight.shape[0] > 0
+    parts = np.zeros((n_chunks, n_candidates))
+    for c in prange(n_chunks):
+        first, last = chunk_rows(c, n_chunks, n_samples)
+        for n in range(first, last):
+            w = sample_weight[n] if weighted else 1.0
+            for t in range(n_candidates):
+                parts[c, t] += w * min(closest[n], _sq_dist(X, n, candidates[t]))
+    out = np.zeros(n_candidates)
+    for c in range(n_chunks):
+        out += parts[c]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def update_closest(X, center, closest):
+    """closest[n] = min(closest[n], ||x_n - center||^2), in place."""
+    for n in prange(X.shape[0]):
+        closest[n] = min(closest[n], _sq_dist(X, n, center))
+
+
+@njit(parallel=True, cache=True)
+def lloyd_assign(X, sample_weight, centers, labels, n_chunks):
+    r"""Assign each row to its nearest centre and accumulate the new centres' sums.
+
+    Returns
+    -------
+    sums : (K, D) :math:`\sum_{n \in k} w_n x_n`,
+    counts : (K,) :math:`\sum_{n\in k} w_n`,
+    inertia : float :math:`\sum_n w_n \min_k \lVert x_n-c_k\rVert^2`,
+    farthest : int, the row farthest from its centre (to re-seed empty clusters),
+    changed : int, number of rows whose label changed.
+    """
+    n_samples, n_features = X.shape
+    n_clusters = centers.shape[0]
+    weighted = sample_weight.shape[0] > 0
+    sums_p = np.zeros((n_chunks, n_clusters, n_features))
+    counts_p = np.zeros((n_chunks, n_clusters))
+    inertia_p = np.zeros(n_chunks)
+    far_d = np.full(n_chunks, -1.0)
+    far_i = np.zeros(n_chunks, dtype=np.int64)
+    changed_p = np.zeros(n_chunks, dtype=np.int64)
+    for c in prange(n_chunks):
+        first, last = chunk_rows(c, n_chunks, n_samples)
+        for n in range(first, last):
+            best = np.inf
+            best_k = 0
+            for k in range(n_clusters):
+                dist = _sq_dist(X, n, centers[k])
+                if dist < best:
+                    best = dist
+                    best_k = k
+            if labels[n] != best_k:
+                changed_p[c] += 1
+                labels[n] = best_k
+            w = sample_weight[n] if weighted else 1.0
+            counts_p[c, best_k] += w
+            for d in range(n_features):
+                sums_p[c, best_k, d] += w * X[n, d]
+            inertia_p[c] += w * best
+            if best > far_d[c]:
+                far_d[c] = best
+                far_i[c] = n
+    sums = np.zeros((n_clusters, n_features))
+    counts = np.zeros(n_clusters)
+    inertia = 0.0
+    farthest = 0
+    far = -1.0
+    changed = 0
+    for c in range(n_chunks):
+        sums += sums_p[c]
+        counts += counts_p[c]
+        inertia += inertia_p[c]
+        changed += changed_p[c]
+        if far_d[c] > far:
+            far = far_d[c]
+            farthest = far_i[c]
+    return sums, counts, inertia, farthest, changed

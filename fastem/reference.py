@@ -1,0 +1,408 @@
+"""Pure-NumPy reference implementation of EM for Gaussian mixtures.
+
+Every Numba kernel in :mod:`fastem._kernels` has a twin here, written straight
+from the equations and vectorised with NumPy. This module is
+
+* the oracle of the test suite (kernels are compared against it to tight
+  tolerances), and
+* the baseline the benchmarks measure fastem's speed-up against.
+
+It deliberately imports nothing from the rest of fastem, so a bug in the fast
+path can never leak into the oracle. It favours clarity over memory: the
+E-step materialises the ``(n_samples, n_components)`` responsibility matrix,
+exactly as scikit-learn does.
+
+Parameterisation (shared with scikit-learn and the fast path): each component
+is stored by the upper-triangular Cholesky factor ``U`` of its precision
+matrix, ``Lambda = U U^T``, so that the squared Mahalanobis distance is
+``||(x - mu) U||^2`` and ``log det(Lambda) = 2 sum(log diag(U))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+__all__ = [
+    "log_gaussian_prob",
+    "log_responsibilities",
+    "sufficient_statistics",
+    "statistics_from_labels",
+    "m_step",
+    "estimate_parameters",
+    "precision_cholesky",
+    "em_fit",
+    "kmeans_plusplus",
+    "lloyd",
+    "LOG_2PI",
+    "COVARIANCE_TYPES",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def _eps_nk(dtype=np.float64):
+    # scikit-learn adds 10 machine epsilons to every N_k so that an empty
+    # component gives finite means; we keep the same guard for parity.
+    return 10.0 * np.finfo(dtype).eps
+
+
+def _as_full_chol(precisions_cholesky, covariance_type, n_components, n_features):
+    """Broadcast any covariance type's precision Cholesky to (K, D, D)."""
+    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    if covariance_type == "full":
+        return pc
+    if covariance_type == "tied":
+        return np.broadcast_to(pc, (n_components, n_features, n_features))
+    if covariance_type == "diag":
+        return np.stack([np.diag(row) for row in pc])
+    return np.stack([np.eye(n_features) * s for s in pc])
+
+
+def log_gaussian_prob(X, means, precisions_cholesky, covariance_type):
+    r"""Log-density of every point under every component.
+
+    .. math::
+
+        \log \mathcal N(x_n \mid \mu_k, \Lambda_k^{-1}) =
+        -\tfrac{D}{2}\log 2\pi + \sum_d \log U_{k,dd}
+        - \tfrac12 \lVert (x_n - \mu_k) U_k \rVert^2
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    means : ndarray of shape (n_components, n_features)
+    precisions_cholesky : ndarray
+        (K, D, D) for 'full', (D, D) for 'tied', (K, D) for 'diag', (K,) for
+        'spherical'.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    log_prob : ndarray of shape (n_samples, n_components)
+    """
+    X = np.asarray(X, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    n_components, n_features = means.shape
+    U = _as_full_chol(precisions_cholesky, covariance_type, n_components, n_features)
+    log_det = np.log(np.diagonal(U, axis1=1, axis2=2)).sum(axis=1)
+    log_prob = np.empty((X.shape[0], n_components))
+    for k in range(n_components):
+        y = (X - means[k]) @ U[k]
+        log_prob[:, k] = -0.5 * np.einsum("ij,ij->i", y, y)
+    return log_prob + log_det - 0.5 * n_features * LOG_2PI
+
+
+def log_responsibilities(X, weights, means, precisions_cholesky, covariance_type):
+    r"""E-step: per-point log-likelihood and log-responsibilities.
+
+    .. math::
+
+        \log p(x_n) = \operatorname{logsumexp}_k \big(\log \pi_k +
+        \log\mathcal N(x_n\mid\mu_k,\Sigma_k)\big), \qquad
+        \log r_{nk} = \log \pi_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)
+        - \log p(x_n)
+
+    Returns
+    -------
+    log_prob_norm : ndarray of shape (n_samples,)
+    log_resp : ndarray of shape (n_samples, n_components)
+    """
+    weighted = log_gaussian_prob(X, means, precisions_cholesky, covariance_type)
+    weighted = weighted + np.log(np.asarray(weights, dtype=np.float64))
+    top = weighted.max(axis=1, keepdims=True)
+    log_prob_norm = top[:, 0] + np.log(np.exp(weighted - top).sum(axis=1))
+    with np.errstate(under="ignore"):
+        log_resp = weighted - log_prob_norm[:, None]
+    return log_prob_norm, log_resp
+
+
+def _second_moment_kind(covariance_type):
+    return "full" if covariance_type in ("full", "tied") else "diag"
+
+
+def sufficient_statistics(X, resp, shift, covariance_type, sample_weight=None):
+    r"""Sufficient statistics of a weighted E-step, taken around a shift.
+
+    With :math:`w_n` the sample weights and :math:`c_k` the per-component
+    shift (fastem uses the current means, which keeps one-pass sums free of
+    cancellation for data far from the origin):
+
+    .. math::
+
+        N_k = \sum_n w_n r_{nk},\quad
+        s_k = \sum_n w_n r_{nk} (x_n - c_k),\quad
+        S_k = \sum_n w_n r_{nk} (x_n - c_k)(x_n - c_k)^T
+
+    ``S_k`` is the full matrix for 'full' and 'tied' and its diagonal for
+    'diag' and 'spherical'.
+
+    Returns
+    -------
+    nk : ndarray (K,)
+    sx : ndarray (K, D)
+    sxx : ndarray (K, D, D) or (K, D)
+    """
+    X = np.asarray(X, dtype=np.float64)
+    R = np.asarray(resp, dtype=np.float64)
+    if sample_weight is not None:
+        R = R * np.asarray(sample_weight, dtype=np.float64)[:, None]
+    n_components = R.shape[1]
+    nk = R.sum(axis=0)
+    sx = np.empty((n_components, X.shape[1]))
+    full = _second_moment_kind(covariance_type) == "full"
+    sxx = np.empty((n_components,) + ((X.shape[1],) * (2 if full else 1)))
+    for k in range(n_components):
+        diff = X - shift[k]
+        weighted = diff * R[:, k : k + 1]
+        sx[k] = weighted.sum(axis=0)
+        sxx[k] = weighted.T @ diff if full else (weighted * diff).sum(axis=0)
+    return nk, sx, sxx
+
+
+def statistics_from_labels(X, labels, shift, n_components, covariance_type, sample_weight=None):
+    """Sufficient statistics of a hard assignment (label -1: no component)."""
+    labels = np.asarray(labels)
+    resp = np.zeros((labels.shape[0], n_components))
+    assigned = labels >= 0
+    resp[np.flatnonzero(assigned), labels[assigned]] = 1.0
+    return sufficient_statistics(X, resp, shift, covariance_type, sample_weight)
+
+
+def precision_cholesky(covariances, covariance_type):
+    r"""Upper Cholesky factor of the precision: :math:`U = (L^{-1})^T`, with
+    :math:`\Sigma = L L^T`. Raises ``numpy.linalg.LinAlgError`` when a
+    covariance is not positive definite."""
+    covariances = np.asarray(covariances, dtype=np.float64)
+    if covariance_type in ("diag", "spherical"):
+        if np.any(covariances <= 0.0):
+            raise np.linalg.LinAlgError("non-positive variance")
+        return 1.0 / np.sqrt(covariances)
+    stack = covariances[None] if covariance_type == "tied" else covariances
+    out = np.empty_like(stack)
+    for k, cov in enumerate(stack):
+        L = np.linalg.cholesky(cov)
+        out[k] = solve_triangular(L, np.eye(cov.shape[0]), lower=True).T
+    return out[0] if covariance_type == "tied" else out
+
+
+def m_step(nk, sx, sxx, shift, reg_covar, covariance_type):
+    r"""M-step from sufficient statistics alone.
+
+    With :math:`\tilde N_k = N_k + 10\epsilon` and :math:`d_k = s_k/\tilde N_k`:
+
+    .. math::
+
+        \pi_k = \tilde N_k / \textstyle\sum_j \tilde N_j,\quad
+        \mu_k = c_k + d_k,\quad
+        \Sigma_k = \big(S_k - d_k s_k^T - s_k d_k^T + N_k d_k d_k^T\big)
+        / \tilde N_k + \lambda I
+
+    'tied' pools the scatter, :math:`\Sigma = \sum_k(\cdot)/\sum_k \tilde N_k
+    + \lambda I`; 'spherical' averages the diagonal over features.
+
+    Returns
+    -------
+    weights, means, covariances, precisions_cholesky
+    """
+    nk = np.asarray(nk, dtype=np.float64)
+    nk_reg = nk + _eps_nk()
+    d = sx / nk_reg[:, None]
+    means = shift + d
+    weights = nk_reg / nk_reg.sum()
+    if sxx.ndim == 3:
+        scatter = (
+            sxx
+            - np.einsum("ki,kj->kij", d, sx)
+            - np.einsum("ki,kj->kij", sx, d)
+            + nk[:, None, None] * np.einsum("ki,kj->kij", d, d)
+        )
+        n_features = sx.shape[1]
+        if covariance_type == "tied":
+            cov = scatter.sum(axis=0) / nk_reg.sum() + reg_covar * np.eye(n_features)
+        else:
+            cov = scatter / nk_reg[:, None, None] + reg_covar * np.eye(n_features)
+    else:
+        scatter = sxx - 2.0 * d * sx + nk[:, None] * d * d
+        cov = scatter / nk_reg[:, None] + reg_covar
+        if covariance_type == "spherical":
+            cov = cov.mean(axis=1)
+    return weights, means, cov, precision_cholesky(cov, covariance_type)
+
+
+def estimate_parameters(X, resp, reg_covar, covariance_type, sample_weight=None):
+    r"""Two-pass weighted maximum-likelihood estimate from responsibilities.
+
+    .. math::
+
+        \mu_k = \frac{\sum_n w_n r_{nk} x_n}{\tilde N_k},\quad
+        \Sigma_k = \frac{\sum_n w_n r_{nk}(x_n-\mu_k)(x_n-\mu_k)^T}{\tilde N_k}
+        + \lambda I
+
+    Returns un-normalised weights :math:`\tilde N_k`, the means and the
+    covariances, as scikit-learn's ``_estimate_gaussian_parameters`` does.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    R = np.asarray(resp, dtype=np.float64)
+    if sample_weight is not None:
+        R = R * np.asarray(sample_weight, dtype=np.float64)[:, None]
+    nk = R.sum(axis=0) + _eps_nk()
+    means = (R.T @ X) / nk[:, None]
+    n_features = X.shape[1]
+    if covariance_type in ("full", "tied"):
+        scatter = np.empty((len(nk), n_features, n_features))
+        for k in range(len(nk)):
+            diff = X - means[k]
+            scatter[k] = (R[:, k : k + 1] * diff).T @ diff
+        if covariance_type == "tied":
+            cov = scatter.sum(axis=0) / nk.sum() + reg_covar * np.eye(n_features)
+        else:
+            cov = scatter / nk[:, None, None] + reg_covar * np.eye(n_features)
+    else:
+        cov = np.empty((len(nk), n_features))
+        for k in range(len(nk)):
+            cov[k] = (R[:, k : k + 1] * (X - means[k]) ** 2).sum(axis=0) / nk[k]
+        cov += reg_covar
+        if covariance_type == "spherical":
+            cov = cov.mean(axis=1)
+    return nk, means, cov
+
+
+def em_fit(
+    X,
+    weights,
+    means,
+    precisions_cholesky,
+    covariance_type,
+    *,
+    tol=1e-3,
+    reg_covar=1e-6,
+    max_iter=100,
+    sample_weight=None,
+):
+    """Run EM from given parameters, exactly as scikit-learn's loop does.
+
+    Each iteration is an E-step under the current parameters (its mean
+    log-likelihood is the iteration's lower bound) followed by an M-step;
+    iteration stops when the lower bound changes by less than ``tol``.
+
+    Returns
+    -------
+    dict with keys weights, means, covariances, precisions_cholesky,
+    lower_bounds (list), n_iter, converged.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    total = X.shape[0] if sw is None else sw.sum()
+    params = dict(
+        weights=np.asarray(weights, dtype=np.float64),
+        means=np.asarray(means, dtype=np.float64),
+        covariances=None,
+        precisions_cholesky=np.asarray(precisions_cholesky, dtype=np.float64),
+    )
+    lower_bound = -np.inf
+    lower_bounds = []
+    converged = False
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        previous = lower_bound
+        log_prob_norm, log_resp = log_responsibilities(
+            X, params["weights"], params["means"], params["precisions_cholesky"], covariance_type
+        )
+        lower_bound = float(log_prob_norm @ sw / total if sw is not None else log_prob_norm.mean())
+        nk, means, cov = estimate_parameters(
+            X, np.exp(log_resp), reg_covar, covariance_type, sw
+        )
+        params.update(
+            weights=nk / nk.sum(),
+            means=means,
+            covariances=cov,
+            precisions_cholesky=precision_cholesky(cov, covariance_type),
+        )
+        lower_bounds.append(lower_bound)
+        if abs(lower_bound - previous) < tol:
+            converged = True
+            break
+    return dict(params, lower_bounds=lower_bounds, n_iter=n_iter, converged=converged)
+
+
+def kmeans_plusplus(X, n_clusters, uniforms, first_index, n_local_trials=None, sample_weight=None):
+    r"""Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, greedy variant).
+
+    Each new centre is drawn among ``n_local_trials`` candidates sampled with
+    probability proportional to :math:`w_n D(x_n)^2`, keeping the candidate
+    that most reduces the potential :math:`\sum_n w_n D(x_n)^2`.
+
+    Randomness is supplied by the caller so that the kernel and this twin
+    consume identical draws: ``first_index`` is the first centre and
+    ``uniforms`` an array of shape (n_clusters - 1, n_local_trials) in [0, 1).
+
+    Returns
+    -------
+    centers : ndarray (n_clusters, D)
+    indices : ndarray (n_clusters,)
+    """
+    X = np.asarray(X, dtype=np.float64)
+    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(n_clusters))
+    indices = [int(first_index)]
+    closest = ((X - X[first_index]) ** 2).sum(axis=1)
+    for c in range(1, n_clusters):
+        cumulative = np.cumsum(w * closest)
+        targets = np.asarray(uniforms[c - 1][:n_local_trials]) * cumulative[-1]
+        candidates = np.minimum(np.searchsorted(cumulative, targets, side="right"), X.shape[0] - 1)
+        best_potential, best = np.inf, None
+        for cand in candidates:
+            trial = np.minimum(closest, ((X - X[cand]) ** 2).sum(axis=1))
+            potential = (w * trial).sum()
+            if potential < best_potential:
+                best_potential, best, best_closest = potential, int(cand), trial
+        indices.append(best)
+        closest = best_closest
+    indices = np.asarray(indices)
+    return X[indices].copy(), indices
+
+
+def lloyd(X, centers, *, max_iter=300, tol=1e-4, sample_weight=None):
+    """Lloyd's k-means from given centres, with scikit-learn's stopping rule.
+
+    Stops when the labels no longer change or when the summed squared shift of
+    the centres is at most ``tol * mean(var(X, axis=0))``. An empty cluster is
+    moved to the point farthest from its assigned centre.
+
+    Returns
+    -------
+    labels : ndarray (N,), centers : ndarray (K, D), inertia : float, n_iter : int
+    """
+    X = np.asarray(X, dtype=np.float64)
+    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    centers = np.array(centers, dtype=np.float64)
+    tol_abs = tol * np.var(X, axis=0).mean()
+    labels = None
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        d2 = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+        new_labels = d2.argmin(axis=1)
+        mind = d2[np.arange(X.shape[0]), new_labels]
+        counts = np.bincount(new_labels, weights=w, minlength=len(centers))
+        sums = np.zeros_like(centers)
+        np.add.at(sums, new_labels, X * w[:, None])
+        for k in np.flatnonzero(counts == 0):
+            far = int(np.argmax(mind))
+            sums[k] = X[far] * w[far]
+            counts[k] = w[far]
+            mind[far] = -1.0
+        new_centers = sums / counts[:, None]
+        shift = ((new_centers - centers) ** 2).sum()
+        strict = labels is not None and np.array_equal(labels, new_labels)
+        labels, centers = new_labels, new_centers
+        if strict or shift <= tol_abs:
+            break
+    d2 = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+    labels = d2.argmin(axis=1)
+    inertia = float((w * d2[np.arange(X.shape[0]), labels]).sum())
+    return labels, centers, inertia, n_iter

@@ -1,0 +1,237 @@
+"""Sufficient statistics of a Gaussian mixture and the M-step that reads them.
+
+EM for a Gaussian mixture needs, per component, only
+
+.. math::
+
+    N_k = \\sum_n w_n r_{nk},\\quad
+    s_k = \\sum_n w_n r_{nk}(x_n - c_k),\\quad
+    S_k = \\sum_n w_n r_{nk}(x_n - c_k)(x_n - c_k)^T
+
+(or the diagonal of :math:`S_k`), taken around a per-component shift
+:math:`c_k`, plus the log-likelihood. Statistics of disjoint row sets taken
+under the same parameters *add*: in-memory, chunked, out-of-core, online and
+distributed fitting all produce :class:`GaussianStatistics` and hand them to
+the one :func:`m_step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ._kernels._blocks import n_chunks_for
+from ._kernels.estep import gaussian_log_resp, gaussian_statistics
+from ._kernels.labels import label_statistics
+from ._kernels.mstep import m_step_diag, m_step_full
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+_LOG_2PI = np.log(2.0 * np.pi)
+_NO_WEIGHTS = np.empty(0)
+
+
+def uses_full_scatter(covariance_type: str) -> bool:
+    """'full' and 'tied' need the full scatter matrix; 'diag' and 'spherical' its diagonal."""
+    return covariance_type in ("full", "tied")
+
+
+class GaussianParameters(NamedTuple):
+    """Parameters of a Gaussian mixture, in scikit-learn's shapes."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    precisions_cholesky: np.ndarray
+
+
+@dataclass(frozen=True)
+class GaussianStatistics:
+    """Sufficient statistics of (a part of) a data set under fixed parameters.
+
+    Attributes
+    ----------
+    nk : ndarray (K,)
+        Weighted responsibility mass :math:`N_k`.
+    sx : ndarray (K, D)
+        :math:`s_k`, first moments around ``shift``.
+    sxx : ndarray (K, D, D) or (K, D, 1)
+        :math:`S_k`, second moments around ``shift`` (full or diagonal).
+    shift : ndarray (K, D)
+        The per-component centres :math:`c_k` the moments are taken around.
+    loglik : float
+        :math:`\\sum_n w_n \\log p(x_n)` under the parameters of the E-step.
+    weight : float
+        :math:`\\sum_n w_n`.
+    worst_loglik, worst_point : float, ndarray (D,)
+        The row with the lowest :math:`\\log p(x_n)` (where a collapsed
+        component is re-seeded).
+    """
+
+    nk: np.ndarray
+    sx: np.ndarray
+    sxx: np.ndarray
+    shift: np.ndarray
+    loglik: float
+    weight: float
+    worst_loglik: float = np.inf
+    worst_point: np.ndarray | None = None
+
+    def __add__(self, other: GaussianStatistics) -> GaussianStatistics:
+        if not isinstance(other, GaussianStatistics):
+            return NotImplemented
+        if self.shift.shape != other.shift.shape or self.sxx.shape != other.sxx.shape:
+            raise ValueError("cannot add statistics of models of different shapes")
+        if not np.array_equal(self.shift, other.shift):
+            other = other.recentre(self.shift)
+        worst = self if self.worst_loglik <= other.worst_loglik else other
+        return GaussianStatistics(
+            self.nk + other.nk,
+            self.sx + other.sx,
+            self.sxx + other.sxx,
+            self.shift,
+            self.loglik + other.loglik,
+            self.weight + other.weight,
+            worst.worst_loglik,
+            worst.worst_point,
+        )
+
+    def recentre(self, shift: np.ndarray) -> GaussianStatistics:
+        """The same statistics taken around another shift.
+
+        With :math:`\\delta_k = c_k - c'_k`:
+        :math:`s'_k = s_k + N_k\\delta_k` and
+        :math:`S'_k = S_k + \\delta_k s_k^T + s_k\\delta_k^T + N_k\\delta_k\\delta_k^T`.
+        """
+        shift = np.asarray(shift, dtype=np.float64)
+        delta = self.shift - shift
+        nk = self.nk
+        sx = self.sx + nk[:, None] * delta
+        if self.sxx.shape[2] > 1:  # full scatter (for D = 1 both forms agree)
+            outer = np.einsum("ki,kj->kij", delta, self.sx)
+            sxx = self.sxx + outer + outer.transpose(0, 2, 1) + nk[:, None, None] * np.einsum(
+                "ki,kj->kij", delta, delta
+            )
+        else:
+            sxx = self.sxx + (2.0 * delta * self.sx + nk[:, None] * delta * delta)[:, :, None]
+        return GaussianStatistics(nk, sx, sxx, shift, self.loglik, self.weight,
+                                  self.worst_loglik, self.worst_point)
+
+
+def _sample_weight_operand(sample_weight):
+    return _NO_WEIGHTS if sample_weight is None else sample_weight
+
+
+def kernel_operands(params: GaussianParameters, covariance_type: str):
+    """Means, precision operand, per-component log-constant and kernel flavour.
+
+    The log-constant is :math:`\\log\\pi_k + \\log\\det U_k - \\tfrac D2\\log 2\\pi`.
+    Full and tied models pass (K, D, D) precision Cholesky factors; diagonal
+    and spherical models pass (K, D, 1) precisions :math:`1/\\sigma^2` (one
+    kernel signature serves both flavours).
+    """
+    means = np.ascontiguousarray(params.means, dtype=np.float64)
+    n_components, n_features = means.shape
+    pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
+    full = uses_full_scatter(covariance_type)
+    if covariance_type == "full":
+        prec = np.ascontiguousarray(pc)
+        log_det = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
+    elif covariance_type == "tied":
+        prec = np.ascontiguousarray(np.broadcast_to(pc, (n_components, n_features, n_features)))
+        log_det = np.full(n_components, np.log(np.diag(pc)).sum())
+    elif covariance_type == "diag":
+        prec = np.ascontiguousarray((pc**2)[:, :, None])
+        log_det = np.log(pc).sum(axis=1)
+    else:
+        prec = np.ascontiguousarray(np.repeat((pc**2)[:, None, None], n_features, axis=1))
+        log_det = n_features * np.log(pc)
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(np.asarray(params.weights, dtype=np.float64))
+    log_const = log_weights + log_det - 0.5 * n_features * _LOG_2PI
+    return means, prec, log_const, full
+
+
+def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_type: str
+                      ) -> GaussianStatistics:
+    """One fused pass over ``X``: E-step under ``params`` and its statistics.
+
+    ``X`` must be C-contiguous float32/float64 and ``sample_weight`` None or a
+    float64 vector; validation happens at the estimator boundary.
+    """
+    means, prec, log_const, full = kernel_operands(params, covariance_type)
+    n_components, n_features = means.shape
+    partial = n_components * n_features * (n_features if full else 1)
+    n_chunks = n_chunks_for(X.shape[0], partial)
+    nk, sx, sxx, loglik, worst_loglik, worst = gaussian_statistics(
+        X, _sample_weight_operand(sample_weight), means, prec, log_const, full, n_chunks
+    )
+    weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
+    return GaussianStatistics(nk, sx, sxx, means, float(loglik), weight, float(worst_loglik),
+                              np.asarray(X[worst], dtype=np.float64))
+
+
+def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> GaussianStatistics:
+    """Statistics of a hard assignment of rows to components (label -1: none)."""
+    shift = np.ascontiguousarray(shift, dtype=np.float64)
+    n_components, n_features = shift.shape
+    full = uses_full_scatter(covariance_type)
+    n_chunks = n_chunks_for(X.shape[0], n_components * n_features * (n_features if full else 1))
+    nk, sx, sxx = label_statistics(
+        X, _sample_weight_operand(sample_weight), np.asarray(labels, dtype=np.int64), shift,
+        full, n_chunks,
+    )
+    weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
+    return GaussianStatistics(nk, sx, sxx, shift, np.nan, weight)
+
+
+def m_step(stats: GaussianStatistics, reg_covar: float, covariance_type: str):
+    """Maximise the expected complete-data log-likelihood given the statistics.
+
+    .. math::
+
+        \\pi_k = \\tilde N_k/\\textstyle\\sum_j\\tilde N_j,\\quad
+        \\mu_k = c_k + s_k/\\tilde N_k,\\quad
+        \\Sigma_k = \\frac{S_k - d_k s_k^T - s_k d_k^T + N_k d_k d_k^T}{\\tilde N_k}
+        + \\lambda I
+
+    with :math:`\\tilde N_k = N_k + 10\\epsilon` (scikit-learn's guard) and
+    :math:`d_k = s_k/\\tilde N_k`; 'tied' pools the numerators over
+    components, 'diag' keeps the diagonal and 'spherical' its mean.
+
+    Returns
+    -------
+    params : GaussianParameters
+    jitter : ndarray
+        Extra diagonal loading that was needed to make each covariance
+        positive definite (0 where none was; -1 where it could not be made so).
+    """
+    args = (stats.nk, np.ascontiguousarray(stats.sx), np.ascontiguousarray(stats.sxx),
+            np.ascontiguousarray(stats.shift), float(reg_covar))
+    if uses_full_scatter(covariance_type):
+        tied = covariance_type == "tied"
+        weights, means, cov, prec_chol, jitter = m_step_full(*args, tied)
+        if tied:
+            cov, prec_chol = cov[0], prec_chol[0]
+    else:
+        spherical = covariance_type == "spherical"
+        weights, means, cov, prec_chol, jitter = m_step_diag(*args, spherical)
+        if spherical:
+            cov, prec_chol = cov[:, 0], prec_chol[:, 0]
+    return GaussianParameters(weights, means, cov, prec_chol), jitter
+
+
+def log_responsibilities(X, params: GaussianParameters, covariance_type: str):
+    """Per-row log p(x) and (N, K) log-responsibilities (for predictions).
+
+    Returns
+    -------
+    log_resp : ndarray (N, K)
+    log_norm : ndarray (N,)
+    """
+    means, prec, log_const, full = kernel_operands(params, covariance_type)
+    log_resp = np.empty((X.shape[0], means.shape[0]))
+    log_norm = np.empty(X.shape[0])
+    gaussian_log_resp(X, means, prec, log_const, full, log_resp, log_norm)
+    return log_resp, log_norm
