@@ -1,3 +1,17 @@
-"""fastem: fast EM for latent-variable models."""
+"""fastem: fast EM for latent-variable models.
+
+``from fastem import GaussianMixture`` is a drop-in for scikit-learn's class.
+"""
+
+from .mixture import DegenerateDataWarning, GaussianMixture
 
 __version__ = "0.1.0"
+
+__all__ = ["GaussianMixture", "DegenerateDataWarning", "load", "__version__"]
+
+
+def load(path):
+    """Load a model saved with ``GaussianMixture.save`` (no pickle involved)."""
+    from .io import load_model
+
+    return load_model(path)

@@ -1,0 +1,203 @@
+"""Starting points for EM: k-means++ seeding, Lloyd's k-means, random starts.
+
+Every strategy ends in a set of :class:`~fastem.stats.GaussianStatistics`
+(hard or soft assignments of rows to components), which the ordinary M-step
+turns into initial parameters, as scikit-learn's ``_initialize`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._kernels._blocks import n_chunks_for
+from ._kernels.kmeans import candidate_potentials, lloyd_assign, sq_distances, update_closest
+from .stats import GaussianStatistics, label_statistics_of, uses_full_scatter
+
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+_NO_WEIGHTS = np.empty(0)
+_ROWS_PER_SLAB = 65536
+
+
+def _weights_operand(sample_weight):
+    return _NO_WEIGHTS if sample_weight is None else sample_weight
+
+
+def _draw_rows(cumulative, uniforms, n_samples):
+    """Rows whose cumulative mass interval contains ``uniforms * total``."""
+    rows = np.searchsorted(cumulative, np.asarray(uniforms) * cumulative[-1], side="right")
+    return np.minimum(rows, n_samples - 1)
+
+
+def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_trials=None):
+    r"""Greedy k-means++ seeding.
+
+    The first centre is drawn with probability :math:`\propto w_n`; each next
+    one among ``2 + log K`` candidates drawn with probability
+    :math:`\propto w_n D(x_n)^2`, keeping the candidate that most lowers the
+    potential :math:`\sum_n w_n D(x_n)^2` (Arthur & Vassilvitskii, 2007).
+
+    Parameters
+    ----------
+    X : ndarray (N, D), C-contiguous
+    n_clusters : int
+    random_state : numpy.random.RandomState
+    sample_weight : ndarray (N,) or None
+    n_local_trials : int, optional
+
+    Returns
+    -------
+    centers : ndarray (n_clusters, D), float64
+    indices : ndarray (n_clusters,)
+    """
+    n_samples = X.shape[0]
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(n_clusters))
+    first_u = random_state.uniform()
+    uniforms = random_state.uniform(size=(max(n_clusters - 1, 0), n_local_trials))
+    if sample_weight is None:
+        first = min(int(first_u * n_samples), n_samples - 1)
+    else:
+        first = int(_draw_rows(np.cumsum(sample_weight), [first_u], n_samples)[0])
+    return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight)
+
+
+def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weight=None):
+    """k-means++ from pre-drawn uniforms (the twin of
+    :func:`fastem.reference.kmeans_plusplus`, which consumes the same draws)."""
+    n_samples = X.shape[0]
+    sw = _weights_operand(sample_weight)
+    n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
+    indices = [int(first_index)]
+    closest = np.empty(n_samples)
+    sq_distances(X, np.asarray(X[first_index], dtype=np.float64), closest)
+    for c in range(1, n_clusters):
+        mass = closest if sample_weight is None else closest * sample_weight
+        candidates = _draw_rows(np.cumsum(mass), uniforms[c - 1], n_samples)
+        potentials = candidate_potentials(
+            X, sw, np.ascontiguousarray(X[candidates], dtype=np.float64), closest, n_chunks
+        )
+        best = int(candidates[int(np.argmin(potentials))])
+        indices.append(best)
+        update_closest(X, np.asarray(X[best], dtype=np.float64), closest)
+    indices = np.asarray(indices)
+    return np.asarray(X[indices], dtype=np.float64), indices
+
+
+def column_variance(X, sample_weight=None):
+    """Weighted per-feature variance, two-pass, in row slabs (no N x D copy)."""
+    w_total = X.shape[0] if sample_weight is None else sample_weight.sum()
+    total = np.zeros(X.shape[1])
+    for start in range(0, X.shape[0], _ROWS_PER_SLAB):
+        slab = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64)
+        if sample_weight is None:
+            total += slab.sum(axis=0)
+        else:
+            total += sample_weight[start:start + _ROWS_PER_SLAB] @ slab
+    mean = total / w_total
+    squares = np.zeros(X.shape[1])
+    for start in range(0, X.shape[0], _ROWS_PER_SLAB):
+        dev = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64) - mean
+        if sample_weight is None:
+            squares += np.einsum("ij,ij->j", dev, dev)
+        else:
+            squares += sample_weight[start:start + _ROWS_PER_SLAB] @ (dev * dev)
+    return squares / w_total
+
+
+def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
+    """Lloyd's k-means from ``centers``, with scikit-learn's stopping rule.
+
+    Stops when no label changes or when the summed squared centre shift is at
+    most ``tol * mean(var(X))``. An empty cluster moves to the row farthest
+    from its centre. Twin: :func:`fastem.reference.lloyd`.
+
+    Returns
+    -------
+    labels : ndarray (N,) int64, centers : ndarray (K, D), inertia : float, n_iter : int
+    """
+    n_samples, n_features = X.shape
+    centers = np.array(centers, dtype=np.float64)
+    n_clusters = centers.shape[0]
+    sw = _weights_operand(sample_weight)
+    n_chunks = n_chunks_for(n_samples, n_clusters * n_features)
+    tol_abs = tol * column_variance(X, sample_weight).mean()
+    labels = np.full(n_samples, -1, dtype=np.int64)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        sums, counts, _, _, changed = lloyd_assign(X, sw, centers, labels, n_chunks)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            _refill_empty(X, sample_weight, centers, labels, sums, counts, empty)
+        new_centers = sums / counts[:, None]
+        shift = float(((new_centers - centers) ** 2).sum())
+        centers = new_centers
+        if changed == 0 or shift <= tol_abs:
+            break
+    _, _, inertia, _, _ = lloyd_assign(X, sw, centers, labels, n_chunks)
+    return labels, centers, float(inertia), n_iter
+
+
+def _refill_empty(X, sample_weight, centers, labels, sums, counts, empty):
+    """Move each empty cluster to one of the rows farthest from their centres."""
+    farthest = np.empty(X.shape[0])
+    own = np.empty(X.shape[0])
+    farthest[:] = 0.0
+    for k in range(centers.shape[0]):
+        sq_distances(X, centers[k], own)
+        np.copyto(farthest, own, where=labels == k)
+    for k, row in zip(empty, np.argsort(farthest)[::-1][: empty.size]):
+        w = 1.0 if sample_weight is None else sample_weight[row]
+        sums[k] = w * np.asarray(X[row], dtype=np.float64)
+        counts[k] = w
+
+
+def initial_statistics(X, sample_weight, n_components, init_params, covariance_type,
+                       random_state) -> GaussianStatistics:
+    """Statistics of the initial assignment chosen by ``init_params``.
+
+    'kmeans' runs Lloyd's k-means from a k-means++ seeding and assigns each
+    row to its cluster; 'k-means++' and 'random_from_data' give one seed row
+    to each component and leave the others unassigned (as scikit-learn does);
+    'random' draws soft responsibilities uniformly and normalises them.
+    """
+    if init_params == "kmeans":
+        seeds, _ = kmeans_plusplus(X, n_components, random_state, sample_weight)
+        labels, centers, _, _ = lloyd(X, seeds, sample_weight)
+        return label_statistics_of(X, sample_weight, labels, centers, covariance_type)
+    if init_params in ("k-means++", "random_from_data"):
+        if init_params == "k-means++":
+            _, indices = kmeans_plusplus(X, n_components, random_state, sample_weight)
+        else:
+            indices = random_state.choice(X.shape[0], size=n_components, replace=False)
+        labels = np.full(X.shape[0], -1, dtype=np.int64)
+        labels[indices] = np.arange(n_components)
+        return label_statistics_of(X, sample_weight, labels, X[indices], covariance_type)
+    if init_params == "random":
+        resp = random_state.uniform(size=(X.shape[0], n_components))
+        resp /= resp.sum(axis=1, keepdims=True)
+        return responsibility_statistics(X, sample_weight, resp, covariance_type)
+    raise ValueError(f"Unimplemented initialization method '{init_params}'")
+
+
+def responsibility_statistics(X, sample_weight, resp, covariance_type) -> GaussianStatistics:
+    """Statistics of dense soft responsibilities, two-pass, in row slabs."""
+    n_components = resp.shape[1]
+    R = resp if sample_weight is None else resp * sample_weight[:, None]
+    nk = R.sum(axis=0)
+    sums = np.zeros((n_components, X.shape[1]))
+    for start in range(0, X.shape[0], _ROWS_PER_SLAB):
+        sums += R[start:start + _ROWS_PER_SLAB].T @ np.asarray(
+            X[start:start + _ROWS_PER_SLAB], dtype=np.float64)
+    shift = sums / np.maximum(nk, np.finfo(np.float64).tiny)[:, None]
+    full = uses_full_scatter(covariance_type)
+    n_features = X.shape[1]
+    sxx = np.zeros((n_components, n_features, n_features if full else 1))
+    for start in range(0, X.shape[0], _ROWS_PER_SLAB):
+        slab = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64)
+        r = R[start:start + _ROWS_PER_SLAB]
+        for k in range(n_components):
+            dev = slab - shift[k]
+            wdev = dev * r[:, k:k + 1]
+            sxx[k] += wdev.T @ dev if full else (wdev * dev).sum(axis=0)[:, None]
+    weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
+    return GaussianStatistics(nk, np.zeros_like(shift), sxx, shift, np.nan, weight)
