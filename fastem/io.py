@@ -21,7 +21,8 @@ run code. The archive holds, as plain numeric or unicode arrays:
     ``"fastem_version"``, ``"params"`` (the constructor parameters whose
     values JSON can hold exactly: ``None``, booleans, integers, floats and
     strings) and ``"fitted"`` (``converged_``, ``n_iter_``, ``lower_bound_``,
-    ``n_features_in_``).
+    ``n_features_in_``). A model fitted with ``max_iter=0`` has
+    ``lower_bound_ = -inf``, written as Python's JSON extension ``-Infinity``.
 
 A constructor parameter that is neither JSON-representable nor one of the
 three initial arrays (in practice a ``numpy.random.RandomState`` or
@@ -129,7 +130,8 @@ def save_model(model, path: str | os.PathLike) -> None:
         "fitted": {
             "converged_": bool(model.converged_),
             "n_iter_": int(model.n_iter_),
-            # json writes floats with repr, which round-trips float64 exactly.
+            # json writes floats with repr, which round-trips float64 exactly,
+            # and the -inf of a max_iter=0 fit as -Infinity, which it reads back.
             "lower_bound_": float(model.lower_bound_),
             "n_features_in_": int(model.n_features_in_),
         },
@@ -312,8 +314,9 @@ def _parse_meta(path: Path, raw: np.ndarray) -> dict:
     checks = {
         "converged_": lambda v: isinstance(v, bool),
         "n_iter_": lambda v: _is_int(v) and v >= 0,
+        # -inf is what a model fitted with max_iter=0 reports.
         "lower_bound_": lambda v: (
-            (isinstance(v, float) or _is_int(v)) and np.isfinite(v)
+            (isinstance(v, float) or _is_int(v)) and (np.isfinite(v) or v == -np.inf)
         ),
         "n_features_in_": lambda v: _is_int(v) and v >= 1,
     }
