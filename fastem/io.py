@@ -14,7 +14,8 @@ run code. The archive holds, as plain numeric or unicode arrays:
 ``feature_names_in_``
     Only when the model has it; a 1-D unicode array.
 ``weights_init``, ``means_init``, ``precisions_init``
-    Only when the corresponding constructor parameter is an array.
+    Only when the corresponding constructor parameter is an array (stored as
+    float64, so ``get_params`` of the loaded model returns float64 arrays).
 ``__fastem_meta__``
     A 0-d unicode array holding a JSON object with ``"format"``
     (``"fastem.GaussianMixture"``), ``"format_version"`` (``1``),
