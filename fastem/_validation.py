@@ -18,7 +18,7 @@ def check_sample_weight(sample_weight, n_samples):
     if np.any(sw < 0):
         raise ValueError("sample_weight must be non-negative")
     if not sw.sum() > 0:
-        raise ValueError("sample_weight must have a positive sum")
+        raise ValueError("sample_weight has only zero weights: at least one must be positive")
     return np.ascontiguousarray(sw)
 
 

@@ -1,0 +1,188 @@
+"""Every Numba kernel against its pure-NumPy twin in fastem.reference (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import COVARIANCE_TYPES, make_mixture, random_parameters
+
+from fastem import reference
+from fastem.initialization import kmeans_plusplus_from_draws, lloyd
+from fastem.stats import (
+    GaussianParameters,
+    e_step_statistics,
+    label_statistics_of,
+    log_responsibilities,
+    m_step,
+)
+
+RTOL = 1e-10
+
+
+def assert_close(actual, expected, rtol=RTOL, what="", scale=None):
+    """Max error relative to the largest expected entry (or to ``scale``, for
+    sums whose terms cancel)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    if scale is None:
+        scale = max(np.abs(expected).max(), 1e-300)
+    err = np.abs(actual - expected).max() / scale
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e}"
+
+
+PROBLEMS = [
+    # (n_samples, n_features, n_components): block edges, D=1, larger D
+    (777, 3, 4),
+    (256, 1, 2),
+    (1000, 7, 3),
+    (90, 40, 2),
+]
+
+
+@pytest.fixture(params=PROBLEMS, ids=lambda p: "N%d-D%d-K%d" % p)
+def problem(request):
+    n, d, k = request.param
+    return make_mixture(n, d, k, seed=n + d), k
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_log_responsibilities_match_reference(problem, covariance_type):
+    X, k = problem
+    w, means, cov, pc = random_parameters(X, k, covariance_type)
+    log_resp, log_norm = log_responsibilities(X, GaussianParameters(w, means, cov, pc),
+                                              covariance_type)
+    ref_norm, ref_resp = reference.log_responsibilities(X, w, means, pc, covariance_type)
+    assert_close(log_norm, ref_norm, what="log p(x)")
+    assert_close(np.exp(log_resp), np.exp(ref_resp), what="responsibilities")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_fused_statistics_match_reference(problem, covariance_type, weighted):
+    X, k = problem
+    sw = np.random.default_rng(1).uniform(0.0, 3.0, X.shape[0]) if weighted else None
+    w, means, cov, pc = random_parameters(X, k, covariance_type)
+    stats = e_step_statistics(X, sw, GaussianParameters(w, means, cov, pc), covariance_type)
+    ref_norm, ref_resp = reference.log_responsibilities(X, w, means, pc, covariance_type)
+    nk, sx, sxx = reference.sufficient_statistics(X, np.exp(ref_resp), means, covariance_type, sw)
+    assert_close(stats.nk, nk, what="N_k")
+    # s_k = sum r (x - mu_k) nearly cancels when mu_k is close to the weighted
+    # mean: compare against the size of its terms, sum r |x - mu_k|.
+    terms = np.sqrt(np.abs(sxx.reshape(k, X.shape[1], -1)).max() * nk.max())
+    assert_close(stats.sx, sx, what="s_k", scale=terms)
+    assert_close(stats.sxx.reshape(sxx.shape), sxx, what="S_k")
+    expected_ll = ref_norm.sum() if sw is None else ref_norm @ sw
+    assert_close(stats.loglik, expected_ll, what="log-likelihood")
+    worst = np.argmin(np.where(sw == 0, np.inf, ref_norm) if weighted else ref_norm)
+    np.testing.assert_array_equal(stats.worst_point, X[worst])
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_m_step_matches_two_pass_reference(problem, covariance_type):
+    X, k = problem
+    w, means, cov, pc = random_parameters(X, k, covariance_type, seed=3)
+    stats = e_step_statistics(X, None, GaussianParameters(w, means, cov, pc), covariance_type)
+    params, jitter = m_step(stats, 1e-6, covariance_type)
+    _, ref_resp = reference.log_responsibilities(X, w, means, pc, covariance_type)
+    nk, ref_means, ref_cov = reference.estimate_parameters(X, np.exp(ref_resp), 1e-6,
+                                                          covariance_type)
+    assert not np.any(jitter)
+    assert_close(params.weights, nk / nk.sum(), what="weights")
+    assert_close(params.means, ref_means, what="means")
+    assert_close(params.covariances, ref_cov, what="covariances")
+    assert_close(params.precisions_cholesky,
+                 reference.precision_cholesky(ref_cov, covariance_type),
+                 what="precision Cholesky")
+    # The statistics-only reference M-step agrees as well.
+    ref = reference.m_step(stats.nk, stats.sx, stats.sxx.reshape(
+        (k,) + (X.shape[1],) * (2 if covariance_type in ("full", "tied") else 1)),
+        stats.shift, 1e-6, covariance_type)
+    assert_close(params.covariances, ref[2], what="reference m_step")
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_label_statistics_match_reference(problem, covariance_type):
+    X, k = problem
+    rng = np.random.default_rng(5)
+    labels = rng.integers(-1, k, size=X.shape[0])
+    shift = rng.normal(size=(k, X.shape[1]))
+    stats = label_statistics_of(X, None, labels, shift, covariance_type)
+    nk, sx, sxx = reference.statistics_from_labels(X, labels, shift, k, covariance_type)
+    assert_close(stats.nk, nk, what="N_k")
+    assert_close(stats.sx, sx, what="s_k")
+    assert_close(stats.sxx.reshape(sxx.shape), sxx, what="S_k")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeans_plusplus_matches_reference(problem, weighted):
+    X, k = problem
+    rng = np.random.default_rng(7)
+    sw = rng.uniform(0.5, 2.0, X.shape[0]) if weighted else None
+    uniforms = rng.uniform(size=(k - 1, 2 + int(np.log(k))))
+    centers, idx = kmeans_plusplus_from_draws(X, k, uniforms, 11, sw)
+    ref_centers, ref_idx = reference.kmeans_plusplus(X, k, uniforms, 11, sample_weight=sw)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(centers, ref_centers)
+
+
+def test_lloyd_matches_reference():
+    X = make_mixture(900, 4, 5, seed=2)
+    centers0 = X[[0, 10, 20, 30, 40]]
+    labels, centers, inertia, n_iter = lloyd(X, centers0)
+    ref_labels, ref_centers, ref_inertia, ref_iter = reference.lloyd(X, centers0)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert n_iter == ref_iter
+    assert_close(centers, ref_centers, what="centres")
+    assert_close(inertia, ref_inertia, what="inertia")
+
+
+def test_lloyd_refills_empty_clusters_like_reference():
+    X = make_mixture(300, 2, 3, seed=4)
+    far_away = X.max(axis=0) + 100.0
+    centers0 = np.vstack([X[:2], far_away])  # the third centre starts empty
+    labels, centers, _, _ = lloyd(X, centers0)
+    ref_labels, ref_centers, _, _ = reference.lloyd(X, centers0)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert_close(centers, ref_centers, what="centres")
+    assert np.bincount(labels, minlength=3).min() > 0
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_whole_fit_matches_reference(covariance_type):
+    from fastem import GaussianMixture
+
+    X = make_mixture(500, 3, 3, seed=9)
+    w, means, cov, pc = random_parameters(X, 3, covariance_type, seed=2)
+    ref = reference.em_fit(X, w, means, pc, covariance_type, tol=1e-6, max_iter=60)
+    from conftest import precisions_from_cholesky
+
+    gm = GaussianMixture(3, covariance_type=covariance_type, tol=1e-6, max_iter=60,
+                         weights_init=w, means_init=means,
+                         precisions_init=precisions_from_cholesky(pc, covariance_type))
+    with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        gm.fit(X)
+    assert gm.n_iter_ == ref["n_iter"]
+    assert_close(gm.lower_bounds_, ref["lower_bounds"], what="lower bounds")
+    assert_close(gm.means_, ref["means"], rtol=1e-9, what="means")
+    assert_close(gm.covariances_, ref["covariances"], rtol=1e-9, what="covariances")
+    assert_close(gm.weights_, ref["weights"], rtol=1e-9, what="weights")
+
+
+def test_statistics_recentre_and_add():
+    """Statistics of two halves, recentred and added, equal those of the whole."""
+    X = make_mixture(400, 3, 2, seed=1)
+    w, means, cov, pc = random_parameters(X, 2, "full")
+    params = GaussianParameters(w, means, cov, pc)
+    whole = e_step_statistics(X, None, params, "full")
+    a = e_step_statistics(np.ascontiguousarray(X[:150]), None, params, "full")
+    b = e_step_statistics(np.ascontiguousarray(X[150:]), None, params, "full")
+    both = a + b.recentre(means + 1.0)  # a different shift is recentred on addition
+    assert_close(both.nk, whole.nk)
+    assert_close(both.sx, whole.sx)
+    assert_close(both.sxx, whole.sxx)
+    assert_close(both.loglik, whole.loglik)
+    moved = whole.recentre(means - 3.0)
+    assert_close(m_step(moved, 1e-6, "full")[0].covariances,
+                 m_step(whole, 1e-6, "full")[0].covariances)
