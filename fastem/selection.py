@@ -1,0 +1,367 @@
+"""Choosing the number of components and the covariance model (BIC / AIC / ICL).
+
+R's mclust made this the everyday workflow: fit a grid of K x covariance
+models, keep the best by an information criterion, look at the table and the
+criterion curves. :func:`select_model` does that with fastem's kernels;
+:class:`GaussianMixtureSelector` wraps it as a scikit-learn estimator.
+
+Criteria follow scikit-learn's sign convention (lower is better):
+
+.. math::
+
+    \\mathrm{BIC} = -2\\log L + p\\log n,\\qquad
+    \\mathrm{AIC} = -2\\log L + 2p,\\qquad
+    \\mathrm{ICL} = \\mathrm{BIC} + 2\\,\\mathrm{EN},\\quad
+    \\mathrm{EN} = -\\sum_n w_n\\sum_k r_{nk}\\log r_{nk}
+
+mclust reports :math:`-\\mathrm{BIC}` and :math:`-\\mathrm{ICL}` (higher is
+better) and its ICL uses the MAP classification in place of the soft
+responsibilities; multiply by -1 to compare.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._validation import check_sample_weight
+from .initialization import kmeans_plusplus, lloyd
+from .mixture import GaussianMixture, n_free_parameters
+from .stats import COVARIANCE_TYPES, label_statistics_of, m_step
+
+CRITERIA = ("bic", "aic", "icl")
+TABLE_DTYPE = np.dtype([
+    ("n_components", np.int64),
+    ("covariance_type", "U9"),
+    ("log_likelihood", np.float64),
+    ("n_parameters", np.int64),
+    ("bic", np.float64),
+    ("aic", np.float64),
+    ("icl", np.float64),
+    ("converged", bool),
+    ("n_iter", np.int64),
+    ("seconds", np.float64),
+    ("status", "U80"),
+])
+_SLAB = 65536
+
+ProgressCallback = Callable[[int, int, int, str, str], None]
+
+
+@dataclass
+class SelectionResult:
+    """Outcome of :func:`select_model`.
+
+    Attributes
+    ----------
+    best_model : GaussianMixture
+        The fitted model with the lowest criterion.
+    table : numpy structured array
+        One row per (K, covariance type) cell, fields of ``TABLE_DTYPE``.
+    criterion : str
+    best_index : int
+        Row of ``table`` holding ``best_model``.
+    models : dict
+        ``(K, covariance_type) -> GaussianMixture`` for every successful cell.
+    """
+
+    best_model: GaussianMixture
+    table: np.ndarray
+    criterion: str
+    best_index: int
+    models: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def best_params(self) -> tuple[int, str]:
+        row = self.table[self.best_index]
+        return int(row["n_components"]), str(row["covariance_type"])
+
+    def to_dataframe(self):
+        """The table as a pandas DataFrame (requires pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame({name: self.table[name] for name in self.table.dtype.names})
+
+    def format_table(self) -> str:
+        """The table as aligned text, best cell marked with '*'."""
+        head = (f"{'K':>3} {'covariance':<10} {'log-lik':>12} {'params':>6} {'BIC':>12} "
+                f"{'AIC':>12} {'ICL':>12} {'iter':>5} {'conv':>4} {'sec':>7}  status")
+        lines = [head, "-" * len(head)]
+        for i, row in enumerate(self.table):
+            mark = "*" if i == self.best_index else " "
+            lines.append(
+                f"{row['n_components']:>3} {row['covariance_type']:<10} "
+                f"{row['log_likelihood']:>12.3f} {row['n_parameters']:>6d} {row['bic']:>12.3f} "
+                f"{row['aic']:>12.3f} {row['icl']:>12.3f} {row['n_iter']:>5d} "
+                f"{'yes' if row['converged'] else 'no':>4} {row['seconds']:>7.3f} {mark}"
+                f"{row['status']}"
+            )
+        return "\n".join(lines)
+
+
+def classification_entropy(model: GaussianMixture, X, sample_weight=None) -> float:
+    r"""Weighted entropy of the responsibilities, :math:`-\sum_n w_n\sum_k r_{nk}\log r_{nk}`.
+
+    Computed in row slabs so no full (N, K) array is held.
+    """
+    total = 0.0
+    for start in range(0, X.shape[0], _SLAB):
+        proba = np.asarray(model.predict_proba(X[start:start + _SLAB]), dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(proba > 0, proba * np.log(proba), 0.0).sum(axis=1)
+        w = None if sample_weight is None else sample_weight[start:start + _SLAB]
+        total -= terms.sum() if w is None else terms @ w
+    return float(total)
+
+
+def _shared_starts(X, sample_weight, n_components, init_params, n_init, random_state):
+    """Hard assignments shared by every covariance type of one K.
+
+    Seeding (and Lloyd's k-means for 'kmeans') depends on K only, so it is done
+    once per K and start, and reused across covariance types.
+    """
+    starts = []
+    for _ in range(n_init):
+        seeds, indices = kmeans_plusplus(X, n_components, random_state, sample_weight)
+        if init_params == "kmeans":
+            labels, centers, _, _ = lloyd(X, seeds, sample_weight)
+        else:
+            labels = np.full(X.shape[0], -1, dtype=np.int64)
+            labels[indices] = np.arange(n_components)
+            centers = seeds
+        starts.append((labels, centers))
+    return starts
+
+
+def _initial_parameters(X, sample_weight, start, covariance_type, reg_covar):
+    labels, centers = start
+    stats = label_statistics_of(X, sample_weight, labels, centers, covariance_type)
+    params, _ = m_step(stats, reg_covar, covariance_type)
+    pc = params.precisions_cholesky
+    if covariance_type == "full":
+        precisions = np.einsum("kij,klj->kil", pc, pc)
+    elif covariance_type == "tied":
+        precisions = pc @ pc.T
+    else:
+        precisions = pc**2
+    return dict(weights_init=params.weights, means_init=params.means,
+                precisions_init=precisions)
+
+
+def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwargs):
+    """Fit one grid cell from each shared start; keep the best lower bound."""
+    best = None
+    for start in starts:
+        init = _initial_parameters(X, sample_weight, start, covariance_type,
+                                   fit_kwargs["reg_covar"])
+        model = GaussianMixture(n_components, covariance_type=covariance_type, **init,
+                                **fit_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(X, sample_weight=sample_weight)
+        if best is None or model.lower_bound_ > best.lower_bound_:
+            best = model
+    return best
+
+
+def select_model(
+    X,
+    n_components: Iterable[int] = range(1, 10),
+    covariance_types: Sequence[str] = COVARIANCE_TYPES,
+    criterion: str = "bic",
+    *,
+    n_init: int = 1,
+    init_params: str = "kmeans",
+    random_state=None,
+    sample_weight=None,
+    reg_covar: float = 1e-6,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    n_threads: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> SelectionResult:
+    """Fit every (K, covariance type) cell and choose the best by ``criterion``.
+
+    Parameters
+    ----------
+    X : array-like (n_samples, n_features)
+    n_components : iterable of int
+        Candidate numbers of components.
+    covariance_types : sequence of {'full', 'tied', 'diag', 'spherical'}
+    criterion : {'bic', 'aic', 'icl'}
+        Lower is better (see the module docstring for the formulas).
+    n_init : int
+        Starts per K. The seeding (k-means++ and, for 'kmeans', Lloyd's
+        k-means) of each start is shared by all covariance types of that K.
+    init_params : {'kmeans', 'k-means++'}
+    random_state, sample_weight, reg_covar, tol, max_iter, n_threads
+        As for :class:`~fastem.GaussianMixture`.
+    progress : callable, optional
+        Called as ``progress(cell, n_cells, K, covariance_type, status)``
+        after every cell.
+
+    Returns
+    -------
+    SelectionResult
+        A cell that cannot be fitted (for example K larger than the number of
+        rows) is reported in the table with its reason and NaN criteria.
+    """
+    criterion = criterion.lower()
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    covariance_types = tuple(covariance_types)
+    unknown = [c for c in covariance_types if c not in COVARIANCE_TYPES]
+    if unknown or not covariance_types:
+        raise ValueError(f"covariance_types must be a non-empty subset of {COVARIANCE_TYPES}, "
+                         f"got {list(covariance_types)}")
+    if init_params not in ("kmeans", "k-means++"):
+        raise ValueError("select_model supports init_params 'kmeans' and 'k-means++', "
+                         f"got {init_params!r}")
+    ks = [int(k) for k in n_components]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"n_components must be positive integers, got {ks}")
+    if int(n_init) < 1:
+        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    X = validate_data(GaussianMixture(), X, dtype=[np.float64, np.float32], order="C",
+                      ensure_min_samples=2, reset=True)
+    sample_weight = check_sample_weight(sample_weight, X.shape[0])
+    rng = check_random_state(random_state)
+    n_rows = X.shape[0]
+    n_eff = n_rows if sample_weight is None else float(sample_weight.sum())
+    fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
+
+    rows, models = [], {}
+    n_cells = len(ks) * len(covariance_types)
+    for k in ks:
+        starts = None
+        if k <= n_rows:
+            starts = _shared_starts(X, sample_weight, k, init_params, int(n_init), rng)
+        for covariance_type in covariance_types:
+            t0 = time.perf_counter()
+            row = np.zeros((), dtype=TABLE_DTYPE)
+            row["n_components"], row["covariance_type"] = k, covariance_type
+            row["n_parameters"] = n_free_parameters(k, X.shape[1], covariance_type)
+            if starts is None:
+                _fail(row, f"failed: K={k} exceeds the {n_rows} rows")
+            else:
+                try:
+                    model = _fit_cell(X, sample_weight, k, covariance_type, starts, fit_kwargs)
+                except (ValueError, np.linalg.LinAlgError) as exc:
+                    _fail(row, f"failed: {exc}"[:80])
+                else:
+                    _score(row, model, X, sample_weight, n_eff)
+                    models[(k, covariance_type)] = model
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            if progress is not None:
+                progress(len(rows), n_cells, k, covariance_type, str(row["status"]))
+    table = np.array(rows, dtype=TABLE_DTYPE)
+    scores = np.where(table["status"] == "ok", table[criterion], np.inf)
+    if not np.isfinite(scores).any():
+        raise ValueError("no cell of the grid could be fitted:\n"
+                         + "\n".join(sorted(set(table["status"]))))
+    best_index = int(np.argmin(scores))
+    best = models[(int(table["n_components"][best_index]),
+                   str(table["covariance_type"][best_index]))]
+    return SelectionResult(best, table, criterion, best_index, models)
+
+
+def _fail(row, status):
+    for name in ("log_likelihood", "bic", "aic", "icl"):
+        row[name] = np.nan
+    row["status"] = status
+
+
+def _score(row, model, X, sample_weight, n_eff):
+    loglik = _total_loglik(model, X, sample_weight)
+    p = row["n_parameters"]
+    row["log_likelihood"] = loglik
+    row["bic"] = -2.0 * loglik + p * math.log(n_eff)
+    row["aic"] = -2.0 * loglik + 2.0 * p
+    row["icl"] = row["bic"] + 2.0 * classification_entropy(model, X, sample_weight)
+    row["converged"] = model.converged_
+    row["n_iter"] = model.n_iter_
+    row["status"] = "ok"
+
+
+def _total_loglik(model, X, sample_weight):
+    """log L of the final parameters (not the lower bound of the last E-step)."""
+    total = 0.0
+    for start in range(0, X.shape[0], _SLAB):
+        ll = np.asarray(model.score_samples(X[start:start + _SLAB]), dtype=np.float64)
+        total += ll.sum() if sample_weight is None else ll @ sample_weight[start:start + _SLAB]
+    return float(total)
+
+
+class GaussianMixtureSelector(DensityMixin, BaseEstimator):
+    """Estimator form of :func:`select_model`, usable in a Pipeline.
+
+    ``fit`` runs the grid and keeps the chosen model as ``best_estimator_``;
+    ``predict``, ``predict_proba``, ``score_samples``, ``score`` and
+    ``sample`` delegate to it.
+
+    Attributes
+    ----------
+    best_estimator_ : GaussianMixture
+    n_components_, covariance_type_ : the chosen cell
+    table_ : numpy structured array (see :data:`TABLE_DTYPE`)
+    """
+
+    def __init__(self, n_components=range(1, 10), covariance_types=COVARIANCE_TYPES,
+                 criterion="bic", *, n_init=1, init_params="kmeans", random_state=None,
+                 reg_covar=1e-6, tol=1e-3, max_iter=100, n_threads=None):
+        self.n_components = n_components
+        self.covariance_types = covariance_types
+        self.criterion = criterion
+        self.n_init = n_init
+        self.init_params = init_params
+        self.random_state = random_state
+        self.reg_covar = reg_covar
+        self.tol = tol
+        self.max_iter = max_iter
+        self.n_threads = n_threads
+
+    def fit(self, X, y=None, sample_weight=None):
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        result = select_model(
+            X, self.n_components, self.covariance_types, self.criterion, n_init=self.n_init,
+            init_params=self.init_params, random_state=self.random_state,
+            sample_weight=sample_weight, reg_covar=self.reg_covar, tol=self.tol,
+            max_iter=self.max_iter, n_threads=self.n_threads,
+        )
+        self.best_estimator_ = result.best_model
+        self.n_components_, self.covariance_type_ = result.best_params
+        self.table_ = result.table
+        return self
+
+    def _best(self, X):
+        check_is_fitted(self)
+        validate_data(self, X, reset=False)
+        return self.best_estimator_
+
+    def predict(self, X):
+        return self._best(X).predict(X)
+
+    def predict_proba(self, X):
+        return self._best(X).predict_proba(X)
+
+    def score_samples(self, X):
+        return self._best(X).score_samples(X)
+
+    def score(self, X, y=None):
+        return self._best(X).score(X)
+
+    def bic(self, X):
+        return self._best(X).bic(X)
+
+    def sample(self, n_samples=1):
+        check_is_fitted(self)
+        return self.best_estimator_.sample(n_samples)
