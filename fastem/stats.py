@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._kernels._blocks import n_chunks_for
+from ._kernels.blas import blas_routines, single_threaded_blas
 from ._kernels.estep import gaussian_log_resp, gaussian_statistics
 from ._kernels.labels import label_statistics
 from ._kernels.mstep import m_step_diag, m_step_full
@@ -30,6 +31,9 @@ from ._kernels.mstep import m_step_diag, m_step_full
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _LOG_2PI = np.log(2.0 * np.pi)
 _NO_WEIGHTS = np.empty(0)
+# From this width on, full-covariance E-steps use the BLAS engine (dtrmm +
+# dsyrk per block); below it the vectorised loops are faster.
+BLAS_MIN_FEATURES = 24
 
 
 def uses_full_scatter(covariance_type: str) -> bool:
@@ -123,7 +127,7 @@ def _sample_weight_operand(sample_weight):
     return _NO_WEIGHTS if sample_weight is None else sample_weight
 
 
-def kernel_operands(params: GaussianParameters, covariance_type: str):
+def kernel_operands(params: GaussianParameters, covariance_type: str, dtype=np.float64):
     """Means, precision operand, per-component log-constant and kernel flavour.
 
     The log-constant is :math:`\\log\\pi_k + \\log\\det U_k - \\tfrac D2\\log 2\\pi`.
@@ -131,7 +135,7 @@ def kernel_operands(params: GaussianParameters, covariance_type: str):
     and spherical models pass (K, D, 1) precisions :math:`1/\\sigma^2` (one
     kernel signature serves both flavours).
     """
-    means = np.ascontiguousarray(params.means, dtype=np.float64)
+    means = np.ascontiguousarray(params.means, dtype=dtype)
     n_components, n_features = means.shape
     pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
     full = uses_full_scatter(covariance_type)
@@ -150,7 +154,12 @@ def kernel_operands(params: GaussianParameters, covariance_type: str):
     with np.errstate(divide="ignore"):
         log_weights = np.log(np.asarray(params.weights, dtype=np.float64))
     log_const = log_weights + log_det - 0.5 * n_features * _LOG_2PI
-    return means, prec, log_const, full
+    return means, prec.astype(dtype, copy=False), log_const, full
+
+
+def uses_blas(n_features: int, covariance_type: str) -> bool:
+    """Whether the fused pass runs the BLAS engine for this model shape."""
+    return uses_full_scatter(covariance_type) and n_features >= BLAS_MIN_FEATURES
 
 
 def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_type: str
@@ -158,23 +167,34 @@ def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_t
     """One fused pass over ``X``: E-step under ``params`` and its statistics.
 
     ``X`` must be C-contiguous float32/float64 and ``sample_weight`` None or a
-    float64 vector; validation happens at the estimator boundary.
+    float64 vector; validation happens at the estimator boundary. The loop
+    engine computes in X's precision (statistics are always accumulated in
+    float64); the BLAS engine in float64.
     """
-    means, prec, log_const, full = kernel_operands(params, covariance_type)
+    blas = uses_blas(X.shape[1], covariance_type)
+    dtype = np.float64 if blas else X.dtype
+    means, prec, log_const, full = kernel_operands(params, covariance_type, dtype)
     n_components, n_features = means.shape
     partial = n_components * n_features * (n_features if full else 1)
     n_chunks = n_chunks_for(X.shape[0], partial)
-    nk, sx, sxx, loglik, worst_loglik, worst = gaussian_statistics(
-        X, _sample_weight_operand(sample_weight), means, prec, log_const, full, n_chunks
-    )
+    trmm, syrk = blas_routines()
+    args = (X, _sample_weight_operand(sample_weight), means, prec, log_const, full, blas,
+            trmm, syrk, n_chunks)
+    if blas:
+        with single_threaded_blas():
+            nk, sx, sxx, loglik, worst_loglik, worst = gaussian_statistics(*args)
+    else:
+        nk, sx, sxx, loglik, worst_loglik, worst = gaussian_statistics(*args)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
-    return GaussianStatistics(nk, sx, sxx, means, float(loglik), weight, float(worst_loglik),
-                              np.asarray(X[worst], dtype=np.float64))
+    return GaussianStatistics(nk, sx, sxx, means.astype(np.float64), float(loglik), weight,
+                              float(worst_loglik), np.asarray(X[worst], dtype=np.float64))
 
 
 def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> GaussianStatistics:
     """Statistics of a hard assignment of rows to components (label -1: none)."""
-    shift = np.ascontiguousarray(shift, dtype=np.float64)
+    # The moments are taken around the shift as the kernel sees it (in X's
+    # precision), so that is the shift recorded.
+    shift = np.ascontiguousarray(shift, dtype=X.dtype)
     n_components, n_features = shift.shape
     full = uses_full_scatter(covariance_type)
     n_chunks = n_chunks_for(X.shape[0], n_components * n_features * (n_features if full else 1))
@@ -183,7 +203,7 @@ def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> Gau
         full, n_chunks,
     )
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
-    return GaussianStatistics(nk, sx, sxx, shift, np.nan, weight)
+    return GaussianStatistics(nk, sx, sxx, shift.astype(np.float64), np.nan, weight)
 
 
 def m_step(stats: GaussianStatistics, reg_covar: float, covariance_type: str):
@@ -230,7 +250,7 @@ def log_responsibilities(X, params: GaussianParameters, covariance_type: str):
     log_resp : ndarray (N, K)
     log_norm : ndarray (N,)
     """
-    means, prec, log_const, full = kernel_operands(params, covariance_type)
+    means, prec, log_const, full = kernel_operands(params, covariance_type, X.dtype)
     log_resp = np.empty((X.shape[0], means.shape[0]))
     log_norm = np.empty(X.shape[0])
     gaussian_log_resp(X, means, prec, log_const, full, log_resp, log_norm)

@@ -25,6 +25,14 @@ BLOCK_ROWS = 256
 _MAX_CHUNKS = 64
 _PARTIAL_BUDGET = 4_000_000
 
+# exp(x) = 2^n * exp(f), n = round(x / ln 2), |f| <= ln(2)/2, with ln 2 split
+# in a high part exact in few bits and a low correction (Cody & Waite).
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471803691238
+_LN2_LO = 1.9082149292705877e-10
+# Below this exp underflows to subnormals; responsibilities that small are 0.
+_EXP_FLOOR = -708.0
+
 
 def n_chunks_for(n_samples: int, partial_size: int) -> int:
     """Number of row chunks for ``n_samples`` rows and a partial-sum size.
@@ -47,21 +55,58 @@ def chunk_rows(chunk, n_chunks, n_samples):
 
 
 @njit(cache=True)
-def load_centred(X, start, n_rows, centre, out):
-    """out[d, r] = X[start + r, d] - centre[d]  (transposed, float64)."""
+def transpose_block(X, start, n_rows, out):
+    """out[d, r] = X[start + r, d]: one strided read of the block per pass."""
     n_features = X.shape[1]
     for r in range(n_rows):
         for d in range(n_features):
-            out[d, r] = X[start + r, d] - centre[d]
+            out[d, r] = X[start + r, d]
+
+
+@njit(cache=True, fastmath={"contract"})
+def exp_nonpositive(values, offsets, out, bits, n):
+    r"""out[r] = exp(values[r] - offsets[r]) for arguments <= 0, vectorisable.
+
+    Cody-Waite reduction and a degree-13 Taylor polynomial on
+    :math:`|f|\le \ln 2/2` (truncation error below 1e-17 relative); the
+    power of two is assembled in the exponent bits. ``math.exp`` would call
+    libm once per element, which dominates the E-step for small D.
+    Arguments below -708 (and -inf) give exactly 0.
+    """
+    for r in range(n):
+        raw = values[r] - offsets[r]
+        x = max(raw, _EXP_FLOOR)
+        n_f = math.floor(x * _LOG2E + 0.5)
+        f = (x - n_f * _LN2_HI) - n_f * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * f + 1.0 / 479001600.0
+        p = p * f + 1.0 / 39916800.0
+        p = p * f + 1.0 / 3628800.0
+        p = p * f + 1.0 / 362880.0
+        p = p * f + 1.0 / 40320.0
+        p = p * f + 1.0 / 5040.0
+        p = p * f + 1.0 / 720.0
+        p = p * f + 1.0 / 120.0
+        p = p * f + 1.0 / 24.0
+        p = p * f + 1.0 / 6.0
+        p = p * f + 0.5
+        p = p * f + 1.0
+        p = p * f + 1.0
+        out[r] = p if raw > _EXP_FLOOR else 0.0
+        bits[r] = (np.int64(n_f) + 1023) << 52
+    scale = bits.view(np.float64)
+    for r in range(n):
+        out[r] *= scale[r]
 
 
 @njit(cache=True)
-def normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum):
+def normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo):
     r"""Turn a block of weighted log-densities into weighted responsibilities.
 
     In place: ``log_prob[k, r]`` becomes :math:`w_r\, r_{rk}` and the
-    per-row :math:`\log p(x_r)` is left in ``row_max``. Uses the max shift of
-    log-sum-exp so far outliers neither underflow nor give NaN.
+    per-row :math:`\log p(x_r)` is left in ``row_max``; ``row_sum``,
+    ``bits`` and ``expo`` are row-sized scratch. The max shift of
+    log-sum-exp keeps far outliers from underflowing to NaN.
     """
     n_components = log_prob.shape[0]
     for r in range(n_rows):
@@ -72,10 +117,12 @@ def normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum):
     for r in range(n_rows):
         row_sum[r] = 0.0
     for k in range(n_components):
+        # Separate output buffer: in place, LLVM must assume aliasing and
+        # gives up vectorising.
+        exp_nonpositive(log_prob[k], row_max, expo, bits, n_rows)
         for r in range(n_rows):
-            e = math.exp(log_prob[k, r] - row_max[r])
-            log_prob[k, r] = e
-            row_sum[r] += e
+            log_prob[k, r] = expo[r]
+            row_sum[r] += expo[r]
     weighted = sample_weight.shape[0] > 0
     for r in range(n_rows):
         row_max[r] += math.log(row_sum[r])

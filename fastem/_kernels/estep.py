@@ -12,16 +12,29 @@ around the *current* means ``mu_k`` (no cancellation for data far from the
 origin), together with the total log-likelihood sum_n w_n log p(x_n) and the
 worst-explained row. No (n_samples, n_components) array is ever formed.
 
+Two engines compute a block, chosen by the caller from the data's width:
+
+* loops (small D): the block is transposed once to (D, rows) and every
+  inner loop runs over rows, so LLVM vectorises it;
+* BLAS (large D, full covariances): the triangular product (x - mu_k) U_k is
+  one ``dtrmm`` and the scatter one ``dsyrk`` per block and component, on
+  single-threaded BLAS (the caller limits BLAS to one thread: the
+  parallelism is over chunks). The BLAS routines are passed in as arguments
+  so that the compiled kernel holds no process-specific address and can be
+  cached.
+
 Twins: :func:`fastem.reference.log_responsibilities` and
 :func:`fastem.reference.sufficient_statistics`.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
-from ._blocks import BLOCK_ROWS, chunk_rows, load_centred, normalise_block, reduce_statistics
+from ._blocks import BLOCK_ROWS, chunk_rows, normalise_block, reduce_statistics, transpose_block
 
 # Reassociation lets LLVM vectorise the dot-product reductions over rows. NaN
 # and infinity stay allowed: log-weights of empty components are -inf.
@@ -29,11 +42,20 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(cache=True, fastmath=_FAST)
-def _block_log_prob_full(X, start, n_rows, means, prec_chol, log_const, diff, y, log_prob):
-    """log_prob[k, r] = log_const[k] - ||(x_r - mu_k) U_k||^2 / 2."""
+def _centre(xT, n_rows, mean, diff):
+    """diff[d, r] = xT[d, r] - mean[d]."""
+    for d in range(xT.shape[0]):
+        m = mean[d]
+        for r in range(n_rows):
+            diff[d, r] = xT[d, r] - m
+
+
+@njit(cache=True, fastmath=_FAST)
+def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diff, y, log_prob):
+    """log_prob[k, r] = log_const[k] - ||(x_r - mu_k) U_k||^2 / 2 (U upper)."""
     n_components, n_features = means.shape
     for k in range(n_components):
-        load_centred(X, start, n_rows, means[k], diff)
+        _centre(xT, n_rows, means[k], diff)
         for r in range(n_rows):
             log_prob[k, r] = 0.0
         for j in range(n_features):
@@ -50,30 +72,31 @@ def _block_log_prob_full(X, start, n_rows, means, prec_chol, log_const, diff, y,
 
 
 @njit(cache=True, fastmath=_FAST)
-def _block_log_prob_diag(X, start, n_rows, means, precisions, log_const, diff, log_prob):
+def _log_prob_diag_loops(xT, n_rows, means, precisions, log_const, log_prob):
     """log_prob[k, r] = log_const[k] - sum_d p_kd (x_rd - mu_kd)^2 / 2.
 
     ``precisions`` is (K, D, 1) so that both flavours share one signature.
     """
     n_components, n_features = means.shape
     for k in range(n_components):
-        load_centred(X, start, n_rows, means[k], diff)
         for r in range(n_rows):
             log_prob[k, r] = 0.0
         for d in range(n_features):
             p = precisions[k, d, 0]
+            m = means[k, d]
             for r in range(n_rows):
-                log_prob[k, r] += p * diff[d, r] * diff[d, r]
+                t = xT[d, r] - m
+                log_prob[k, r] += p * t * t
         for r in range(n_rows):
             log_prob[k, r] = log_const[k] - 0.5 * log_prob[k, r]
 
 
 @njit(cache=True, fastmath=_FAST)
-def _block_accumulate(X, start, n_rows, means, resp, diff, wdiff, nk, sx, sxx, full):
+def _accumulate_loops(xT, n_rows, means, resp, diff, wdiff, nk, sx, sxx, full):
     """Add the block's weighted first and second moments around the means."""
     n_components, n_features = means.shape
     for k in range(n_components):
-        load_centred(X, start, n_rows, means[k], diff)
+        _centre(xT, n_rows, means[k], diff)
         total = 0.0
         for r in range(n_rows):
             total += resp[k, r]
@@ -100,6 +123,73 @@ def _block_accumulate(X, start, n_rows, means, resp, diff, wdiff, nk, sx, sxx, f
 
 
 @njit(cache=True)
+def _blas_scalars(n_features, n_rows):
+    """Fortran-style by-reference arguments: chars L, N and sizes."""
+    chars = np.array([ord("L"), ord("N")], dtype=np.uint8)
+    sizes = np.array([n_features, n_rows], dtype=np.int32)
+    ones = np.ones(1)
+    return chars, sizes, ones
+
+
+@njit(cache=True, fastmath=_FAST)
+def _centre_rows(X, start, n_rows, mean, rows):
+    """rows[r, d] = X[start + r, d] - mean[d] (row-major, as BLAS wants it)."""
+    for r in range(n_rows):
+        for d in range(X.shape[1]):
+            rows[r, d] = X[start + r, d] - mean[d]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _log_prob_full_blas(X, start, n_rows, means, prec_chol, log_const, rows, log_prob, trmm):
+    """As the loop engine, with (x - mu_k) U_k computed by one dtrmm per component.
+
+    A row-major (rows, D) block is a column-major (D, rows) matrix and the
+    row-major upper U_k a column-major lower one, so the product is
+    ``B := L B`` with L = U_k^T in BLAS terms.
+    """
+    n_components, n_features = means.shape
+    chars, sizes, ones = _blas_scalars(n_features, n_rows)
+    left = chars[0:1]
+    no = chars[1:2]
+    for k in range(n_components):
+        _centre_rows(X, start, n_rows, means[k], rows)
+        trmm(left.ctypes, left.ctypes, no.ctypes, no.ctypes, sizes[0:1].ctypes,
+             sizes[1:2].ctypes, ones.ctypes, prec_chol[k].ctypes, sizes[0:1].ctypes,
+             rows.ctypes, sizes[0:1].ctypes)
+        for r in range(n_rows):
+            q = 0.0
+            for d in range(n_features):
+                q += rows[r, d] * rows[r, d]
+            log_prob[k, r] = log_const[k] - 0.5 * q
+
+
+@njit(cache=True, fastmath=_FAST)
+def _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk):
+    """S_k += (sqrt(r) (x - mu_k))^T (sqrt(r) (x - mu_k)) by one dsyrk per component.
+
+    The column-major lower triangle BLAS fills is the row-major upper one.
+    """
+    n_components, n_features = means.shape
+    chars, sizes, ones = _blas_scalars(n_features, n_rows)
+    lower = chars[0:1]
+    no = chars[1:2]
+    for k in range(n_components):
+        _centre_rows(X, start, n_rows, means[k], rows)
+        total = 0.0
+        for r in range(n_rows):
+            w = resp[k, r]
+            total += w
+            for d in range(n_features):
+                sx[k, d] += w * rows[r, d]
+            root = math.sqrt(w)
+            for d in range(n_features):
+                rows[r, d] *= root
+        nk[k] += total
+        syrk(lower.ctypes, no.ctypes, sizes[0:1].ctypes, sizes[1:2].ctypes, ones.ctypes,
+             rows.ctypes, sizes[0:1].ctypes, ones.ctypes, sxx[k].ctypes, sizes[0:1].ctypes)
+
+
+@njit(cache=True)
 def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c):
     """Weighted sum of log p(x) over the block; tracks the worst-explained row."""
     total = 0.0
@@ -114,21 +204,27 @@ def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c)
 
 
 @njit(parallel=True, cache=True)
-def gaussian_statistics(X, sample_weight, means, prec, log_const, full_covariance, n_chunks):
+def gaussian_statistics(X, sample_weight, means, prec, log_const, full_covariance, use_blas,
+                        trmm, syrk, n_chunks):
     r"""Fused E-step and sufficient statistics for a Gaussian mixture.
 
     Parameters
     ----------
-    X : ndarray (N, D), float64 or float32
+    X : ndarray (N, D), float64 or float32, C-contiguous
     sample_weight : ndarray (N,) or (0,) for unit weights
-    means : ndarray (K, D)
+    means : ndarray (K, D), X's dtype
     prec : ndarray
         (K, D, D) upper Cholesky factors of the precisions when
-        ``full_covariance``, else (K, D, 1) diagonal precisions :math:`1/\sigma^2`.
+        ``full_covariance``, else (K, D, 1) diagonal precisions
+        :math:`1/\sigma^2`; X's dtype (float64 for the BLAS engine).
     log_const : ndarray (K,)
         :math:`\log\pi_k + \log\det U_k - \tfrac D2\log 2\pi`.
     full_covariance : bool
-        Accumulate the full scatter (K, D, D) instead of its diagonal (K, D).
+        Accumulate the full scatter (K, D, D) instead of its diagonal.
+    use_blas : bool
+        BLAS engine (full covariances only), else the loop engine.
+    trmm, syrk : ctypes functions
+        ``dtrmm`` and ``dsyrk`` from ``scipy.linalg.cython_blas``.
     n_chunks : int
         From :func:`fastem._kernels._blocks.n_chunks_for`.
 
@@ -149,23 +245,36 @@ def gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarianc
     worst_index = np.zeros(n_chunks, dtype=np.int64)
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
-        diff = np.empty((n_features, BLOCK_ROWS))
-        wdiff = np.empty((n_features, BLOCK_ROWS))
-        y = np.empty(BLOCK_ROWS)
+        xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        y = np.empty(BLOCK_ROWS, dtype=X.dtype)
+        rows = np.empty((BLOCK_ROWS, n_features))
         log_prob = np.empty((n_components, BLOCK_ROWS))
         row_max = np.empty(BLOCK_ROWS)
         row_sum = np.empty(BLOCK_ROWS)
+        bits = np.empty(BLOCK_ROWS, dtype=np.int64)
+        expo = np.empty(BLOCK_ROWS)
         for start in range(first, last, BLOCK_ROWS):
             n_rows = min(BLOCK_ROWS, last - start)
-            if full_covariance:
-                _block_log_prob_full(X, start, n_rows, means, prec, log_const, diff, y, log_prob)
+            if use_blas:
+                _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob,
+                                    trmm)
             else:
-                _block_log_prob_diag(X, start, n_rows, means, prec, log_const, diff, log_prob)
-            normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum)
+                transpose_block(X, start, n_rows, xT)
+                if full_covariance:
+                    _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, log_prob)
+                else:
+                    _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
+            normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo)
             ll_parts[c] += _block_loglik(row_max, n_rows, sample_weight, start, worst,
                                          worst_index, c)
-            _block_accumulate(X, start, n_rows, means, log_prob, diff, wdiff,
-                              nk_parts[c], sx_parts[c], sxx_parts[c], full_covariance)
+            if use_blas:
+                _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk_parts[c],
+                                      sx_parts[c], sxx_parts[c], syrk)
+            else:
+                _accumulate_loops(xT, n_rows, means, log_prob, diff, wdiff, nk_parts[c],
+                                  sx_parts[c], sxx_parts[c], full_covariance)
     nk, sx, sxx = reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
     loglik = 0.0
     best = np.inf
@@ -182,7 +291,8 @@ def gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarianc
 def gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log_norm):
     """Per-row log-responsibilities and log p(x) (for predict_proba / score_samples).
 
-    Fills ``log_resp`` (N, K) and ``log_norm`` (N,) in place, block by block.
+    Fills ``log_resp`` (N, K) and ``log_norm`` (N,) in place, block by block,
+    with the loop engine (predictions are one pass, not the fitting loop).
     """
     n_samples, n_features = X.shape
     n_components = means.shape[0]
@@ -190,21 +300,23 @@ def gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log_
     for b in prange(n_blocks):
         start = b * BLOCK_ROWS
         n_rows = min(BLOCK_ROWS, n_samples - start)
-        diff = np.empty((n_features, BLOCK_ROWS))
-        y = np.empty(BLOCK_ROWS)
+        xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        y = np.empty(BLOCK_ROWS, dtype=X.dtype)
         log_prob = np.empty((n_components, BLOCK_ROWS))
+        transpose_block(X, start, n_rows, xT)
         if full_covariance:
-            _block_log_prob_full(X, start, n_rows, means, prec, log_const, diff, y, log_prob)
+            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, log_prob)
         else:
-            _block_log_prob_diag(X, start, n_rows, means, prec, log_const, diff, log_prob)
+            _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
         for r in range(n_rows):
             top = log_prob[0, r]
             for k in range(1, n_components):
                 top = max(top, log_prob[k, r])
             total = 0.0
             for k in range(n_components):
-                total += np.exp(log_prob[k, r] - top)
-            norm = top + np.log(total)
+                total += math.exp(log_prob[k, r] - top)
+            norm = top + math.log(total)
             log_norm[start + r] = norm
             for k in range(n_components):
                 log_resp[start + r, k] = log_prob[k, r] - norm

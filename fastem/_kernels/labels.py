@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._blocks import BLOCK_ROWS, chunk_rows, reduce_statistics
-from .estep import _block_accumulate
+from ._blocks import BLOCK_ROWS, chunk_rows, reduce_statistics, transpose_block
+from .estep import _accumulate_loops
 
 
 @njit(parallel=True, cache=True)
@@ -29,8 +29,9 @@ def label_statistics(X, sample_weight, labels, shift, full_covariance, n_chunks)
     weighted = sample_weight.shape[0] > 0
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
-        diff = np.empty((n_features, BLOCK_ROWS))
-        wdiff = np.empty((n_features, BLOCK_ROWS))
+        xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
         resp = np.empty((n_components, BLOCK_ROWS))
         for start in range(first, last, BLOCK_ROWS):
             n_rows = min(BLOCK_ROWS, last - start)
@@ -39,6 +40,7 @@ def label_statistics(X, sample_weight, labels, shift, full_covariance, n_chunks)
                 label = labels[start + r]
                 if label >= 0:
                     resp[label, r] = sample_weight[start + r] if weighted else 1.0
-            _block_accumulate(X, start, n_rows, shift, resp, diff, wdiff,
-                              nk_parts[c], sx_parts[c], sxx_parts[c], full_covariance)
+            transpose_block(X, start, n_rows, xT)
+            _accumulate_loops(xT, n_rows, shift, resp, diff, wdiff, nk_parts[c], sx_parts[c],
+                              sxx_parts[c], full_covariance)
     return reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
