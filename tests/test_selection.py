@@ -1,0 +1,319 @@
+"""fastem.selection: exact criteria, scikit-learn's choices, failures, the estimator form."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from conftest import COVARIANCE_TYPES, make_mixture, shared_csv
+from scipy.special import entr
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from fastem.mixture import n_free_parameters
+from fastem.selection import TABLE_DTYPE, GaussianMixtureSelector, select_model
+
+CRITERION_FIELDS = ("log_likelihood", "bic", "aic", "icl")
+
+
+@pytest.fixture(scope="module")
+def grid():
+    """A K = 1..4 x all-covariance grid on a small three-component sample."""
+    X = make_mixture(300, 2, 3, seed=2)
+    return X, select_model(X, range(1, 5), random_state=0)
+
+
+def cells(result):
+    """(row, fitted model) of every successful cell."""
+    for row in result.table:
+        key = (int(row["n_components"]), str(row["covariance_type"]))
+        if key in result.models:
+            yield row, result.models[key]
+
+
+def sklearn_twin(model, X):
+    """scikit-learn's GaussianMixture fitted from a cell model's own initial parameters.
+
+    select_model builds every cell model with ``weights_init``, ``means_init``
+    and ``precisions_init`` set, so passing the same values (and tolerances)
+    to scikit-learn reproduces the fit.
+    """
+    params = model.get_params()
+    twin = SklearnGaussianMixture(
+        model.n_components, covariance_type=model.covariance_type,
+        weights_init=params["weights_init"], means_init=params["means_init"],
+        precisions_init=params["precisions_init"], tol=model.tol, max_iter=model.max_iter,
+        reg_covar=model.reg_covar,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return twin.fit(X)
+
+
+def entropy(proba, sample_weight=None):
+    """-sum_n w_n sum_k r_nk log r_nk, from responsibilities."""
+    per_row = entr(np.asarray(proba, dtype=np.float64)).sum(axis=1)
+    return float(per_row.sum() if sample_weight is None else per_row @ sample_weight)
+
+
+# ---------------------------------------------------------------------------
+# Free parameters
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("n_features", [1, 2, 3, 7])
+@pytest.mark.parametrize("n_components", [1, 2, 5])
+def test_free_parameter_count_matches_closed_form(n_components, n_features, covariance_type):
+    K, D = n_components, n_features
+    closed_form = {
+        "full": K * (D + D * (D + 1) // 2 + 1) - 1,
+        "tied": K * D + D * (D + 1) // 2 + K - 1,
+        "diag": 2 * K * D + K - 1,
+        "spherical": K * D + K + K - 1,
+    }[covariance_type]
+    assert n_free_parameters(K, D, covariance_type) == closed_form
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_free_parameter_count_matches_sklearn_fitted_model(covariance_type):
+    X = make_mixture(200, 4, 3, seed=1)
+    result = select_model(X, [3], [covariance_type], random_state=0)
+    model = result.models[(3, covariance_type)]
+    expected = sklearn_twin(model, X)._n_parameters()
+    assert n_free_parameters(3, 4, covariance_type) == expected
+    assert model._n_parameters() == expected
+    assert result.table["n_parameters"][0] == expected
+
+
+# ---------------------------------------------------------------------------
+# Criteria
+# ---------------------------------------------------------------------------
+
+
+def test_table_criteria_equal_the_cell_models_own(grid):
+    X, result = grid
+    n = X.shape[0]
+    for row, model in cells(result):
+        cell = (row["n_components"], row["covariance_type"])
+        np.testing.assert_allclose(row["bic"], model.bic(X), rtol=1e-10, err_msg=str(cell))
+        np.testing.assert_allclose(row["aic"], model.aic(X), rtol=1e-10, err_msg=str(cell))
+        np.testing.assert_allclose(row["log_likelihood"], model.score(X) * n, rtol=1e-10,
+                                   err_msg=str(cell))
+        assert row["n_iter"] == model.n_iter_ and row["converged"] == model.converged_
+
+
+def test_table_criteria_equal_sklearn_fitted_from_the_same_start(grid):
+    X, result = grid
+    assert len(result.models) == 16
+    for row, model in cells(result):
+        twin = sklearn_twin(model, X)
+        cell = (row["n_components"], row["covariance_type"])
+        np.testing.assert_allclose(row["bic"], twin.bic(X), rtol=1e-8, err_msg=str(cell))
+        np.testing.assert_allclose(row["aic"], twin.aic(X), rtol=1e-8, err_msg=str(cell))
+        assert row["n_iter"] == twin.n_iter_, cell
+
+
+def test_icl_is_bic_plus_twice_the_responsibility_entropy(grid):
+    X, result = grid
+    for row, model in cells(result):
+        expected = row["bic"] + 2 * entropy(model.predict_proba(X))
+        np.testing.assert_allclose(row["icl"], expected, rtol=1e-10,
+                                   err_msg=str((row["n_components"], row["covariance_type"])))
+        if row["n_components"] == 1:
+            assert row["icl"] == row["bic"]
+
+
+def test_weighted_icl_uses_the_weighted_entropy():
+    X = make_mixture(150, 2, 3, seed=4)
+    weights = np.random.default_rng(0).uniform(0.2, 3.0, size=X.shape[0])
+    result = select_model(X, [2, 3], ["full", "diag"], random_state=0, sample_weight=weights)
+    for row, model in cells(result):
+        loglik = float(model.score_samples(X) @ weights)
+        p = row["n_parameters"]
+        bic = -2 * loglik + p * math.log(weights.sum())
+        np.testing.assert_allclose(row["log_likelihood"], loglik, rtol=1e-10)
+        np.testing.assert_allclose(row["bic"], bic, rtol=1e-10)
+        np.testing.assert_allclose(row["aic"], -2 * loglik + 2 * p, rtol=1e-10)
+        np.testing.assert_allclose(row["icl"], bic + 2 * entropy(model.predict_proba(X),
+                                                                 weights), rtol=1e-10)
+
+
+def test_old_faithful_bic_choice_agrees_with_sklearn():
+    X = shared_csv("faithful.csv")
+    result = select_model(X, range(1, 10), random_state=0)
+    assert len(result.models) == 36
+    sklearn_bic = {key: sklearn_twin(model, X).bic(X) for key, model in result.models.items()}
+    sklearn_choice = min(sklearn_bic, key=sklearn_bic.get)
+    assert result.best_params == sklearn_choice, (
+        f"fastem chose {result.best_params} (BIC {result.table['bic'][result.best_index]:.6f}),"
+        f" scikit-learn {sklearn_choice} (BIC {sklearn_bic[sklearn_choice]:.6f})")
+    assert result.best_model is result.models[sklearn_choice]
+
+
+@pytest.mark.parametrize("criterion", ["bic", "aic", "icl"])
+def test_best_cell_has_the_lowest_criterion(grid, criterion):
+    X, _ = grid
+    result = select_model(X, range(1, 5), random_state=0, criterion=criterion)
+    values = result.table[criterion]
+    assert result.best_index == int(np.nanargmin(values))
+    assert result.criterion == criterion
+    assert result.best_params == (int(result.table["n_components"][result.best_index]),
+                                  str(result.table["covariance_type"][result.best_index]))
+
+
+# ---------------------------------------------------------------------------
+# Failures and bad arguments
+# ---------------------------------------------------------------------------
+
+
+def test_cell_with_more_components_than_rows_fails_without_stopping_the_grid():
+    X = make_mixture(8, 2, 2, seed=0)
+    calls = []
+    result = select_model(X, [1, 9, 2], ["full", "spherical"], random_state=0,
+                          progress=lambda *args: calls.append(args))
+    table = result.table
+    failed = table["n_components"] == 9
+    assert failed.sum() == 2
+    for row in table[failed]:
+        assert str(row["status"]).startswith("failed"), row["status"]
+        for name in CRITERION_FIELDS:
+            assert np.isnan(row[name]), (name, row[name])
+    # The cells after the failed ones were still fitted.
+    assert list(table["status"][~failed]) == ["ok"] * 4
+    assert [(k, c) for k, c in result.models] == [(1, "full"), (1, "spherical"),
+                                                 (2, "full"), (2, "spherical")]
+    assert result.best_params[0] != 9
+    assert [call[:4] for call in calls] == [
+        (1, 6, 1, "full"), (2, 6, 1, "spherical"), (3, 6, 9, "full"),
+        (4, 6, 9, "spherical"), (5, 6, 2, "full"), (6, 6, 2, "spherical")]
+    assert [call[4] for call in calls] == [str(s) for s in table["status"]]
+
+
+def test_grid_where_every_cell_fails_raises():
+    X = make_mixture(5, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="no cell of the grid could be fitted"):
+        select_model(X, [6, 7], random_state=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"criterion": "bic2"}, "criterion"),
+    ({"criterion": "likelihood"}, "criterion"),
+    ({"covariance_types": ("full", "banana")}, "covariance_types"),
+    ({"covariance_types": ()}, "covariance_types"),
+    ({"n_components": []}, "n_components"),
+    ({"n_components": [0, 1]}, "n_components"),
+    ({"n_init": 0}, "n_init"),
+    ({"init_params": "random"}, "init_params"),
+], ids=["criterion", "criterion-word", "covariance", "no-covariance", "no-K", "zero-K",
+        "n_init", "init"])
+def test_bad_arguments_raise_value_error(grid, kwargs, message):
+    X, _ = grid
+    with pytest.raises(ValueError, match=message):
+        select_model(X, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Weights, determinism, presentation
+# ---------------------------------------------------------------------------
+
+
+def test_integer_weights_give_the_table_of_repeated_rows():
+    # The starts coincide: k-means++ draws the first centre with probability
+    # proportional to the weight and the candidates from the cumulative sum of
+    # w * D^2, whose steps are the same over the repeated rows, so the same
+    # uniforms pick the same points; Lloyd's k-means and EM then see the same
+    # sums.
+    X = make_mixture(120, 2, 3, seed=1)
+    counts = np.random.default_rng(0).integers(1, 4, size=X.shape[0])
+    weighted = select_model(X, range(1, 5), random_state=0, sample_weight=counts).table
+    repeated = select_model(np.repeat(X, counts, axis=0), range(1, 5), random_state=0).table
+    for name in CRITERION_FIELDS:
+        np.testing.assert_allclose(weighted[name], repeated[name], rtol=1e-8, err_msg=name)
+    for name in ("n_components", "covariance_type", "n_parameters", "n_iter", "status"):
+        np.testing.assert_array_equal(weighted[name], repeated[name], err_msg=name)
+
+
+def test_same_random_state_gives_the_same_table(grid):
+    X, first = grid
+    second = select_model(X, range(1, 5), random_state=0)
+    for name in TABLE_DTYPE.names:
+        if name != "seconds":
+            np.testing.assert_array_equal(first.table[name], second.table[name], err_msg=name)
+
+
+def test_format_table_has_one_line_per_cell_and_marks_the_best(grid):
+    _, result = grid
+    lines = result.format_table().splitlines()
+    assert len(lines) == 2 + len(result.table)
+    marked = [i for i, line in enumerate(lines[2:]) if "*" in line]
+    assert marked == [result.best_index]
+    k, covariance_type = result.best_params
+    assert lines[2 + result.best_index].split()[:2] == [str(k), covariance_type]
+
+
+def test_to_dataframe_holds_the_table():
+    pd = pytest.importorskip("pandas")
+    X = make_mixture(100, 2, 2, seed=3)
+    result = select_model(X, [1, 2], random_state=0)
+    frame = result.to_dataframe()
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == list(TABLE_DTYPE.names)
+    for name in TABLE_DTYPE.names:
+        np.testing.assert_array_equal(frame[name].to_numpy(), result.table[name])
+
+
+# ---------------------------------------------------------------------------
+# GaussianMixtureSelector
+# ---------------------------------------------------------------------------
+
+
+def test_selector_in_a_pipeline_with_a_scaler():
+    X = make_mixture(240, 3, 3, seed=5) * np.array([1.0, 50.0, 0.02])
+    pipe = Pipeline([("scale", StandardScaler()),
+                     ("gmm", GaussianMixtureSelector(n_components=range(1, 5),
+                                                     random_state=0))])
+    labels = pipe.fit(X).predict(X)
+    selector = pipe.named_steps["gmm"]
+    Z = pipe.named_steps["scale"].transform(X)
+    np.testing.assert_array_equal(labels, selector.best_estimator_.predict(Z))
+    np.testing.assert_array_equal(pipe.predict_proba(X), selector.best_estimator_.predict_proba(Z))
+    np.testing.assert_array_equal(pipe.score_samples(X), selector.best_estimator_.score_samples(Z))
+    direct = select_model(Z, range(1, 5), random_state=0)
+    assert (selector.n_components_, selector.covariance_type_) == direct.best_params
+    np.testing.assert_array_equal(selector.table_["bic"], direct.table["bic"])
+
+
+def test_selector_clones_unfitted_with_the_same_parameters_and_refits_identically():
+    X = make_mixture(200, 2, 3, seed=6)
+    selector = GaussianMixtureSelector(n_components=[1, 2, 3], covariance_types=("full", "diag"),
+                                       criterion="icl", random_state=0).fit(X)
+    twin = clone(selector)
+    assert twin.get_params() == selector.get_params()
+    with pytest.raises(NotFittedError):
+        twin.predict(X)
+    twin.fit(X)
+    assert (twin.n_components_, twin.covariance_type_) == (selector.n_components_,
+                                                           selector.covariance_type_)
+    np.testing.assert_array_equal(twin.predict(X), selector.predict(X))
+
+    pipe = clone(Pipeline([("scale", StandardScaler()), ("gmm", selector)]))
+    pipe.set_params(gmm__criterion="aic")
+    assert pipe.named_steps["gmm"].criterion == "aic"
+    assert not hasattr(pipe.named_steps["gmm"], "best_estimator_")
+
+
+def test_selector_predict_equals_best_estimator_predict():
+    X = make_mixture(200, 2, 3, seed=7)
+    selector = GaussianMixtureSelector(n_components=range(1, 5), random_state=0).fit(X)
+    best = selector.best_estimator_
+    np.testing.assert_array_equal(selector.predict(X), best.predict(X))
+    assert selector.score(X) == best.score(X)
+    assert selector.bic(X) == best.bic(X)
+    with pytest.raises(ValueError, match="features"):
+        selector.predict(X[:, :1])
