@@ -31,18 +31,28 @@ from ._validation import (
 )
 from ._kernels.mstep import factor_covariance
 from .initialization import INIT_METHODS, initial_statistics
+from ._kernels._blocks import n_chunks_for
+from ._kernels.blas import blas_routines
+from ._kernels.emloop import em_loop
 from .stats import (
+    COVARIANCE_KIND,
     COVARIANCE_TYPES,
     GaussianParameters,
     GaussianStatistics,
     e_step_statistics,
     log_responsibilities,
+    from_canonical,
     m_step,
+    to_canonical,
 )
 
 # A component whose responsibility mass falls below this fraction of an
 # average row's weight is treated as collapsed (see ``_repair_collapsed``).
 _COLLAPSE_FRACTION = 1e-8
+# Below this much work per iteration (rows x K x (D+1)^2) the whole EM loop
+# runs in compiled code: per-call overhead would otherwise dominate.
+_COMPILED_LOOP_WORK = 2_000_000
+_NO_WEIGHTS = np.empty(0)
 
 
 class DegenerateDataWarning(UserWarning):
@@ -268,17 +278,27 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         The lower bound of iteration ``t`` is the average log-likelihood under
         the parameters entering that iteration (scikit-learn's convention);
-        iteration stops when it changes by less than ``tol``.
+        iteration stops when it changes by less than ``tol``. On small data the
+        iterations run in compiled code until one needs a repair (see
+        ``_repair_collapsed``); the Python loop below takes over from there.
 
         Returns
         -------
         params, lower_bound, lower_bounds (list), n_iter, converged
         """
         lower_bounds = []
+        if self._compiled_loop_applies(X):
+            params, lower_bounds, converged, handed_over = self._run_compiled_em(
+                X, sample_weight, params, lower_bound)
+            if lower_bounds:
+                lower_bound = lower_bounds[-1]
+            if not handed_over:
+                return params, lower_bound, lower_bounds, len(lower_bounds), converged
         converged = False
         reseeded = np.zeros(self.n_components, dtype=bool)
-        n_iter = 0
-        for n_iter in range(1, self.max_iter + 1):
+        n_iter = len(lower_bounds)
+        while n_iter < self.max_iter:
+            n_iter += 1
             previous = lower_bound
             stats = e_step_statistics(X, sample_weight, params, self.covariance_type)
             lower_bound = stats.loglik / stats.weight
@@ -290,6 +310,35 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 converged = True
                 break
         return params, lower_bound, lower_bounds, n_iter, converged
+
+    def _compiled_loop_applies(self, X):
+        n_samples, n_features = X.shape
+        work = n_samples * self.n_components * (n_features + 1) ** 2
+        return self.verbose == 0 and work <= _COMPILED_LOOP_WORK
+
+    def _run_compiled_em(self, X, sample_weight, params, lower_bound):
+        trmm, syrk = blas_routines()
+        sw = _NO_WEIGHTS if sample_weight is None else sample_weight
+        weight = X.shape[0] if sample_weight is None else sample_weight.sum()
+        kind = COVARIANCE_KIND[self.covariance_type]
+        covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
+                       else params.covariances)
+        full = kind <= 1
+        n_chunks = n_chunks_for(X.shape[0], self.n_components * X.shape[1]
+                                * (X.shape[1] if full else 1))
+        weights, means, cov, prec_chol, lower_bounds, converged, handed_over = em_loop(
+            X, sw, np.asarray(params.weights, dtype=np.float64),
+            np.ascontiguousarray(params.means, dtype=np.float64),
+            to_canonical(covariances, self.covariance_type),
+            to_canonical(params.precisions_cholesky, self.covariance_type),
+            kind, float(self.reg_covar), float(self.tol), int(self.max_iter), float(lower_bound),
+            _COLLAPSE_FRACTION * weight / X.shape[0], n_chunks, trmm, syrk)
+        cov, prec_chol = from_canonical(cov, prec_chol, self.covariance_type)
+        params = GaussianParameters(np.asarray(weights, dtype=np.float64),
+                                    np.asarray(means, dtype=np.float64),
+                                    np.asarray(cov, dtype=np.float64),
+                                    np.asarray(prec_chol, dtype=np.float64))
+        return params, lower_bounds.tolist(), bool(converged), bool(handed_over)
 
     def _m_step(self, stats: GaussianStatistics, n_samples, reseeded):
         params, jitter = m_step(stats, self.reg_covar, self.covariance_type)

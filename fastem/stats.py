@@ -26,9 +26,11 @@ from ._kernels._blocks import n_chunks_for
 from ._kernels.blas import blas_routines, single_threaded_blas
 from ._kernels.estep import gaussian_log_resp, gaussian_statistics
 from ._kernels.labels import label_statistics
-from ._kernels.mstep import m_step_diag, m_step_full
+from ._kernels.mstep import m_step_canonical
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+# The kernels' code for each covariance type (see m_step_canonical).
+COVARIANCE_KIND = {"full": 0, "tied": 1, "diag": 2, "spherical": 3}
 _LOG_2PI = np.log(2.0 * np.pi)
 _NO_WEIGHTS = np.empty(0)
 # From this width on, full-covariance E-steps use the BLAS engine (dtrmm +
@@ -227,19 +229,34 @@ def m_step(stats: GaussianStatistics, reg_covar: float, covariance_type: str):
         Extra diagonal loading that was needed to make each covariance
         positive definite (0 where none was; -1 where it could not be made so).
     """
-    args = (stats.nk, np.ascontiguousarray(stats.sx), np.ascontiguousarray(stats.sxx),
-            np.ascontiguousarray(stats.shift), float(reg_covar))
-    if uses_full_scatter(covariance_type):
-        tied = covariance_type == "tied"
-        weights, means, cov, prec_chol, jitter = m_step_full(*args, tied)
-        if tied:
-            cov, prec_chol = cov[0], prec_chol[0]
-    else:
-        spherical = covariance_type == "spherical"
-        weights, means, cov, prec_chol, jitter = m_step_diag(*args, spherical)
-        if spherical:
-            cov, prec_chol = cov[:, 0], prec_chol[:, 0]
-    return GaussianParameters(weights, means, cov, prec_chol), jitter
+    weights, means, cov, prec_chol, jitter = m_step_canonical(
+        stats.nk, np.ascontiguousarray(stats.sx), np.ascontiguousarray(stats.sxx),
+        np.ascontiguousarray(stats.shift), float(reg_covar), COVARIANCE_KIND[covariance_type])
+    return GaussianParameters(weights, means, *from_canonical(cov, prec_chol, covariance_type)
+                              ), jitter
+
+
+def to_canonical(array, covariance_type: str) -> np.ndarray:
+    """scikit-learn's covariance-shaped array as the kernels' 3-D form."""
+    array = np.asarray(array, dtype=np.float64)
+    if covariance_type == "full":
+        return np.ascontiguousarray(array)
+    if covariance_type == "tied":
+        return np.ascontiguousarray(array[None])
+    if covariance_type == "diag":
+        return np.ascontiguousarray(array[:, :, None])
+    return np.ascontiguousarray(array[:, None, None])
+
+
+def from_canonical(cov, prec_chol, covariance_type: str):
+    """The kernels' 3-D covariances and factors in scikit-learn's shapes."""
+    if covariance_type == "full":
+        return cov, prec_chol
+    if covariance_type == "tied":
+        return cov[0], prec_chol[0]
+    if covariance_type == "diag":
+        return cov[:, :, 0], prec_chol[:, :, 0]
+    return cov[:, 0, 0], prec_chol[:, 0, 0]
 
 
 def log_responsibilities(X, params: GaussianParameters, covariance_type: str):

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 from conftest import COVARIANCE_TYPES, make_mixture, precisions_from_cholesky, random_parameters
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastem import GaussianMixture
@@ -66,8 +66,30 @@ def test_row_order_does_not_change_the_fit(problem):
     np.testing.assert_allclose(a.predict_proba(X)[perm], b.predict_proba(X[perm]), atol=1e-7)
 
 
+@pytest.fixture
+def python_driven_em(monkeypatch):
+    """Force the Python EM driver (parallel kernels) even on small data."""
+    import fastem.mixture
+
+    monkeypatch.setattr(fastem.mixture, "_COMPILED_LOOP_WORK", -1)
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_one_and_two_threads_are_bit_identical(covariance_type):
+def test_compiled_and_python_em_loops_are_bit_identical(covariance_type, monkeypatch):
+    import fastem.mixture
+
+    X = make_mixture(3000, 3, 3, seed=8)
+    start = _fixed_start(X, 3, covariance_type, 4)
+    compiled = _fit(X, 3, covariance_type, tol=1e-8, max_iter=50, **start)
+    monkeypatch.setattr(fastem.mixture, "_COMPILED_LOOP_WORK", -1)
+    driven = _fit(X, 3, covariance_type, tol=1e-8, max_iter=50, **start)
+    assert compiled.lower_bounds_ == driven.lower_bounds_
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        np.testing.assert_array_equal(getattr(compiled, name), getattr(driven, name))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_one_and_two_threads_are_bit_identical(covariance_type, python_driven_em):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs two Numba threads")
     X = make_mixture(5000, 4, 3, seed=2)  # 20 blocks: both threads get work
@@ -79,9 +101,10 @@ def test_one_and_two_threads_are_bit_identical(covariance_type):
     np.testing.assert_array_equal(fits[0].score_samples(X), fits[1].score_samples(X))
 
 
-@PROFILE
+# The fixture only patches a constant, so sharing it across examples is safe.
+@settings(PROFILE, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problems())
-def test_thread_count_never_changes_results(problem):
+def test_thread_count_never_changes_results(python_driven_em, problem):
     n, d, k, covariance_type, seed = problem
     X = make_mixture(n, d, k, seed=seed)
     fits = [_fit(X, k, covariance_type, n_threads=t, random_state=seed, max_iter=10)

@@ -203,9 +203,47 @@ def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c)
     return total
 
 
-@njit(parallel=True, cache=True)
-def gaussian_statistics(X, sample_weight, means, prec, log_const, full_covariance, use_blas,
-                        trmm, syrk, n_chunks):
+@njit(cache=True)
+def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, full_covariance,
+                      use_blas, trmm, syrk, nk, sx, sxx):
+    """Statistics of rows [first, last) into nk, sx, sxx; returns (loglik, worst, index)."""
+    n_features = X.shape[1]
+    n_components = means.shape[0]
+    xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+    diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+    wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+    y = np.empty(BLOCK_ROWS, dtype=X.dtype)
+    rows = np.empty((BLOCK_ROWS if use_blas else 0, n_features))
+    log_prob = np.empty((n_components, BLOCK_ROWS))
+    row_max = np.empty(BLOCK_ROWS)
+    row_sum = np.empty(BLOCK_ROWS)
+    bits = np.empty(BLOCK_ROWS, dtype=np.int64)
+    expo = np.empty(BLOCK_ROWS)
+    worst = np.full(1, np.inf)
+    worst_index = np.zeros(1, dtype=np.int64)
+    loglik = 0.0
+    for start in range(first, last, BLOCK_ROWS):
+        n_rows = min(BLOCK_ROWS, last - start)
+        if use_blas:
+            _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
+        else:
+            transpose_block(X, start, n_rows, xT)
+            if full_covariance:
+                _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, log_prob)
+            else:
+                _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
+        normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo)
+        loglik += _block_loglik(row_max, n_rows, sample_weight, start, worst, worst_index, 0)
+        if use_blas:
+            _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk, sx, sxx, syrk)
+        else:
+            _accumulate_loops(xT, n_rows, means, log_prob, diff, wdiff, nk, sx, sxx,
+                              full_covariance)
+    return loglik, worst[0], worst_index[0]
+
+
+def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covariance, use_blas,
+                         trmm, syrk, n_chunks):
     r"""Fused E-step and sufficient statistics for a Gaussian mixture.
 
     Parameters
@@ -245,36 +283,9 @@ def gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarianc
     worst_index = np.zeros(n_chunks, dtype=np.int64)
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
-        xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
-        diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
-        wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
-        y = np.empty(BLOCK_ROWS, dtype=X.dtype)
-        rows = np.empty((BLOCK_ROWS, n_features))
-        log_prob = np.empty((n_components, BLOCK_ROWS))
-        row_max = np.empty(BLOCK_ROWS)
-        row_sum = np.empty(BLOCK_ROWS)
-        bits = np.empty(BLOCK_ROWS, dtype=np.int64)
-        expo = np.empty(BLOCK_ROWS)
-        for start in range(first, last, BLOCK_ROWS):
-            n_rows = min(BLOCK_ROWS, last - start)
-            if use_blas:
-                _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob,
-                                    trmm)
-            else:
-                transpose_block(X, start, n_rows, xT)
-                if full_covariance:
-                    _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, log_prob)
-                else:
-                    _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
-            normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo)
-            ll_parts[c] += _block_loglik(row_max, n_rows, sample_weight, start, worst,
-                                         worst_index, c)
-            if use_blas:
-                _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk_parts[c],
-                                      sx_parts[c], sxx_parts[c], syrk)
-            else:
-                _accumulate_loops(xT, n_rows, means, log_prob, diff, wdiff, nk_parts[c],
-                                  sx_parts[c], sxx_parts[c], full_covariance)
+        ll_parts[c], worst[c], worst_index[c] = _statistics_chunk(
+            X, sample_weight, first, last, means, prec, log_const, full_covariance, use_blas,
+            trmm, syrk, nk_parts[c], sx_parts[c], sxx_parts[c])
     nk, sx, sxx = reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
     loglik = 0.0
     best = np.inf
@@ -285,6 +296,14 @@ def gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarianc
             best = worst[c]
             best_index = worst_index[c]
     return nk, sx, sxx, loglik, best, best_index
+
+
+# One body, two compilations: the parallel kernel for the fitting loop and a
+# serial one for EM loops that run entirely in compiled code on small data.
+# Both walk the same chunks and reduce them in the same order, so they return
+# bit-identical statistics.
+gaussian_statistics = njit(parallel=True, cache=True)(_gaussian_statistics)
+gaussian_statistics_serial = njit(cache=True)(_gaussian_statistics)
 
 
 @njit(parallel=True, cache=True)

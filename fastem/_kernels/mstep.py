@@ -170,3 +170,19 @@ def m_step_diag(nk, sx, sxx, shift, reg_covar, spherical):
                 jitter[k] = bump
             prec_chol[k, i] = 1.0 / math.sqrt(var[k, i])
     return weights, means, var, prec_chol, jitter
+
+
+@njit(cache=True)
+def m_step_canonical(nk, sx, sxx, shift, reg_covar, kind):
+    """M-step returning covariances and precision Cholesky factors as 3-D arrays.
+
+    ``kind``: 0 full (K, D, D), 1 tied (1, D, D), 2 diag (K, D, 1),
+    3 spherical (K, 1, 1). One array type for every covariance type lets
+    compiled EM loops hold any of them in the same variables.
+    """
+    if kind <= 1:
+        return m_step_full(nk, sx, sxx, shift, reg_covar, kind == 1)
+    weights, means, var, prec_chol, jitter = m_step_diag(nk, sx, sxx, shift, reg_covar,
+                                                         kind == 3)
+    shape = (var.shape[0], var.shape[1], 1)
+    return weights, means, var.reshape(shape), prec_chol.reshape(shape), jitter
