@@ -13,7 +13,7 @@ from ._kernels._blocks import n_chunks_for
 from ._kernels.kmeans import candidate_potentials, lloyd_assign, sq_distances, update_closest
 from .stats import GaussianStatistics, label_statistics_of, uses_full_scatter
 
-INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 _NO_WEIGHTS = np.empty(0)
 _ROWS_PER_SLAB = 65536
 
@@ -158,7 +158,8 @@ def initial_statistics(X, sample_weight, n_components, init_params, covariance_t
     'kmeans' runs Lloyd's k-means from a k-means++ seeding and assigns each
     row to its cluster; 'k-means++' and 'random_from_data' give one seed row
     to each component and leave the others unassigned (as scikit-learn does);
-    'random' draws soft responsibilities uniformly and normalises them.
+    'random' draws soft responsibilities uniformly and normalises them;
+    'hierarchical' cuts the model-based hierarchy (:class:`Hierarchy`) at K.
     """
     if init_params == "kmeans":
         seeds, _ = kmeans_plusplus(X, n_components, random_state, sample_weight)
@@ -172,6 +173,12 @@ def initial_statistics(X, sample_weight, n_components, init_params, covariance_t
         labels = np.full(X.shape[0], -1, dtype=np.int64)
         labels[indices] = np.arange(n_components)
         return label_statistics_of(X, sample_weight, labels, X[indices], covariance_type)
+    if init_params == "hierarchical":
+        hierarchy = Hierarchy(X, sample_weight, random_state)
+        labels = np.full(X.shape[0], -1, dtype=np.int64)
+        labels[hierarchy.rows] = hierarchy.labels(n_components)
+        return label_statistics_of(X, sample_weight, labels, hierarchy.centres(X, labels,
+                                   n_components), covariance_type)
     if init_params == "random":
         resp = random_state.uniform(size=(X.shape[0], n_components))
         resp /= resp.sum(axis=1, keepdims=True)
@@ -201,3 +208,81 @@ def responsibility_statistics(X, sample_weight, resp, covariance_type) -> Gaussi
             sxx[k] += wdev.T @ dev if full else (wdev * dev).sum(axis=0)[:, None]
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, np.zeros_like(shift), sxx, shift, np.nan, weight)
+
+
+HIERARCHY_MAX_ROWS = 1000
+# Ridge of the hierarchy's cluster covariances, in units of the whitened
+# data's (unit) variance: small enough not to blur clusters, large enough to
+# keep clusters of fewer than D + 1 rows well defined.
+HIERARCHY_RIDGE = 1e-2
+
+
+def _whiten(X, weights):
+    """Scaled principal components (mclust's 'SVD' transformation for hc)."""
+    centred = X - np.average(X, axis=0, weights=weights)
+    _, s, vt = np.linalg.svd(centred * np.sqrt(weights)[:, None], full_matrices=False)
+    keep = s > s[0] * 1e-10 if s.size and s[0] > 0 else np.zeros(s.shape, dtype=bool)
+    if not keep.any():
+        return np.zeros((X.shape[0], 1))
+    scale = s[keep] / np.sqrt(weights.sum())
+    return np.ascontiguousarray(centred @ vt[keep].T / scale)
+
+
+class Hierarchy:
+    """Model-based agglomerative hierarchy of (a subset of) the rows of X.
+
+    The hierarchy is built once and cut at any number of clusters, so one
+    hierarchy serves every K of a model-selection grid. It is built on the
+    whitened rows of positive weight (the weights are the initial cluster
+    sizes) or, when there are more than ``max_rows`` of them, on ``max_rows``
+    rows drawn without replacement in proportion to their weights. Rows
+    outside that subset are left unassigned by the start (label -1); EM
+    assigns them from its first E-step.
+
+    Parameters
+    ----------
+    X : ndarray (N, D)
+    sample_weight : ndarray (N,) or None
+    random_state : numpy.random.RandomState
+    max_rows : int
+    """
+
+    def __init__(self, X, sample_weight=None, random_state=None, max_rows=HIERARCHY_MAX_ROWS):
+        from ._kernels.hierarchy import hierarchical_merges
+
+        n_samples = X.shape[0]
+        weights = np.ones(n_samples) if sample_weight is None else sample_weight
+        candidates = np.flatnonzero(weights > 0)
+        if candidates.size > max_rows:
+            # Drawn in proportion to the weights, the subset's rows count once.
+            p = weights[candidates] / weights[candidates].sum()
+            self.rows = np.sort(random_state.choice(candidates, size=max_rows, replace=False,
+                                                    p=p))
+            row_weights = np.ones(max_rows)
+        else:
+            self.rows = candidates
+            row_weights = np.asarray(weights[candidates], dtype=np.float64)
+        subset = np.asarray(X[self.rows], dtype=np.float64)
+        self.merges, self.costs = hierarchical_merges(_whiten(subset, row_weights),
+                                                      row_weights, HIERARCHY_RIDGE)
+
+    def labels(self, n_clusters):
+        """Labels 0..n_clusters-1 of the subset rows (``self.rows``) at that cut."""
+        n = self.rows.shape[0]
+        parent = np.arange(n)
+        for keep, gone in self.merges[: n - n_clusters]:
+            parent[gone] = keep
+        # Merged-away clusters point at the cluster that absorbed them, which
+        # always has a lower name: resolving in increasing order is enough.
+        for i in range(n):
+            parent[i] = parent[parent[i]]
+        _, labels = np.unique(parent, return_inverse=True)
+        return labels.astype(np.int64)
+
+    def centres(self, X, labels, n_clusters):
+        """Unweighted means of the subset rows of each cluster (where moments are taken)."""
+        rows = self.rows
+        counts = np.bincount(labels[rows], minlength=n_clusters)
+        sums = np.zeros((n_clusters, X.shape[1]))
+        np.add.at(sums, labels[rows], np.asarray(X[rows], dtype=np.float64))
+        return sums / np.maximum(counts, 1)[:, None]

@@ -110,8 +110,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     max_iter : int, default=100
     n_init : int, default=1
         Number of starts; the one with the highest lower bound is kept.
-    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
-        'kmeans' runs Lloyd's k-means seeded by greedy k-means++.
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data', 'hierarchical'}, \
+default='kmeans'
+        'kmeans' runs Lloyd's k-means seeded by greedy k-means++;
+        'hierarchical' cuts a model-based agglomerative hierarchy (Fraley
+        1998) at ``n_components``, built on at most 1000 rows (a weighted
+        random subset of larger data), which is deterministic when the data
+        has at most that many rows.
     weights_init, means_init, precisions_init : array-like, optional
         User-provided initial parameters (scikit-learn's shapes).
     random_state : int, RandomState instance or None

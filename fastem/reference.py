@@ -406,3 +406,46 @@ def lloyd(X, centers, *, max_iter=300, tol=1e-4, sample_weight=None):
     labels = d2.argmin(axis=1)
     inertia = float((w * d2[np.arange(X.shape[0]), labels]).sum())
     return labels, centers, inertia, n_iter
+
+
+def hierarchical_merges(X, weights, omega):
+    r"""Model-based agglomerative hierarchy, naively (twin of the Numba kernel).
+
+    Row ``i`` starts as a cluster of size ``weights[i]``. At every step all
+    pairs of active clusters are scored by the increase of
+    :math:`\sum_c n_c \log\det(W_c/n_c + \omega I)` and the cheapest pair is
+    merged (ties: the lexicographically smallest pair of cluster names; a
+    cluster is named by its lowest original row).
+
+    Returns
+    -------
+    merges : ndarray (n - 1, 2), costs : ndarray (n - 1,)
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    eye = omega * np.eye(d)
+
+    def f(count, scatter):
+        return count * 2.0 * np.log(np.diag(np.linalg.cholesky(scatter / count + eye))).sum()
+
+    clusters = {i: (float(weights[i]), X[i].copy(), np.zeros((d, d))) for i in range(n)}
+    merges, costs = [], []
+    while len(clusters) > 1:
+        names = sorted(clusters)
+        best = None
+        for ai, a in enumerate(names):
+            na, ma, Wa = clusters[a]
+            for b in names[ai + 1:]:
+                nb, mb, Wb = clusters[b]
+                diff = ma - mb
+                W = Wa + Wb + (na * nb / (na + nb)) * np.outer(diff, diff)
+                cost = f(na + nb, W) - f(na, Wa) - f(nb, Wb)
+                if best is None or cost < best[0]:
+                    best = (cost, a, b, W)
+        cost, a, b, W = best
+        na, ma, _ = clusters[a]
+        nb, mb, _ = clusters.pop(b)
+        clusters[a] = (na + nb, (na * ma + nb * mb) / (na + nb), W)
+        merges.append((a, b))
+        costs.append(cost)
+    return np.asarray(merges, dtype=np.int64).reshape(-1, 2), np.asarray(costs)

@@ -21,6 +21,7 @@ responsibilities; multiply by -1 to compare.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -33,11 +34,16 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._validation import check_sample_weight
-from .initialization import kmeans_plusplus, lloyd
+from .initialization import Hierarchy, kmeans_plusplus, lloyd
 from .mixture import GaussianMixture, n_free_parameters
 from .stats import COVARIANCE_TYPES, label_statistics_of, m_step
 
 CRITERIA = ("bic", "aic", "icl")
+SELECTION_INITS = ("hierarchical", "kmeans", "k-means++")
+# A covariance eigenvalue within this factor of reg_covar marks a degenerate fit.
+DEGENERATE_FACTOR = 10.0
+# Fresh k-means starts tried for a cell whose shared starts all degenerated.
+EXTRA_STARTS = 3
 TABLE_DTYPE = np.dtype([
     ("n_components", np.int64),
     ("covariance_type", "U9"),
@@ -122,22 +128,37 @@ def classification_entropy(model: GaussianMixture, X, sample_weight=None) -> flo
     return float(total)
 
 
-def _shared_starts(X, sample_weight, n_components, init_params, n_init, random_state):
+def _kmeans_start(X, sample_weight, n_components, init_params, random_state):
+    seeds, indices = kmeans_plusplus(X, n_components, random_state, sample_weight)
+    if init_params == "k-means++":
+        labels = np.full(X.shape[0], -1, dtype=np.int64)
+        labels[indices] = np.arange(n_components)
+        return labels, seeds
+    labels, centers, _, _ = lloyd(X, seeds, sample_weight)
+    return labels, centers
+
+
+def _hierarchical_start(X, hierarchy, n_components):
+    """Labels of the hierarchy cut at K (rows outside its subset: unassigned)."""
+    labels = np.full(X.shape[0], -1, dtype=np.int64)
+    labels[hierarchy.rows] = hierarchy.labels(n_components)
+    return labels, hierarchy.centres(X, labels, n_components)
+
+
+def _shared_starts(X, sample_weight, n_components, init_params, n_init, random_state,
+                   hierarchy):
     """Hard assignments shared by every covariance type of one K.
 
-    Seeding (and Lloyd's k-means for 'kmeans') depends on K only, so it is done
-    once per K and start, and reused across covariance types.
+    With 'hierarchical', the first start is the hierarchy cut at K and the
+    others are k-means starts; seeding depends on K only, so it is done once
+    per K and start and reused across covariance types.
     """
     starts = []
-    for _ in range(n_init):
-        seeds, indices = kmeans_plusplus(X, n_components, random_state, sample_weight)
-        if init_params == "kmeans":
-            labels, centers, _, _ = lloyd(X, seeds, sample_weight)
-        else:
-            labels = np.full(X.shape[0], -1, dtype=np.int64)
-            labels[indices] = np.arange(n_components)
-            centers = seeds
-        starts.append((labels, centers))
+    if init_params == "hierarchical":
+        starts.append(_hierarchical_start(X, hierarchy, n_components))
+    while len(starts) < n_init:
+        kind = "kmeans" if init_params == "hierarchical" else init_params
+        starts.append(_kmeans_start(X, sample_weight, n_components, kind, random_state))
     return starts
 
 
@@ -156,10 +177,55 @@ def _initial_parameters(X, sample_weight, start, covariance_type, reg_covar):
                 precisions_init=precisions)
 
 
-def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwargs):
-    """Fit one grid cell from each shared start; keep the best lower bound."""
-    best = None
-    for start in starts:
+def degeneracy(model: GaussianMixture, n_samples: float, data_variance: np.ndarray) -> str:
+    r"""Why a fitted mixture is degenerate, or '' when it is not.
+
+    A component is degenerate when
+
+    * its weight is below about one row (:math:`\pi_k n < 1`), or
+    * its covariance has an eigenvalue within ``DEGENERATE_FACTOR`` of the
+      ``reg_covar`` floor, i.e. :math:`\lambda_{min} \le` ``DEGENERATE_FACTOR``
+      :math:`\cdot` reg_covar :math:`+ 10^{-8}\bar\sigma^2` with
+      :math:`\bar\sigma^2` the data's mean per-feature variance: the
+      component sits on (nearly) identical values in some direction, where
+      the likelihood is unbounded and only the floor stops it. Such fits win
+      BIC for the wrong reason (the singularity of the Gaussian likelihood).
+    """
+    small = np.flatnonzero(model.weights_ * n_samples < 1.0)
+    if small.size:
+        return f"component {int(small[0])} holds less than one row"
+    floor = DEGENERATE_FACTOR * model.reg_covar + 1e-8 * float(np.mean(data_variance))
+    cov = np.asarray(model.covariances_, dtype=np.float64)
+    if model.covariance_type == "full":
+        smallest = np.linalg.eigvalsh(cov)[:, 0]
+    elif model.covariance_type == "tied":
+        smallest = np.full(model.n_components, np.linalg.eigvalsh(cov)[0])
+    elif model.covariance_type == "diag":
+        smallest = cov.min(axis=1)
+    else:
+        smallest = cov
+    bad = np.flatnonzero(smallest <= floor)
+    if bad.size:
+        return (f"component {int(bad[0])} variance {smallest[bad[0]]:.2g} "
+                f"at the reg_covar floor")
+    return ""
+
+
+def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwargs,
+              n_eff, data_variance, extra_starts):
+    """Fit one grid cell from each start and keep the best non-degenerate fit.
+
+    Returns (model, reason): reason is '' for a sound fit; otherwise every
+    start (including up to ``len(extra_starts)`` fresh ones tried after the
+    shared starts all degenerated) gave a degenerate fit, the best of which is
+    returned with the reason.
+    """
+    best, best_degenerate, reason = None, None, ""
+    for start in list(starts) + [None] * len(extra_starts):
+        if start is None:
+            if best is not None:
+                break
+            start = extra_starts.pop()()
         init = _initial_parameters(X, sample_weight, start, covariance_type,
                                    fit_kwargs["reg_covar"])
         model = GaussianMixture(n_components, covariance_type=covariance_type, **init,
@@ -167,9 +233,15 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(X, sample_weight=sample_weight)
-        if best is None or model.lower_bound_ > best.lower_bound_:
+        why = degeneracy(model, n_eff, data_variance)
+        if why:
+            if best_degenerate is None or model.lower_bound_ > best_degenerate.lower_bound_:
+                best_degenerate, reason = model, why
+        elif best is None or model.lower_bound_ > best.lower_bound_:
             best = model
-    return best
+    if best is not None:
+        return best, ""
+    return best_degenerate, reason
 
 
 def select_model(
@@ -178,13 +250,13 @@ def select_model(
     covariance_types: Sequence[str] = COVARIANCE_TYPES,
     criterion: str = "bic",
     *,
-    n_init: int = 1,
-    init_params: str = "kmeans",
+    n_init: int = 5,
+    init_params: str = "hierarchical",
     random_state=None,
     sample_weight=None,
     reg_covar: float = 1e-6,
-    tol: float = 1e-3,
-    max_iter: int = 100,
+    tol: float = 1e-6,
+    max_iter: int = 500,
     n_threads: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> SelectionResult:
@@ -199,11 +271,18 @@ def select_model(
     criterion : {'bic', 'aic', 'icl'}
         Lower is better (see the module docstring for the formulas).
     n_init : int
-        Starts per K. The seeding (k-means++ and, for 'kmeans', Lloyd's
-        k-means) of each start is shared by all covariance types of that K.
-    init_params : {'kmeans', 'k-means++'}
+        Starts per cell; the best non-degenerate fit is kept. The starts of
+        one K are shared by all its covariance types.
+    init_params : {'hierarchical', 'kmeans', 'k-means++'}
+        'hierarchical' (default): the first start cuts one model-based
+        hierarchy (built once for the whole grid, on at most
+        ``initialization.HIERARCHY_MAX_ROWS`` rows) at K, the others are
+        k-means starts (Lloyd from k-means++ seeds). 'kmeans' and
+        'k-means++': every start is of that kind.
     random_state, sample_weight, reg_covar, tol, max_iter, n_threads
-        As for :class:`~fastem.GaussianMixture`.
+        As for :class:`~fastem.GaussianMixture`; ``tol`` defaults to 1e-6
+        (not 1e-3) because cells and starts are compared by their
+        likelihood, which a loose tolerance leaves short of the optimum.
     progress : callable, optional
         Called as ``progress(cell, n_cells, K, covariance_type, status)``
         after every cell.
@@ -212,7 +291,10 @@ def select_model(
     -------
     SelectionResult
         A cell that cannot be fitted (for example K larger than the number of
-        rows) is reported in the table with its reason and NaN criteria.
+        rows) is reported in the table with its reason and NaN criteria. A
+        cell whose every start ends degenerate (see :func:`degeneracy`) is
+        reported with status 'degenerate: ...' and its criteria, and cannot
+        be chosen, as mclust reports singular fits as missing.
     """
     criterion = criterion.lower()
     if criterion not in CRITERIA:
@@ -222,8 +304,8 @@ def select_model(
     if unknown or not covariance_types:
         raise ValueError(f"covariance_types must be a non-empty subset of {COVARIANCE_TYPES}, "
                          f"got {list(covariance_types)}")
-    if init_params not in ("kmeans", "k-means++"):
-        raise ValueError("select_model supports init_params 'kmeans' and 'k-means++', "
+    if init_params not in SELECTION_INITS:
+        raise ValueError(f"select_model supports init_params {SELECTION_INITS}, "
                          f"got {init_params!r}")
     ks = [int(k) for k in n_components]
     if not ks or min(ks) < 1:
@@ -237,13 +319,22 @@ def select_model(
     n_rows = X.shape[0]
     n_eff = n_rows if sample_weight is None else float(sample_weight.sum())
     fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
+    from .initialization import column_variance
+
+    data_variance = column_variance(X, sample_weight)
+    hierarchy = None
+    if init_params == "hierarchical" and n_rows >= 2:
+        hierarchy = Hierarchy(X, sample_weight, rng)
 
     rows, models = [], {}
     n_cells = len(ks) * len(covariance_types)
     for k in ks:
         starts = None
         if k <= n_rows:
-            starts = _shared_starts(X, sample_weight, k, init_params, int(n_init), rng)
+            starts = _shared_starts(X, sample_weight, k, init_params, int(n_init), rng,
+                                    hierarchy)
+            extra = [functools.partial(_kmeans_start, X, sample_weight, k, "kmeans", rng)
+                     for _ in range(EXTRA_STARTS)]
         for covariance_type in covariance_types:
             t0 = time.perf_counter()
             row = np.zeros((), dtype=TABLE_DTYPE)
@@ -253,11 +344,14 @@ def select_model(
                 _fail(row, f"failed: K={k} exceeds the {n_rows} rows")
             else:
                 try:
-                    model = _fit_cell(X, sample_weight, k, covariance_type, starts, fit_kwargs)
+                    model, reason = _fit_cell(X, sample_weight, k, covariance_type, starts,
+                                              fit_kwargs, n_eff, data_variance, extra)
                 except (ValueError, np.linalg.LinAlgError) as exc:
                     _fail(row, f"failed: {exc}"[:80])
                 else:
                     _score(row, model, X, sample_weight, n_eff)
+                    if reason:
+                        row["status"] = f"degenerate: {reason}"[:80]
                     models[(k, covariance_type)] = model
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
@@ -266,7 +360,7 @@ def select_model(
     table = np.array(rows, dtype=TABLE_DTYPE)
     scores = np.where(table["status"] == "ok", table[criterion], np.inf)
     if not np.isfinite(scores).any():
-        raise ValueError("no cell of the grid could be fitted:\n"
+        raise ValueError("no cell of the grid could be fitted without failing or degenerating:\n"
                          + "\n".join(sorted(set(table["status"]))))
     best_index = int(np.argmin(scores))
     best = models[(int(table["n_components"][best_index]),
@@ -316,8 +410,8 @@ class GaussianMixtureSelector(DensityMixin, BaseEstimator):
     """
 
     def __init__(self, n_components=range(1, 10), covariance_types=COVARIANCE_TYPES,
-                 criterion="bic", *, n_init=1, init_params="kmeans", random_state=None,
-                 reg_covar=1e-6, tol=1e-3, max_iter=100, n_threads=None):
+                 criterion="bic", *, n_init=5, init_params="hierarchical", random_state=None,
+                 reg_covar=1e-6, tol=1e-6, max_iter=500, n_threads=None):
         self.n_components = n_components
         self.covariance_types = covariance_types
         self.criterion = criterion

@@ -184,8 +184,9 @@ def test_cell_with_more_components_than_rows_fails_without_stopping_the_grid():
         assert str(row["status"]).startswith("failed"), row["status"]
         for name in CRITERION_FIELDS:
             assert np.isnan(row[name]), (name, row[name])
-    # The cells after the failed ones were still fitted.
-    assert list(table["status"][~failed]) == ["ok"] * 4
+    # The cells after the failed ones were still fitted (two components on
+    # eight rows may legitimately end degenerate, but not failed).
+    assert not any(str(s).startswith("failed") for s in table["status"][~failed])
     assert [(k, c) for k, c in result.models] == [(1, "full"), (1, "spherical"),
                                                  (2, "full"), (2, "spherical")]
     assert result.best_params[0] != 9

@@ -1,0 +1,929 @@
+"""fastem against scikit-learn and :mod:`fastem.reference`, side by side: ``python -m fastem.bench``.
+
+Every case runs all libraries in one process on the same data, from the same
+starting parameters, *interleaved* (fastem, sklearn, reference, fastem, ...)
+so that a slow phase of a shared machine hits every library alike, and
+reports medians over the repeats.
+
+Methods
+-------
+EM iteration cost
+    One "unit" is one EM iteration. ``fit`` is called with ``max_iter=m``,
+    ``tol=0`` (exactly ``m`` iterations) and ``weights_init``/``means_init``/
+    ``precisions_init`` given; for the reference, ``reference.em_fit`` with
+    ``max_iter=m, tol=0``. A sample is ``(T(m) - T(0)) / m``: subtracting the
+    ``max_iter=0`` call removes what every fit pays once (validation, the
+    final E-step scikit-learn runs after its loop), leaving exactly ``m``
+    E- and M-steps. fastem is warmed up once first, so JIT compilation is
+    excluded. ``m`` is chosen per library so that a sample takes about
+    ``--budget / 15`` seconds, and a library that would exceed ``--budget``
+    seconds per case runs fewer repeats (at least one).
+Peak extra memory
+    The fit runs in a fresh subprocess with ``X`` already allocated and the
+    kernels warmed up on a small slice. Numba allocates outside Python's
+    allocator, so ``tracemalloc`` would miss it; instead the peak resident
+    set size is reset (``/proc/self/clear_refs``) and the growth of
+    ``VmHWM`` over ``VmRSS`` during ``fit`` is reported. Where ``/proc`` is
+    unavailable the growth of ``ru_maxrss`` is used (a lower bound if an
+    earlier peak exceeded the baseline).
+Import time and first fit
+    Fresh ``python -c`` subprocesses, timed inside the child with
+    ``time.perf_counter`` (interpreter start-up excluded), one untimed run
+    first so that bytecode and Numba caches are warm. The cold-cache case
+    points ``NUMBA_CACHE_DIR`` at a new temporary directory and reports the
+    extra time over the warm run: the time spent compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from time import perf_counter, sleep
+from typing import NamedTuple
+
+import numpy as np
+
+from . import reference
+from .mixture import GaussianMixture
+
+__all__ = [
+    "InitialParameters",
+    "Result",
+    "format_results",
+    "format_targets",
+    "initial_parameters",
+    "machine_info",
+    "main",
+    "make_mixture",
+    "peak_fit_memory",
+]
+
+_FULL_SIZE = 1_000_000
+# name -> (n_samples, n_features, n_components, covariance_type) at full size.
+_EM_CASES = {
+    "d2": (_FULL_SIZE, 2, 5, "full"),
+    "d10": (_FULL_SIZE, 10, 5, "full"),
+    "d100": (200_000, 100, 5, "full"),
+    "diag50": (_FULL_SIZE, 50, 20, "diag"),
+}
+_D10 = _EM_CASES["d10"]
+# Canonical order: cases sharing the D=10 data set run back to back.
+CASES = ("small", "d2", "d10", "float32", "fit", "d100", "diag50", "memory", "import", "warm",
+         "cold")
+DEFAULT_CASES = tuple(c for c in CASES if c != "cold")
+_SMALL_COMPONENTS = 3
+_SMALL_ITERATIONS = 100
+_FAITHFUL_COMPONENTS = 2
+# Import and first-fit timings are short and jittery; never take fewer samples.
+_MIN_SUBPROCESS_REPEATS = 5
+_MAX_UNITS = 1000
+# OpenBLAS and OpenMP worker threads busy-wait for up to ~0.1 s after a call;
+# on a machine with few cores they would steal the next library's CPU time,
+# so every timed call starts after this pause.
+_SETTLE_S = 0.25
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR")
+
+
+# ---------------------------------------------------------------- data
+def make_mixture(n_samples: int, n_features: int, n_components: int, *, seed: int = 0,
+                 chunk_rows: int = 65536) -> np.ndarray:
+    r"""Rows drawn from a well-separated random Gaussian mixture.
+
+    Means are spread uniformly in a cube of side :math:`8K^{1/D}`, redrawn
+    until every pair is at least 6 apart; covariances are
+    :math:`A_kA_k^T + I/2` with :math:`A_k` Gaussian of variance
+    :math:`1/(4D)` (eigenvalues roughly in [0.5, 1.5]), so clusters are
+    about five standard deviations apart.
+
+    Parameters
+    ----------
+    n_samples, n_features, n_components : int
+    seed : int
+        Everything is a function of the seed (and of the shape).
+    chunk_rows : int
+        Rows generated at a time: the peak memory is that of ``X`` itself.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features), float64, C-contiguous
+    """
+    rng = np.random.default_rng(seed)
+    side = 8.0 * n_components ** (1.0 / n_features)
+    for _ in range(1000):
+        means = rng.uniform(-side / 2, side / 2, size=(n_components, n_features))
+        gaps = np.linalg.norm(means[:, None] - means[None], axis=2)
+        if n_components == 1 or gaps[np.triu_indices(n_components, 1)].min() >= 6.0:
+            break
+    factors = rng.normal(scale=0.5 / math.sqrt(n_features),
+                         size=(n_components, n_features, n_features))
+    cov = factors @ factors.transpose(0, 2, 1) + 0.5 * np.eye(n_features)
+    chol = np.linalg.cholesky(cov)
+    weights = rng.dirichlet(np.full(n_components, 5.0))
+    X = np.empty((n_samples, n_features))
+    for start in range(0, n_samples, chunk_rows):
+        stop = min(start + chunk_rows, n_samples)
+        labels = rng.choice(n_components, size=stop - start, p=weights)
+        noise = rng.standard_normal((stop - start, n_features))
+        block = X[start:stop]
+        for k in range(n_components):
+            rows = labels == k
+            block[rows] = noise[rows] @ chol[k].T + means[k]
+    return X
+
+
+class InitialParameters(NamedTuple):
+    """Starting point shared by every library (float64, scikit-learn's shapes)."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    precisions: np.ndarray
+    precisions_cholesky: np.ndarray
+
+
+def initial_parameters(X: np.ndarray, n_components: int, covariance_type: str, *,
+                       max_rows: int = 20_000) -> InitialParameters:
+    """Parameters from a short fastem fit on an evenly spaced subsample of ``X``.
+
+    Starting near a fitted model keeps the timed iterations free of collapsing
+    components, whose repair would time something other than EM.
+    """
+    step = max(1, X.shape[0] // max_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GaussianMixture(n_components, covariance_type=covariance_type, max_iter=10,
+                                random_state=0).fit(X[::step])
+    return InitialParameters(*(np.asarray(a, dtype=np.float64) for a in (
+        model.weights_, model.means_, model.precisions_, model.precisions_cholesky_)))
+
+
+def _faithful_path() -> str:
+    return str(resources.files("fastem") / "data" / "faithful.csv")
+
+
+def _faithful() -> np.ndarray:
+    return np.loadtxt(_faithful_path(), delimiter=",", skiprows=1)
+
+
+# ------------------------------------------------------------ machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU, thread counts, library versions and BLAS configuration of this process.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable; ``blas`` is ``threadpoolctl.threadpool_info()``
+        after scikit-learn and SciPy are loaded (OpenBLAS settings in the
+        environment change what the baselines get).
+    """
+    import numba
+    import scipy
+    from threadpoolctl import threadpool_info
+
+    from . import __version__
+
+    sklearn_version = None
+    try:
+        # sklearn.mixture rather than sklearn: threadpool_info lists loaded libraries only.
+        import sklearn.mixture
+
+        sklearn_version = sklearn.__version__
+    except ImportError:
+        pass
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(affinity) if affinity is not None else os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {"fastem": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+                     "numba": numba.__version__, "sklearn": sklearn_version},
+        "thread_env": {name: os.environ[name] for name in _THREAD_ENV if name in os.environ},
+        "blas": [{key: pool.get(key) for key in ("user_api", "internal_api", "version",
+                                                  "architecture", "threading_layer",
+                                                  "num_threads", "filepath")}
+                 for pool in threadpool_info()],
+    }
+
+
+def _format_machine(info: dict) -> str:
+    versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items()
+                         if version is not None)
+    cpu = (f"CPU: {info['cpu']} ({info['cpu_count']} logical CPUs, {info['usable_cpus']} "
+           f"usable); numba threads: {info['numba_threads']}")
+    lines = [
+        cpu,
+        f"Python {info['python']} on {info['platform']}",
+        f"Versions: {versions}",
+        "Thread environment: " + (", ".join(f"{k}={v}" for k, v in info["thread_env"].items())
+                                  or "none set"),
+    ]
+    for pool in info["blas"]:
+        lines.append(
+            f"BLAS: {pool['internal_api']} {pool['version']} ({pool['architecture']}, "
+            f"{pool['threading_layer']}), {pool['num_threads']} threads, "
+            f"{os.path.basename(pool['filepath'] or '')}"
+        )
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------- measurement
+@dataclass
+class _Runner:
+    """``run(n)`` does ``n`` units of work and returns the seconds it took.
+
+    ``run(0)`` must do everything ``run(n)`` does once regardless of ``n``.
+    """
+
+    run: Callable[[int], float]
+    warm_up: bool = False
+
+
+@dataclass
+class _Timing:
+    median: float
+    units: int
+    samples: list[float]
+
+
+@dataclass
+class _Settings:
+    repeats: int
+    budget: float
+    n_samples: int | None
+    quick: bool
+    reference: bool
+    sklearn: type | None
+
+    @property
+    def sample_time(self) -> float:
+        return self.budget / 15.0
+
+    def size(self, full_size: int) -> int:
+        if self.n_samples is not None:
+            return self.n_samples
+        return full_size // 10 if self.quick else full_size
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _measure(runners: dict[str, _Runner], settings: _Settings) -> dict[str, _Timing]:
+    """Interleaved medians of seconds per unit of work, one entry per runner.
+
+    Each runner is calibrated once (after a warm-up call if it compiles), so
+    that a sample lasts about ``settings.sample_time``; a runner whose
+    samples would overrun ``settings.budget`` takes fewer of them.
+    """
+    units, repeats = {}, {}
+    for label, runner in runners.items():
+        if runner.warm_up:
+            runner.run(1)
+        sleep(_SETTLE_S)
+        once = max(runner.run(1), 1e-9)
+        units[label] = int(min(_MAX_UNITS, max(1, math.ceil(settings.sample_time / once))))
+        # A sample also pays run(0), which costs at most what run(1) did.
+        cost = once * (units[label] + 1)
+        repeats[label] = int(min(settings.repeats, max(1, settings.budget // cost)))
+    samples: dict[str, list[float]] = {label: [] for label in runners}
+    for i in range(max(repeats.values())):
+        for label, runner in runners.items():
+            if i < repeats[label]:
+                sleep(_SETTLE_S)
+                fixed = runner.run(0)
+                samples[label].append((runner.run(units[label]) - fixed) / units[label])
+    timings = {label: _Timing(statistics.median(s), units[label], s)
+               for label, s in samples.items()}
+    _log(", ".join(f"{label}: {t.median * 1e3:.4g} ms/unit ({len(t.samples)} x {t.units})"
+                   for label, t in timings.items()))
+    return timings
+
+
+def _quietly(fit: Callable[[], object]) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = perf_counter()
+        fit()
+        return perf_counter() - start
+
+
+def _em_runner(estimator: type, X, n_components, covariance_type,
+               init: InitialParameters) -> _Runner:
+    def run(n_iter):
+        model = estimator(n_components, covariance_type=covariance_type, tol=0.0,
+                          max_iter=n_iter, weights_init=init.weights, means_init=init.means,
+                          precisions_init=init.precisions)
+        return _quietly(lambda: model.fit(X))
+
+    return _Runner(run, warm_up=estimator is GaussianMixture)
+
+
+def _reference_runner(X, covariance_type, init: InitialParameters) -> _Runner:
+    def run(n_iter):
+        return _quietly(lambda: reference.em_fit(
+            X, init.weights, init.means, init.precisions_cholesky, covariance_type, tol=0.0,
+            max_iter=n_iter))
+
+    return _Runner(run)
+
+
+# ------------------------------------------------------------- results
+@dataclass
+class Result:
+    """One row of the report: a measurement of every library for one case."""
+
+    case: str
+    unit: str
+    values: dict[str, float]
+    n_samples: int | None = None
+    n_features: int | None = None
+    n_components: int | None = None
+    covariance_type: str | None = None
+    dtype: str | None = None
+    peak_memory_percent_of_x: float | None = None
+    details: dict = field(default_factory=dict)
+
+    def speedup(self, baseline: str) -> float | None:
+        """``values[baseline] / values['fastem']`` (above 1: fastem is better)."""
+        if baseline not in self.values or "fastem" not in self.values:
+            return None
+        return self.values[baseline] / self.values["fastem"]
+
+    def to_dict(self) -> dict:
+        return {
+            "case": self.case, "unit": self.unit, "n_samples": self.n_samples,
+            "n_features": self.n_features, "n_components": self.n_components,
+            "covariance_type": self.covariance_type, "dtype": self.dtype,
+            "values": self.values, "speedup_vs_sklearn": self.speedup("sklearn"),
+            "speedup_vs_reference": self.speedup("reference"),
+            "peak_memory_percent_of_x": self.peak_memory_percent_of_x, "details": self.details,
+        }
+
+
+class _Datasets:
+    """Keeps the last data set and its starting parameters (they are large)."""
+
+    def __init__(self):
+        self._key = None
+        self._X = None
+        self._init: dict[tuple, InitialParameters] = {}
+
+    def get(self, n_samples, n_features, n_components) -> np.ndarray:
+        key = (n_samples, n_features, n_components)
+        if key != self._key:
+            self._key, self._X, self._init = None, None, {}
+            self._X = make_mixture(n_samples, n_features, n_components)
+            self._key = key
+        return self._X
+
+    def init(self, n_samples, n_features, n_components, covariance_type) -> InitialParameters:
+        X = self.get(n_samples, n_features, n_components)
+        if covariance_type not in self._init:
+            self._init[covariance_type] = initial_parameters(X, n_components, covariance_type)
+        return self._init[covariance_type]
+
+
+def _library_runners(settings: _Settings, X, n_components, covariance_type, init,
+                     reference_ok: bool = True) -> dict[str, _Runner]:
+    runners = {"fastem": _em_runner(GaussianMixture, X, n_components, covariance_type, init)}
+    if settings.sklearn is not None:
+        runners["sklearn"] = _em_runner(settings.sklearn, X, n_components, covariance_type, init)
+    if settings.reference and reference_ok:
+        runners["reference"] = _reference_runner(X, covariance_type, init)
+    return runners
+
+
+def _per_iteration_row(case, timings, shape, covariance_type, dtype) -> Result:
+    n_samples, n_features, n_components = shape
+    return Result(
+        case, "ms/iter", {label: t.median * 1e3 for label, t in timings.items()}, n_samples,
+        n_features, n_components, covariance_type, dtype,
+        details={"iterations_per_sample": {label: t.units for label, t in timings.items()},
+                 "samples_ms": {label: [s * 1e3 for s in t.samples]
+                                for label, t in timings.items()}},
+    )
+
+
+# --------------------------------------------------------------- cases
+def _case_em(name: str, settings: _Settings, data: _Datasets) -> list[Result]:
+    full_size, n_features, n_components, covariance_type = _EM_CASES[name]
+    shape = (settings.size(full_size), n_features, n_components)
+    X = data.get(*shape)
+    init = data.init(*shape, covariance_type)
+    timings = _measure(_library_runners(settings, X, n_components, covariance_type, init),
+                       settings)
+    return [_per_iteration_row(name, timings, shape, covariance_type, "float64")]
+
+
+def _case_float32(settings: _Settings, data: _Datasets) -> list[Result]:
+    full_size, n_features, n_components, covariance_type = _D10
+    shape = (settings.size(full_size), n_features, n_components)
+    X = data.get(*shape)
+    init = data.init(*shape, covariance_type)
+    X32 = X.astype(np.float32)
+    timings = _measure({
+        "float32": _em_runner(GaussianMixture, X32, n_components, covariance_type, init),
+        "float64": _em_runner(GaussianMixture, X, n_components, covariance_type, init),
+    }, settings)
+    return [_per_iteration_row("float32", {"fastem": timings[dtype]}, shape, covariance_type,
+                               dtype) for dtype in ("float32", "float64")]
+
+
+def _case_fit(settings: _Settings, data: _Datasets) -> list[Result]:
+    """Whole ``fit`` with default parameters (k-means init, tol=1e-3)."""
+    full_size, n_features, n_components, covariance_type = _D10
+    shape = (settings.size(full_size), n_features, n_components)
+    X = data.get(*shape)
+    n_iter = {}
+
+    def runner(label, estimator):
+        def run(n_fits):
+            total = 0.0
+            for _ in range(n_fits):
+                model = estimator(n_components, random_state=0)
+                total += _quietly(partial(model.fit, X))
+                n_iter[label] = int(model.n_iter_)
+            return total
+
+        return _Runner(run, warm_up=estimator is GaussianMixture)
+
+    runners = {"fastem": runner("fastem", GaussianMixture)}
+    if settings.sklearn is not None:
+        runners["sklearn"] = runner("sklearn", settings.sklearn)
+    timings = _measure(runners, settings)
+    return [Result("fit", "s/fit", {label: t.median for label, t in timings.items()}, *shape,
+                   covariance_type, "float64",
+                   details={"n_iter": n_iter, "fits_per_sample": {
+                       label: t.units for label, t in timings.items()}})]
+
+
+def _case_small(settings: _Settings, data: _Datasets) -> list[Result]:
+    """The model-selection workload: many fits of a tiny data set (Old Faithful)."""
+    X = _faithful()
+    covariance_type = "full"
+    init = initial_parameters(X, _SMALL_COMPONENTS, covariance_type)
+
+    def repeated(single: _Runner) -> _Runner:
+        def run(n_fits):
+            return sum(single.run(_SMALL_ITERATIONS) for _ in range(n_fits))
+
+        return _Runner(run, single.warm_up)
+
+    runners = {label: repeated(r) for label, r in
+               _library_runners(settings, X, _SMALL_COMPONENTS, covariance_type, init).items()}
+    timings = _measure(runners, settings)
+    shape = (X.shape[0], X.shape[1], _SMALL_COMPONENTS)
+    per_fit = {label: t.median * 1e3 for label, t in timings.items()}
+    details = {"iterations_per_fit": _SMALL_ITERATIONS}
+    return [
+        Result("small", "ms/fit", per_fit, *shape, covariance_type, "float64", details=details),
+        Result("small", "ms/iter", {k: v / _SMALL_ITERATIONS for k, v in per_fit.items()},
+               *shape, covariance_type, "float64", details=details),
+    ]
+
+
+def _peak_probes() -> tuple[str, Callable[[], int], Callable[[], int]]:
+    """Reset the peak resident set size; return (method, current, peak) probes in KiB."""
+    def status(key):
+        with open("/proc/self/status") as lines:
+            for line in lines:
+                if line.startswith(key):
+                    return int(line.split()[1])
+        raise OSError(f"{key} missing from /proc/self/status")
+
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return "VmHWM - VmRSS", lambda: status("VmRSS:"), lambda: status("VmHWM:")
+    except OSError:
+        import resource
+
+        # ru_maxrss cannot be reset, and is in KiB on Linux but bytes on macOS.
+        scale = 1024 if sys.platform == "darwin" else 1
+
+        def maxrss():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // scale
+
+        return "ru_maxrss growth", maxrss, maxrss
+
+
+def peak_fit_memory(library: str, n_samples: int, n_features: int, n_components: int) -> dict:
+    """Peak memory that ``fit`` (default init) adds on top of ``X``, in this process.
+
+    Meant to run in a fresh process (``python -c``); see the module docstring.
+
+    Parameters
+    ----------
+    library : {'fastem', 'sklearn'}
+    n_samples, n_features, n_components : int
+        Shape of the :func:`make_mixture` data set and of the model.
+
+    Returns
+    -------
+    dict with ``x_mib`` (size of X), ``peak_extra_mib`` and ``method``.
+    """
+    import gc
+
+    from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
+
+    estimator = GaussianMixture if library == "fastem" else SklearnGaussianMixture
+    X = make_mixture(n_samples, n_features, n_components)
+    _quietly(lambda: estimator(n_components, random_state=0, max_iter=2).fit(X[:2000]))
+    gc.collect()
+    method, current, peak = _peak_probes()
+    baseline = current()
+    _quietly(lambda: estimator(n_components, random_state=0).fit(X))
+    return {"x_mib": X.nbytes / 2**20, "peak_extra_mib": (peak() - baseline) / 1024,
+            "method": method}
+
+
+def _python(args: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess {args[:2]} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _case_memory(settings: _Settings, data: _Datasets) -> list[Result]:
+    full_size, n_features, n_components, covariance_type = _D10
+    shape = (settings.size(full_size), n_features, n_components)
+    libraries = ["fastem"] + (["sklearn"] if settings.sklearn is not None else [])
+    peaks = {}
+    for library in libraries:
+        code = ("import json; from fastem.bench import peak_fit_memory; "
+                f"print(json.dumps(peak_fit_memory({library!r}, {shape[0]}, {shape[1]}, "
+                f"{shape[2]})))")
+        peaks[library] = _python(["-c", code])
+        _log(f"memory {library}: {peaks[library]}")
+    x_mib = peaks["fastem"]["x_mib"]
+    return [Result("memory", "MiB", {lib: p["peak_extra_mib"] for lib, p in peaks.items()},
+                   *shape, covariance_type, "float64",
+                   peak_memory_percent_of_x=100.0 * peaks["fastem"]["peak_extra_mib"] / x_mib,
+                   details={"x_mib": x_mib, "method": peaks["fastem"]["method"]})]
+
+
+_IMPORT_SCRIPT = ("import json, time; start = time.perf_counter(); import {module}; "
+                  "print(json.dumps(time.perf_counter() - start))")
+
+
+def _case_import(settings: _Settings, data: _Datasets) -> list[Result]:
+    modules = {"fastem": "fastem"}
+    if settings.sklearn is not None:
+        modules["sklearn"] = "sklearn.mixture"
+    scripts = {lib: _IMPORT_SCRIPT.format(module=module) for lib, module in modules.items()}
+    for script in scripts.values():
+        _python(["-c", script])
+    samples: dict[str, list[float]] = {lib: [] for lib in scripts}
+    for _ in range(max(settings.repeats, _MIN_SUBPROCESS_REPEATS)):
+        for lib, script in scripts.items():
+            samples[lib].append(_python(["-c", script]))
+    values = {lib: statistics.median(s) * 1e3 for lib, s in samples.items()}
+    _log(f"import: {values}")
+    return [Result("import", "ms", values, details={
+        "modules": modules, "samples_ms": {k: [x * 1e3 for x in s] for k, s in samples.items()}})]
+
+
+# Imports, then the first fit on Old Faithful, then the kernels a session
+# reaches soon after (other covariance types, float32, predictions).
+_FIRST_FIT_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+from {module} import GaussianMixture
+imported = time.perf_counter()
+import numpy as np
+X = np.loadtxt(sys.argv[1], delimiter=",", skiprows=1)
+loaded = time.perf_counter()
+GaussianMixture({k}, random_state=0).fit(X)
+fitted = time.perf_counter()
+for covariance_type in ("tied", "diag", "spherical"):
+    GaussianMixture({k}, covariance_type=covariance_type, random_state=0).fit(X)
+model = GaussianMixture({k}, random_state=0).fit(X.astype(np.float32))
+model.predict_proba(X)
+model.score_samples(X)
+print(json.dumps({{"import": imported - start, "first_fit": fitted - loaded,
+                  "rest": time.perf_counter() - fitted}}))
+"""
+
+
+def _first_fit(module: str, env: dict | None = None) -> dict:
+    script = _FIRST_FIT_SCRIPT.format(module=module, k=_FAITHFUL_COMPONENTS)
+    return _python(["-c", script, _faithful_path()], env=env)
+
+
+def _warm_first_fits(settings: _Settings) -> dict[str, dict[str, float]]:
+    """Median import / first-fit / rest times per library, warm caches."""
+    modules = {"fastem": "fastem"}
+    if settings.sklearn is not None:
+        modules["sklearn"] = "sklearn.mixture"
+    for module in modules.values():
+        _first_fit(module)
+    runs: dict[str, list[dict]] = {lib: [] for lib in modules}
+    for _ in range(max(settings.repeats, _MIN_SUBPROCESS_REPEATS)):
+        for lib, module in modules.items():
+            runs[lib].append(_first_fit(module))
+    return {lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            for lib, rs in runs.items()}
+
+
+def _case_warm(settings: _Settings, data: _Datasets) -> list[Result]:
+    warm = _warm_first_fits(settings)
+    _log(f"warm first fit: {warm}")
+    X_shape = _faithful().shape
+    return [Result("warm", "s", {lib: w["first_fit"] for lib, w in warm.items()}, *X_shape,
+                   _FAITHFUL_COMPONENTS, "full", "float64", details={"medians_s": warm})]
+
+
+def _case_cold(settings: _Settings, data: _Datasets) -> list[Result]:
+    warm = _warm_first_fits(settings)["fastem"]
+    with tempfile.TemporaryDirectory(prefix="fastem-cold-cache-") as cache:
+        cold = _first_fit("fastem", env={**os.environ, "NUMBA_CACHE_DIR": cache})
+    compile_first = cold["first_fit"] - warm["first_fit"]
+    compile_all = cold["first_fit"] + cold["rest"] - warm["first_fit"] - warm["rest"]
+    _log(f"cold cache: {cold}, warm: {warm}")
+    X_shape = _faithful().shape
+    return [Result("cold", "s", {"fastem": compile_first}, *X_shape, _FAITHFUL_COMPONENTS,
+                   "full", "float64", details={
+                       "compile_first_fit_s": compile_first,
+                       "compile_all_kernels_s": compile_all, "cold_s": cold, "warm_s": warm})]
+
+
+_CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
+    "small": _case_small,
+    **{name: partial(_case_em, name) for name in _EM_CASES},
+    "float32": _case_float32,
+    "fit": _case_fit,
+    "memory": _case_memory,
+    "import": _case_import,
+    "warm": _case_warm,
+    "cold": _case_cold,
+}
+
+
+# -------------------------------------------------------------- targets
+@dataclass(frozen=True)
+class _Target:
+    case: str
+    description: str
+    required: str
+    measure: Callable[[list[Result]], float | None]
+    met: Callable[[float], bool]
+    shape: tuple | None = None
+    suffix: str = "x"
+
+
+def _row(results, case, dtype=None) -> Result | None:
+    for r in results:
+        if r.case == case and (dtype is None or r.dtype == dtype):
+            return r
+    return None
+
+
+def _speedup_of(case):
+    def measure(results):
+        row = _row(results, case)
+        return None if row is None else row.speedup("sklearn")
+
+    return measure
+
+
+def _float32_gain(results):
+    f32, f64 = _row(results, "float32", "float32"), _row(results, "float32", "float64")
+    return None if f32 is None or f64 is None else f64.values["fastem"] / f32.values["fastem"]
+
+
+def _memory_percent(results):
+    row = _row(results, "memory")
+    return None if row is None else row.peak_memory_percent_of_x
+
+
+def _import_ratio(results):
+    row = _row(results, "import")
+    return None if row is None or row.speedup("sklearn") is None else 1.0 / row.speedup("sklearn")
+
+
+def _fastem_value(case):
+    def measure(results):
+        row = _row(results, case)
+        return None if row is None else row.values["fastem"]
+
+    return measure
+
+
+_TARGETS = (
+    *(_Target(name, f"{name}: EM iteration vs sklearn", f">= {need}x", _speedup_of(name),
+              lambda v, need=need: v >= need, _EM_CASES[name][:3])
+      for name, need in (("d10", 20), ("d2", 30), ("d100", 4), ("diag50", 10))),
+    _Target("fit", "fit: whole fit, default init, vs sklearn", ">= 10x", _speedup_of("fit"),
+            lambda v: v >= 10, _D10[:3]),
+    _Target("memory", "memory: peak extra memory of fit", "<= 25% of X", _memory_percent,
+            lambda v: v <= 25, _D10[:3], suffix="% of X"),
+    _Target("float32", "float32: EM iteration vs float64", ">= 1.5x", _float32_gain,
+            lambda v: v >= 1.5, _D10[:3]),
+    _Target("import", "import: fastem vs sklearn.mixture", "<= 1.2x", _import_ratio,
+            lambda v: v <= 1.2),
+    _Target("warm", "warm: first fit on Old Faithful, after import", "<= 1 s",
+            _fastem_value("warm"), lambda v: v <= 1.0, suffix=" s"),
+    _Target("cold", "cold: compilation in the first fit", "<= 30 s", _fastem_value("cold"),
+            lambda v: v <= 30.0, suffix=" s"),
+)
+
+
+def _evaluate_targets(results: list[Result]) -> list[dict]:
+    rows = []
+    for target in _TARGETS:
+        value = target.measure(results)
+        if value is None:
+            continue
+        row = _row(results, target.case)
+        off_size = target.shape is not None and (row.n_samples, row.n_features,
+                                                 row.n_components) != target.shape
+        rows.append({"case": target.case, "target": target.description,
+                     "required": target.required, "measured": value,
+                     "measured_text": f"{_number(value)}{target.suffix}",
+                     "met": bool(target.met(value)), "at_target_size": not off_size})
+    return rows
+
+
+# ------------------------------------------------------------- printing
+def _number(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-" if value is None else str(value)
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{_number(value)}x"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+RESULT_COLUMNS = ["case", "N", "D", "K", "cov", "dtype", "unit", "fastem", "sklearn",
+                  "reference", "vs sklearn", "vs reference", "peak extra mem"]
+TARGET_COLUMNS = ["target", "required", "measured", "met"]
+
+
+def format_results(results: list[Result]) -> str:
+    """The measurements as a Markdown table (columns: ``RESULT_COLUMNS``)."""
+    rows = []
+    for r in results:
+        memory = (f"{r.peak_memory_percent_of_x:.1f}% of X"
+                  if r.peak_memory_percent_of_x is not None else "-")
+        rows.append([r.case, *(str(v) if v is not None else "-" for v in (
+            r.n_samples, r.n_features, r.n_components, r.covariance_type, r.dtype)), r.unit,
+            *(_number(r.values.get(lib)) for lib in ("fastem", "sklearn", "reference")),
+            _ratio(r.speedup("sklearn")), _ratio(r.speedup("reference")), memory])
+    return _table(RESULT_COLUMNS, rows)
+
+
+def format_targets(targets: list[dict]) -> str:
+    """The performance targets, measured (``*``: measured at another size)."""
+    rows = [[t["target"], t["required"], t["measured_text"],
+             ("yes" if t["met"] else "NO") + ("" if t["at_target_size"] else "*")]
+            for t in targets]
+    return _table(TARGET_COLUMNS, rows)
+
+
+# ------------------------------------------------------------------ CLI
+def _parse_cases(values: list[str]) -> list[str]:
+    names = [name for value in values for name in value.split(",") if name]
+    if "all" in names:
+        return list(CASES)
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)} or 'all'")
+    return [c for c in CASES if c in names]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastem.bench",
+        description="Time fastem against scikit-learn and fastem.reference on the same data, "
+                    "interleaved, and check the project's performance targets.",
+    )
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="CASE",
+                        help=f"cases to run, space or comma separated, from {', '.join(CASES)}"
+                             " or 'all' (default: all but 'cold', which takes a minute)")
+    parser.add_argument("--n-samples", type=int, default=None,
+                        help="rows of every synthetic data set (default: the target sizes, "
+                             "1,000,000, or 200,000 for d100)")
+    parser.add_argument("--quick", action="store_true",
+                        help="data sets 10x smaller and a 2 s budget: a run in well under a "
+                             "minute, for checking that everything works")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved samples per library (median reported; default 3)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds one library may spend on one case; slower libraries "
+                             "take fewer samples (default 15, or 2 with --quick)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip fastem.reference (slow at a million rows)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return parser
+
+
+def _sklearn_estimator() -> type | None:
+    try:
+        from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
+    except ImportError:
+        return None
+    return SklearnGaussianMixture
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark cases, print the tables and optionally write JSON.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line arguments (default: ``sys.argv[1:]``); see ``--help``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 once the report is printed (missed targets are reported,
+        not failed).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cases = _parse_cases(args.cases)
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
+    if args.repeats < 1 or (args.n_samples is not None and args.n_samples < 1000):
+        parser.error("--repeats must be at least 1 and --n-samples at least 1000")
+    settings = _Settings(
+        repeats=args.repeats,
+        budget=args.budget if args.budget is not None else (2.0 if args.quick else 15.0),
+        n_samples=args.n_samples, quick=args.quick, reference=not args.no_reference,
+        sklearn=_sklearn_estimator(),
+    )
+    machine = machine_info()
+    print(_format_machine(machine), flush=True)
+    data = _Datasets()
+    results: list[Result] = []
+    for case in cases:
+        _log(f"case {case}")
+        results.extend(_CASE_FUNCTIONS[case](settings, data))
+    targets = _evaluate_targets(results)
+    print()
+    print(format_results(results))
+    if targets:
+        print()
+        print(format_targets(targets))
+        if not all(t["at_target_size"] for t in targets):
+            print("* measured at a size other than the target's")
+    if args.json:
+        report = {"machine": machine,
+                  "settings": {"cases": cases, "repeats": settings.repeats,
+                               "budget_s": settings.budget, "n_samples": settings.n_samples,
+                               "quick": settings.quick, "reference": settings.reference},
+                  "results": [r.to_dict() for r in results], "targets": targets}
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
