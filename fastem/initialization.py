@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernels._blocks import n_chunks_for
+from ._kernels._blocks import n_chunks_for, pick
 from ._kernels.kmeans import candidate_potentials, lloyd_assign, sq_distances, update_closest
 from .stats import GaussianStatistics, label_statistics_of, uses_full_scatter
 
@@ -69,16 +69,17 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
     closest = np.empty(n_samples)
-    sq_distances(X, np.asarray(X[first_index], dtype=np.float64), closest)
+    work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
+    pick(sq_distances, work)(X, np.asarray(X[first_index], dtype=np.float64), closest)
     for c in range(1, n_clusters):
         mass = closest if sample_weight is None else closest * sample_weight
         candidates = _draw_rows(np.cumsum(mass), uniforms[c - 1], n_samples)
-        potentials = candidate_potentials(
+        potentials = pick(candidate_potentials, work)(
             X, sw, np.ascontiguousarray(X[candidates], dtype=np.float64), closest, n_chunks
         )
         best = int(candidates[int(np.argmin(potentials))])
         indices.append(best)
-        update_closest(X, np.asarray(X[best], dtype=np.float64), closest)
+        pick(update_closest, work)(X, np.asarray(X[best], dtype=np.float64), closest)
     indices = np.asarray(indices)
     return np.asarray(X[indices], dtype=np.float64), indices
 
@@ -122,9 +123,10 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     n_chunks = n_chunks_for(n_samples, n_clusters * n_features)
     tol_abs = tol * column_variance(X, sample_weight).mean()
     labels = np.full(n_samples, -1, dtype=np.int64)
+    assign = pick(lloyd_assign, n_samples * n_clusters * n_features)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        sums, counts, _, _, changed = lloyd_assign(X, sw, centers, labels, n_chunks)
+        sums, counts, _, _, changed = assign(X, sw, centers, labels, n_chunks)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
             _refill_empty(X, sample_weight, centers, labels, sums, counts, empty)
@@ -133,7 +135,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
         centers = new_centers
         if changed == 0 or shift <= tol_abs:
             break
-    _, _, inertia, _, _ = lloyd_assign(X, sw, centers, labels, n_chunks)
+    _, _, inertia, _, _ = assign(X, sw, centers, labels, n_chunks)
     return labels, centers, float(inertia), n_iter
 
 
@@ -143,7 +145,7 @@ def _refill_empty(X, sample_weight, centers, labels, sums, counts, empty):
     own = np.empty(X.shape[0])
     farthest[:] = 0.0
     for k in range(centers.shape[0]):
-        sq_distances(X, centers[k], own)
+        pick(sq_distances, X.size)(X, centers[k], own)
         np.copyto(farthest, own, where=labels == k)
     for k, row in zip(empty, np.argsort(farthest)[::-1][: empty.size]):
         w = 1.0 if sample_weight is None else sample_weight[row]

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._kernels._blocks import n_chunks_for
+from ._kernels._blocks import n_chunks_for, pick
 from ._kernels.blas import blas_routines, single_threaded_blas
 from ._kernels.estep import gaussian_log_resp, gaussian_statistics
 from ._kernels.labels import label_statistics
@@ -200,7 +200,7 @@ def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> Gau
     n_components, n_features = shift.shape
     full = uses_full_scatter(covariance_type)
     n_chunks = n_chunks_for(X.shape[0], n_components * n_features * (n_features if full else 1))
-    nk, sx, sxx = label_statistics(
+    nk, sx, sxx = pick(label_statistics, X.shape[0] * n_components * (n_features + 1) ** 2)(
         X, _sample_weight_operand(sample_weight), np.asarray(labels, dtype=np.int64), shift,
         full, n_chunks,
     )
@@ -270,5 +270,6 @@ def log_responsibilities(X, params: GaussianParameters, covariance_type: str):
     means, prec, log_const, full = kernel_operands(params, covariance_type, X.dtype)
     log_resp = np.empty((X.shape[0], means.shape[0]))
     log_norm = np.empty(X.shape[0])
-    gaussian_log_resp(X, means, prec, log_const, full, log_resp, log_norm)
+    work = X.shape[0] * means.shape[0] * (X.shape[1] + 1) ** 2
+    pick(gaussian_log_resp, work)(X, means, prec, log_const, full, log_resp, log_norm)
     return log_resp, log_norm

@@ -14,6 +14,7 @@ stride and LLVM can vectorise them.
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 from numba import njit
@@ -32,6 +33,32 @@ _LN2_HI = 0.6931471803691238
 _LN2_LO = 1.9082149292705877e-10
 # Below this exp underflows to subnormals; responsibilities that small are 0.
 _EXP_FLOOR = -708.0
+
+
+def compile_twice(body, name):
+    """``(parallel, serial)`` compilations of one kernel body.
+
+    Numba's on-disk cache keys entries by the function's name and bytecode,
+    not by the ``parallel`` flag, so the serial compilation is made from a
+    renamed copy of the body: otherwise a process could load the serial code
+    into the parallel dispatcher, or the reverse.
+    """
+    twin = types.FunctionType(body.__code__, body.__globals__, name, body.__defaults__,
+                              body.__closure__)
+    twin.__qualname__ = name
+    twin.__module__ = body.__module__
+    twin.__doc__ = body.__doc__
+    return njit(parallel=True, cache=True)(body), njit(cache=True)(twin)
+
+
+# Below this much work (rows x the per-row cost) a call runs the serial
+# compilation: starting threads would cost more than it saves.
+SERIAL_WORK = 1_000_000
+
+
+def pick(pair, work):
+    """The parallel or the serial member of a ``compile_twice`` pair for ``work``."""
+    return pair[1] if work < SERIAL_WORK else pair[0]
 
 
 def n_chunks_for(n_samples: int, partial_size: int) -> int:

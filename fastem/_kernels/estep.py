@@ -34,7 +34,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._blocks import BLOCK_ROWS, chunk_rows, normalise_block, reduce_statistics, transpose_block
+from ._blocks import (
+    BLOCK_ROWS,
+    chunk_rows,
+    compile_twice,
+    normalise_block,
+    reduce_statistics,
+    transpose_block,
+)
 
 # Reassociation lets LLVM vectorise the dot-product reductions over rows. NaN
 # and infinity stay allowed: log-weights of empty components are -inf.
@@ -302,12 +309,11 @@ def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarian
 # serial one for EM loops that run entirely in compiled code on small data.
 # Both walk the same chunks and reduce them in the same order, so they return
 # bit-identical statistics.
-gaussian_statistics = njit(parallel=True, cache=True)(_gaussian_statistics)
-gaussian_statistics_serial = njit(cache=True)(_gaussian_statistics)
+gaussian_statistics, gaussian_statistics_serial = compile_twice(
+    _gaussian_statistics, "_gaussian_statistics_serial")
 
 
-@njit(parallel=True, cache=True)
-def gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log_norm):
+def _gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log_norm):
     """Per-row log-responsibilities and log p(x) (for predict_proba / score_samples).
 
     Fills ``log_resp`` (N, K) and ``log_norm`` (N,) in place, block by block,
@@ -339,3 +345,6 @@ def gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log_
             log_norm[start + r] = norm
             for k in range(n_components):
                 log_resp[start + r, k] = log_prob[k, r] - norm
+
+
+gaussian_log_resp = compile_twice(_gaussian_log_resp, "_gaussian_log_resp_serial")

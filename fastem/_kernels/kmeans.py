@@ -1,7 +1,8 @@
 """k-means++ seeding and Lloyd iteration kernels.
 
 Twins: :func:`fastem.reference.kmeans_plusplus` and
-:func:`fastem.reference.lloyd`. Sums are kept per chunk and reduced in chunk
+:func:`fastem.reference.lloyd`. Each kernel is a ``(parallel, serial)`` pair
+(see :func:`fastem._kernels._blocks.pick`). Sums are kept per chunk and reduced in chunk
 order, so results do not depend on the thread count.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._blocks import chunk_rows
+from ._blocks import chunk_rows, compile_twice
 
 
 @njit(cache=True)
@@ -22,15 +23,13 @@ def _sq_dist(X, n, center):
     return total
 
 
-@njit(parallel=True, cache=True)
-def sq_distances(X, center, out):
+def _sq_distances(X, center, out):
     r"""out[n] = :math:`\lVert x_n - c \rVert^2`."""
     for n in prange(X.shape[0]):
         out[n] = _sq_dist(X, n, center)
 
 
-@njit(parallel=True, cache=True)
-def candidate_potentials(X, sample_weight, candidates, closest, n_chunks):
+def _candidate_potentials(X, sample_weight, candidates, closest, n_chunks):
     r"""Potential :math:`\sum_n w_n \min(D_n^2, \lVert x_n - c_t\rVert^2)` of each candidate."""
     n_samples = X.shape[0]
     n_candidates = candidates.shape[0]
@@ -48,15 +47,13 @@ def candidate_potentials(X, sample_weight, candidates, closest, n_chunks):
     return out
 
 
-@njit(parallel=True, cache=True)
-def update_closest(X, center, closest):
+def _update_closest(X, center, closest):
     """closest[n] = min(closest[n], ||x_n - center||^2), in place."""
     for n in prange(X.shape[0]):
         closest[n] = min(closest[n], _sq_dist(X, n, center))
 
 
-@njit(parallel=True, cache=True)
-def lloyd_assign(X, sample_weight, centers, labels, n_chunks):
+def _lloyd_assign(X, sample_weight, centers, labels, n_chunks):
     r"""Assign each row to its nearest centre and accumulate the new centres' sums.
 
     Returns
@@ -112,3 +109,15 @@ def lloyd_assign(X, sample_weight, centers, labels, n_chunks):
             far = far_d[c]
             farthest = far_i[c]
     return sums, counts, inertia, farthest, changed
+
+
+sq_distances = compile_twice(_sq_distances, "_sq_distances_serial")
+
+
+candidate_potentials = compile_twice(_candidate_potentials, "_candidate_potentials_serial")
+
+
+update_closest = compile_twice(_update_closest, "_update_closest_serial")
+
+
+lloyd_assign = compile_twice(_lloyd_assign, "_lloyd_assign_serial")

@@ -8,14 +8,13 @@ built from integer labels (label -1: the row belongs to no component). Twin:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from ._blocks import BLOCK_ROWS, chunk_rows, reduce_statistics, transpose_block
+from ._blocks import BLOCK_ROWS, chunk_rows, compile_twice, reduce_statistics, transpose_block
 from .estep import _accumulate_loops
 
 
-@njit(parallel=True, cache=True)
-def label_statistics(X, sample_weight, labels, shift, full_covariance, n_chunks):
+def _label_statistics(X, sample_weight, labels, shift, full_covariance, n_chunks):
     """N_k, s_k and S_k around ``shift`` for one-hot responsibilities.
 
     Returns nk (K,), sx (K, D), sxx (K, D, D) or (K, D, 1).
@@ -44,3 +43,6 @@ def label_statistics(X, sample_weight, labels, shift, full_covariance, n_chunks)
             _accumulate_loops(xT, n_rows, shift, resp, diff, wdiff, nk_parts[c], sx_parts[c],
                               sxx_parts[c], full_covariance)
     return reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
+
+
+label_statistics = compile_twice(_label_statistics, "_label_statistics_serial")
