@@ -58,13 +58,17 @@ def _centre(xT, n_rows, mean, diff):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diff, y, log_prob):
-    """log_prob[k, r] = log_const[k] - ||(x_r - mu_k) U_k||^2 / 2 (U upper)."""
+def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diff, y, quad, log_prob):
+    """log_prob[k, r] = log_const[k] - ||(x_r - mu_k) U_k||^2 / 2 (U upper).
+
+    The quadratic form is computed in X's precision (``y`` and ``quad`` are
+    of X's dtype), so float32 data runs twice as many rows per vector.
+    """
     n_components, n_features = means.shape
     for k in range(n_components):
         _centre(xT, n_rows, means[k], diff)
         for r in range(n_rows):
-            log_prob[k, r] = 0.0
+            quad[r] = 0.0
         for j in range(n_features):
             for r in range(n_rows):
                 y[r] = 0.0
@@ -73,9 +77,9 @@ def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diff, y, log_p
                 for r in range(n_rows):
                     y[r] += diff[i, r] * u
             for r in range(n_rows):
-                log_prob[k, r] += y[r] * y[r]
+                quad[r] += y[r] * y[r]
         for r in range(n_rows):
-            log_prob[k, r] = log_const[k] - 0.5 * log_prob[k, r]
+            log_prob[k, r] = log_const[k] - 0.5 * quad[r]
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -100,7 +104,11 @@ def _log_prob_diag_loops(xT, n_rows, means, precisions, log_const, log_prob):
 
 @njit(cache=True, fastmath=_FAST)
 def _accumulate_loops(xT, n_rows, means, resp, diff, wdiff, nk, sx, sxx, full):
-    """Add the block's weighted first and second moments around the means."""
+    """Add the block's weighted first and second moments around the means.
+
+    Sums over the block's rows (at most ``BLOCK_ROWS``) are taken in X's
+    precision, every total across blocks in float64.
+    """
     n_components, n_features = means.shape
     for k in range(n_components):
         _centre(xT, n_rows, means[k], diff)
@@ -108,8 +116,9 @@ def _accumulate_loops(xT, n_rows, means, resp, diff, wdiff, nk, sx, sxx, full):
         for r in range(n_rows):
             total += resp[k, r]
         nk[k] += total
+        zero = diff.dtype.type(0)
         for i in range(n_features):
-            acc = 0.0
+            acc = zero
             for r in range(n_rows):
                 wdiff[i, r] = resp[k, r] * diff[i, r]
                 acc += wdiff[i, r]
@@ -117,13 +126,13 @@ def _accumulate_loops(xT, n_rows, means, resp, diff, wdiff, nk, sx, sxx, full):
         if full:
             for i in range(n_features):
                 for j in range(i, n_features):
-                    acc = 0.0
+                    acc = zero
                     for r in range(n_rows):
                         acc += wdiff[i, r] * diff[j, r]
                     sxx[k, i, j] += acc
         else:
             for i in range(n_features):
-                acc = 0.0
+                acc = zero
                 for r in range(n_rows):
                     acc += wdiff[i, r] * diff[i, r]
                 sxx[k, i, 0] += acc
@@ -220,6 +229,7 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
     diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
     wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
     y = np.empty(BLOCK_ROWS, dtype=X.dtype)
+    quad = np.empty(BLOCK_ROWS, dtype=X.dtype)
     rows = np.empty((BLOCK_ROWS if use_blas else 0, n_features))
     log_prob = np.empty((n_components, BLOCK_ROWS))
     row_max = np.empty(BLOCK_ROWS)
@@ -236,7 +246,7 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
         else:
             transpose_block(X, start, n_rows, xT)
             if full_covariance:
-                _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, log_prob)
+                _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, quad, log_prob)
             else:
                 _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
         normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo)
@@ -328,10 +338,11 @@ def _gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log
         xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
         diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
         y = np.empty(BLOCK_ROWS, dtype=X.dtype)
+        quad = np.empty(BLOCK_ROWS, dtype=X.dtype)
         log_prob = np.empty((n_components, BLOCK_ROWS))
         transpose_block(X, start, n_rows, xT)
         if full_covariance:
-            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, log_prob)
+            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, quad, log_prob)
         else:
             _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
         for r in range(n_rows):
