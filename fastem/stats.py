@@ -161,7 +161,7 @@ def kernel_operands(params: GaussianParameters, covariance_type: str, dtype=np.f
 
 def uses_blas(n_features: int, covariance_type: str) -> bool:
     """Whether the fused pass runs the BLAS engine for this model shape."""
-    return uses_full_scatter(covariance_type) and n_features >= BLAS_MIN_FEATURES
+    return n_features >= BLAS_MIN_FEATURES
 
 
 def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_type: str

@@ -16,9 +16,11 @@ Two engines compute a block, chosen by the caller from the data's width:
 
 * loops (small D): the block is transposed once to (D, rows) and every
   inner loop runs over rows, so LLVM vectorises it;
-* BLAS (large D, full covariances): the triangular product (x - mu_k) U_k is
-  one ``dtrmm`` and the scatter one ``dsyrk`` per block and component, on
-  single-threaded BLAS (the caller limits BLAS to one thread: the
+* BLAS (large D): for full covariances the triangular product
+  (x - mu_k) U_k is one ``dtrmm`` and the scatter one ``dsyrk`` per block
+  and component; for diagonal ones the E-step and the moments are one matrix
+  product each per block (see ``_diag_gemm_operands``); on single-threaded
+  BLAS (the caller limits BLAS to one thread: the
   parallelism is over chunks). The BLAS routines are passed in as arguments
   so that the compiled kernel holds no process-specific address and can be
   cached.
@@ -206,6 +208,86 @@ def _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk
 
 
 @njit(cache=True)
+def _diag_gemm_operands(means, precisions, log_const):
+    r"""Operands of the diagonal GEMM engine.
+
+    Around :math:`c` = the average of the means, with :math:`m_k = \mu_k - c`
+    and :math:`z = x - c`, the weighted log-density is
+
+    .. math::
+
+        \log\pi_k\mathcal N(x) = \ell_k - \tfrac12\textstyle\sum_d p_{kd} m_{kd}^2
+        + \sum_d p_{kd} m_{kd}\, z_d - \tfrac12 \sum_d p_{kd}\, z_d^2
+
+    i.e. one product of the block ``[z, z^2]`` (rows x 2D) with ``W`` (2D x K).
+    Centring on ``c`` keeps the expansion free of the cancellation a large
+    offset in the data would cause.
+    """
+    n_components, n_features = means.shape
+    centre = np.zeros(n_features)
+    for k in range(n_components):
+        centre += means[k]
+    centre /= n_components
+    W = np.empty((2 * n_features, n_components))
+    const = log_const.copy()
+    for k in range(n_components):
+        for d in range(n_features):
+            p = precisions[k, d, 0]
+            m = means[k, d] - centre[d]
+            W[d, k] = p * m
+            W[n_features + d, k] = -0.5 * p
+            const[k] -= 0.5 * p * m * m
+    return centre, W, const
+
+
+@njit(cache=True, fastmath=_FAST)
+def _centred_powers(X, start, n_rows, centre, Z):
+    """Z[r] = [x_r - c, (x_r - c)^2] (row-major, float64)."""
+    n_features = X.shape[1]
+    for r in range(n_rows):
+        for d in range(n_features):
+            z = X[start + r, d] - centre[d]
+            Z[r, d] = z
+            Z[r, n_features + d] = z * z
+
+
+@njit(cache=True)
+def _log_prob_diag_gemm(Z, n_rows, W, const, log_prob):
+    """log_prob[k, r] = const_k + (Z W)[r, k] by one matrix product."""
+    L = np.dot(Z[:n_rows], W)
+    for k in range(W.shape[1]):
+        for r in range(n_rows):
+            log_prob[k, r] = const[k] + L[r, k]
+
+
+@njit(cache=True)
+def _accumulate_diag_gemm(Z, n_rows, resp, nk, sx, sxx):
+    """[sum r z, sum r z^2] of every component by one matrix product (around c)."""
+    n_components = resp.shape[0]
+    n_features = sx.shape[1]
+    R = np.ascontiguousarray(resp[:, :n_rows])
+    A = np.dot(R, Z[:n_rows])
+    for k in range(n_components):
+        total = 0.0
+        for r in range(n_rows):
+            total += R[k, r]
+        nk[k] += total
+        for d in range(n_features):
+            sx[k, d] += A[k, d]
+            sxx[k, d, 0] += A[k, n_features + d]
+
+
+@njit(cache=True)
+def _recentre_diag(nk, sx, sxx, means, centre):
+    """Moments around c turned into moments around each component's mean."""
+    for k in range(means.shape[0]):
+        for d in range(means.shape[1]):
+            delta = means[k, d] - centre[d]
+            sxx[k, d, 0] += -2.0 * delta * sx[k, d] + nk[k] * delta * delta
+            sx[k, d] -= nk[k] * delta
+
+
+@njit(cache=True)
 def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c):
     """Weighted sum of log p(x) over the block; tracks the worst-explained row."""
     total = 0.0
@@ -221,7 +303,7 @@ def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c)
 
 @njit(cache=True)
 def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, full_covariance,
-                      use_blas, trmm, syrk, nk, sx, sxx):
+                      use_blas, trmm, syrk, centre, W, const, nk, sx, sxx):
     """Statistics of rows [first, last) into nk, sx, sxx; returns (loglik, worst, index)."""
     n_features = X.shape[1]
     n_components = means.shape[0]
@@ -230,7 +312,7 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
     wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
     y = np.empty(BLOCK_ROWS, dtype=X.dtype)
     quad = np.empty(BLOCK_ROWS, dtype=X.dtype)
-    rows = np.empty((BLOCK_ROWS if use_blas else 0, n_features))
+    rows = np.empty((BLOCK_ROWS if use_blas else 0, n_features * (1 if full_covariance else 2)))
     log_prob = np.empty((n_components, BLOCK_ROWS))
     row_max = np.empty(BLOCK_ROWS)
     row_sum = np.empty(BLOCK_ROWS)
@@ -241,8 +323,11 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
     loglik = 0.0
     for start in range(first, last, BLOCK_ROWS):
         n_rows = min(BLOCK_ROWS, last - start)
-        if use_blas:
+        if use_blas and full_covariance:
             _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
+        elif use_blas:
+            _centred_powers(X, start, n_rows, centre, rows)
+            _log_prob_diag_gemm(rows, n_rows, W, const, log_prob)
         else:
             transpose_block(X, start, n_rows, xT)
             if full_covariance:
@@ -251,8 +336,10 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
                 _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
         normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo)
         loglik += _block_loglik(row_max, n_rows, sample_weight, start, worst, worst_index, 0)
-        if use_blas:
+        if use_blas and full_covariance:
             _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk, sx, sxx, syrk)
+        elif use_blas:
+            _accumulate_diag_gemm(rows, n_rows, log_prob, nk, sx, sxx)
         else:
             _accumulate_loops(xT, n_rows, means, log_prob, diff, wdiff, nk, sx, sxx,
                               full_covariance)
@@ -277,7 +364,8 @@ def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarian
     full_covariance : bool
         Accumulate the full scatter (K, D, D) instead of its diagonal.
     use_blas : bool
-        BLAS engine (full covariances only), else the loop engine.
+        BLAS engine (dtrmm + dsyrk for full covariances, two matrix products
+        for diagonal ones), else the loop engine.
     trmm, syrk : ctypes functions
         ``dtrmm`` and ``dsyrk`` from ``scipy.linalg.cython_blas``.
     n_chunks : int
@@ -298,12 +386,15 @@ def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarian
     ll_parts = np.zeros(n_chunks)
     worst = np.full(n_chunks, np.inf)
     worst_index = np.zeros(n_chunks, dtype=np.int64)
+    centre, W, const = _diag_gemm_operands(means, prec, log_const)
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
         ll_parts[c], worst[c], worst_index[c] = _statistics_chunk(
             X, sample_weight, first, last, means, prec, log_const, full_covariance, use_blas,
-            trmm, syrk, nk_parts[c], sx_parts[c], sxx_parts[c])
+            trmm, syrk, centre, W, const, nk_parts[c], sx_parts[c], sxx_parts[c])
     nk, sx, sxx = reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
+    if use_blas and not full_covariance:
+        _recentre_diag(nk, sx, sxx, means, centre)
     loglik = 0.0
     best = np.inf
     best_index = 0
