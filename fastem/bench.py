@@ -11,13 +11,21 @@ EM iteration cost
     One "unit" is one EM iteration. ``fit`` is called with ``max_iter=m``,
     ``tol=0`` (exactly ``m`` iterations) and ``weights_init``/``means_init``/
     ``precisions_init`` given; for the reference, ``reference.em_fit`` with
-    ``max_iter=m, tol=0``. A sample is ``(T(m) - T(0)) / m``: subtracting the
-    ``max_iter=0`` call removes what every fit pays once (validation, the
-    final E-step scikit-learn runs after its loop), leaving exactly ``m``
-    E- and M-steps. fastem is warmed up once first, so JIT compilation is
-    excluded. ``m`` is chosen per library so that a sample takes about
-    ``--budget / 15`` seconds, and a library that would exceed ``--budget``
-    seconds per case runs fewer repeats (at least one).
+    ``max_iter=m, tol=0``. For fastem and scikit-learn a sample is
+    ``(T(m + 1) - T(1)) / m``: subtracting a one-iteration call removes what
+    every fit pays once (validation, set-up, the final E-step scikit-learn
+    runs after its loop), leaving exactly ``m`` E- and M-steps
+    (scikit-learn cannot fit with ``max_iter=0`` from given parameters, hence
+    one iteration rather than none). ``em_fit`` has no such fixed cost: its
+    sample is ``T(m) / m``. fastem is warmed up once first, so JIT
+    compilation is excluded. ``m`` is chosen per library so that a sample
+    takes about ``--budget / 15`` seconds; a library whose samples would
+    overrun ``--budget`` seconds per case takes fewer of them (at least one).
+    Each sample starts after a short pause, so that BLAS or OpenMP threads
+    still spinning after the previous library's call do not steal its CPU.
+Whole fit and the small case
+    One unit is one whole ``fit`` (default parameters, or 100 iterations on
+    Old Faithful), as many per sample as fit in ``--budget / 15`` seconds.
 Peak extra memory
     The fit runs in a fresh subprocess with ``X`` already allocated and the
     kernels warmed up on a small slice. Numba allocates outside Python's
@@ -32,6 +40,9 @@ Import time and first fit
     first so that bytecode and Numba caches are warm. The cold-cache case
     points ``NUMBA_CACHE_DIR`` at a new temporary directory and reports the
     extra time over the warm run: the time spent compiling.
+
+The load average is printed before and after: another job on the machine
+slows every library, but multi-threaded kernels suffer most.
 """
 
 from __future__ import annotations
@@ -92,7 +103,7 @@ _MAX_UNITS = 1000
 # OpenBLAS and OpenMP worker threads busy-wait for up to ~0.1 s after a call;
 # on a machine with few cores they would steal the next library's CPU time,
 # so every timed call starts after this pause.
-_SETTLE_S = 0.25
+_SETTLE_S = 0.2
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR")
 
@@ -189,6 +200,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _load_average() -> str | None:
+    # Another job on a shared machine skews every library; show how busy it was.
+    if not hasattr(os, "getloadavg"):
+        return None
+    return " ".join(f"{load:.2f}" for load in os.getloadavg())
+
+
 def machine_info() -> dict:
     """CPU, thread counts, library versions and BLAS configuration of this process.
 
@@ -219,6 +237,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(affinity) if affinity is not None else os.cpu_count(),
         "numba_threads": numba.get_num_threads(),
+        "load_average": _load_average(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {"fastem": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
@@ -239,16 +258,18 @@ def _format_machine(info: dict) -> str:
     lines = [
         cpu,
         f"Python {info['python']} on {info['platform']}",
+        f"Load average (1, 5, 15 min): {info['load_average']}",
         f"Versions: {versions}",
         "Thread environment: " + (", ".join(f"{k}={v}" for k, v in info["thread_env"].items())
                                   or "none set"),
     ]
     for pool in info["blas"]:
-        lines.append(
-            f"BLAS: {pool['internal_api']} {pool['version']} ({pool['architecture']}, "
-            f"{pool['threading_layer']}), {pool['num_threads']} threads, "
-            f"{os.path.basename(pool['filepath'] or '')}"
-        )
+        version = f" {pool['version']}" if pool["version"] else ""
+        build = (f" ({pool['architecture']}, {pool['threading_layer']})"
+                 if pool["architecture"] else "")
+        lines.append(f"{pool['user_api']}: {pool['internal_api']}{version}{build}, "
+                     f"{pool['num_threads']} threads, "
+                     f"{os.path.basename(pool['filepath'] or '')}")
     return "\n".join(lines)
 
 
@@ -257,11 +278,13 @@ def _format_machine(info: dict) -> str:
 class _Runner:
     """``run(n)`` does ``n`` units of work and returns the seconds it took.
 
-    ``run(0)`` must do everything ``run(n)`` does once regardless of ``n``.
+    A sample times ``run(fixed + n)`` and subtracts ``run(fixed)``, which
+    must pay whatever ``run`` costs regardless of ``n``.
     """
 
     run: Callable[[int], float]
     warm_up: bool = False
+    fixed: int = 0
 
 
 @dataclass
@@ -284,10 +307,14 @@ class _Settings:
     def sample_time(self) -> float:
         return self.budget / 15.0
 
+    @property
+    def subprocess_repeats(self) -> int:
+        return self.repeats if self.quick else max(self.repeats, _MIN_SUBPROCESS_REPEATS)
+
     def size(self, full_size: int) -> int:
         if self.n_samples is not None:
             return self.n_samples
-        return full_size // 10 if self.quick else full_size
+        return full_size // 100 if self.quick else full_size
 
 
 def _log(message: str) -> None:
@@ -308,16 +335,16 @@ def _measure(runners: dict[str, _Runner], settings: _Settings) -> dict[str, _Tim
         sleep(_SETTLE_S)
         once = max(runner.run(1), 1e-9)
         units[label] = int(min(_MAX_UNITS, max(1, math.ceil(settings.sample_time / once))))
-        # A sample also pays run(0), which costs at most what run(1) did.
-        cost = once * (units[label] + 1)
+        cost = once * (units[label] + 1 + runner.fixed)
         repeats[label] = int(min(settings.repeats, max(1, settings.budget // cost)))
     samples: dict[str, list[float]] = {label: [] for label in runners}
     for i in range(max(repeats.values())):
         for label, runner in runners.items():
             if i < repeats[label]:
                 sleep(_SETTLE_S)
-                fixed = runner.run(0)
-                samples[label].append((runner.run(units[label]) - fixed) / units[label])
+                fixed = runner.run(runner.fixed)
+                total = runner.run(runner.fixed + units[label])
+                samples[label].append((total - fixed) / units[label])
     timings = {label: _Timing(statistics.median(s), units[label], s)
                for label, s in samples.items()}
     _log(", ".join(f"{label}: {t.median * 1e3:.4g} ms/unit ({len(t.samples)} x {t.units})"
@@ -341,7 +368,7 @@ def _em_runner(estimator: type, X, n_components, covariance_type,
                           precisions_init=init.precisions)
         return _quietly(lambda: model.fit(X))
 
-    return _Runner(run, warm_up=estimator is GaussianMixture)
+    return _Runner(run, warm_up=estimator is GaussianMixture, fixed=1)
 
 
 def _reference_runner(X, covariance_type, init: InitialParameters) -> _Runner:
@@ -350,6 +377,7 @@ def _reference_runner(X, covariance_type, init: InitialParameters) -> _Runner:
             X, init.weights, init.means, init.precisions_cholesky, covariance_type, tol=0.0,
             max_iter=n_iter))
 
+    # em_fit does nothing outside its iterations, so there is nothing to subtract.
     return _Runner(run)
 
 
@@ -493,7 +521,7 @@ def _case_small(settings: _Settings, data: _Datasets) -> list[Result]:
         def run(n_fits):
             return sum(single.run(_SMALL_ITERATIONS) for _ in range(n_fits))
 
-        return _Runner(run, single.warm_up)
+        return _Runner(run, warm_up=single.warm_up)
 
     runners = {label: repeated(r) for label, r in
                _library_runners(settings, X, _SMALL_COMPONENTS, covariance_type, init).items()}
@@ -601,7 +629,7 @@ def _case_import(settings: _Settings, data: _Datasets) -> list[Result]:
     for script in scripts.values():
         _python(["-c", script])
     samples: dict[str, list[float]] = {lib: [] for lib in scripts}
-    for _ in range(max(settings.repeats, _MIN_SUBPROCESS_REPEATS)):
+    for _ in range(settings.subprocess_repeats):
         for lib, script in scripts.items():
             samples[lib].append(_python(["-c", script]))
     values = {lib: statistics.median(s) * 1e3 for lib, s in samples.items()}
@@ -610,8 +638,9 @@ def _case_import(settings: _Settings, data: _Datasets) -> list[Result]:
         "modules": modules, "samples_ms": {k: [x * 1e3 for x in s] for k, s in samples.items()}})]
 
 
-# Imports, then the first fit on Old Faithful, then the kernels a session
-# reaches soon after (other covariance types, float32, predictions).
+# Imports, then the first fit on Old Faithful; with the argument "all", then
+# the kernels a session reaches soon after (other covariance types, float32,
+# predictions), for the cold-cache case.
 _FIRST_FIT_SCRIPT = """
 import json, sys, time
 start = time.perf_counter()
@@ -622,38 +651,40 @@ X = np.loadtxt(sys.argv[1], delimiter=",", skiprows=1)
 loaded = time.perf_counter()
 GaussianMixture({k}, random_state=0).fit(X)
 fitted = time.perf_counter()
-for covariance_type in ("tied", "diag", "spherical"):
-    GaussianMixture({k}, covariance_type=covariance_type, random_state=0).fit(X)
-model = GaussianMixture({k}, random_state=0).fit(X.astype(np.float32))
-model.predict_proba(X)
-model.score_samples(X)
+if sys.argv[2] == "all":
+    for covariance_type in ("tied", "diag", "spherical"):
+        GaussianMixture({k}, covariance_type=covariance_type, random_state=0).fit(X)
+    model = GaussianMixture({k}, random_state=0).fit(X.astype(np.float32))
+    model.predict_proba(X)
+    model.score_samples(X)
 print(json.dumps({{"import": imported - start, "first_fit": fitted - loaded,
                   "rest": time.perf_counter() - fitted}}))
 """
 
 
-def _first_fit(module: str, env: dict | None = None) -> dict:
+def _first_fit(module: str, scope: str, env: dict | None = None) -> dict:
     script = _FIRST_FIT_SCRIPT.format(module=module, k=_FAITHFUL_COMPONENTS)
-    return _python(["-c", script, _faithful_path()], env=env)
+    return _python(["-c", script, _faithful_path(), scope], env=env)
 
 
-def _warm_first_fits(settings: _Settings) -> dict[str, dict[str, float]]:
-    """Median import / first-fit / rest times per library, warm caches."""
-    modules = {"fastem": "fastem"}
-    if settings.sklearn is not None:
-        modules["sklearn"] = "sklearn.mixture"
+def _warm_first_fits(settings: _Settings, modules: dict[str, str], scope: str
+                     ) -> dict[str, dict[str, float]]:
+    """Median import / first-fit / rest seconds per library, with warm caches."""
     for module in modules.values():
-        _first_fit(module)
+        _first_fit(module, scope)
     runs: dict[str, list[dict]] = {lib: [] for lib in modules}
-    for _ in range(max(settings.repeats, _MIN_SUBPROCESS_REPEATS)):
+    for _ in range(settings.subprocess_repeats):
         for lib, module in modules.items():
-            runs[lib].append(_first_fit(module))
+            runs[lib].append(_first_fit(module, scope))
     return {lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
             for lib, rs in runs.items()}
 
 
 def _case_warm(settings: _Settings, data: _Datasets) -> list[Result]:
-    warm = _warm_first_fits(settings)
+    modules = {"fastem": "fastem"}
+    if settings.sklearn is not None:
+        modules["sklearn"] = "sklearn.mixture"
+    warm = _warm_first_fits(settings, modules, "first")
     _log(f"warm first fit: {warm}")
     X_shape = _faithful().shape
     return [Result("warm", "s", {lib: w["first_fit"] for lib, w in warm.items()}, *X_shape,
@@ -661,17 +692,18 @@ def _case_warm(settings: _Settings, data: _Datasets) -> list[Result]:
 
 
 def _case_cold(settings: _Settings, data: _Datasets) -> list[Result]:
-    warm = _warm_first_fits(settings)["fastem"]
+    """Compilation: in the first fit, and in all kernels of the first-fit script."""
+    warm = _warm_first_fits(settings, {"fastem": "fastem"}, "all")["fastem"]
     with tempfile.TemporaryDirectory(prefix="fastem-cold-cache-") as cache:
-        cold = _first_fit("fastem", env={**os.environ, "NUMBA_CACHE_DIR": cache})
+        cold = _first_fit("fastem", "all", env={**os.environ, "NUMBA_CACHE_DIR": cache})
     compile_first = cold["first_fit"] - warm["first_fit"]
     compile_all = cold["first_fit"] + cold["rest"] - warm["first_fit"] - warm["rest"]
     _log(f"cold cache: {cold}, warm: {warm}")
     X_shape = _faithful().shape
-    return [Result("cold", "s", {"fastem": compile_first}, *X_shape, _FAITHFUL_COMPONENTS,
-                   "full", "float64", details={
-                       "compile_first_fit_s": compile_first,
-                       "compile_all_kernels_s": compile_all, "cold_s": cold, "warm_s": warm})]
+    details = {"cold_s": cold, "warm_s": warm}
+    return [Result("cold", unit, {"fastem": seconds}, *X_shape, _FAITHFUL_COMPONENTS, "full",
+                   "float64", details=details)
+            for unit, seconds in (("s (1st fit)", compile_first), ("s (all)", compile_all))]
 
 
 _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
@@ -850,13 +882,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="rows of every synthetic data set (default: the target sizes, "
                              "1,000,000, or 200,000 for d100)")
     parser.add_argument("--quick", action="store_true",
-                        help="data sets 10x smaller and a 2 s budget: a run in well under a "
-                             "minute, for checking that everything works")
+                        help="data sets 100x smaller, a 1 s budget and no minimum of "
+                             f"{_MIN_SUBPROCESS_REPEATS} subprocess repeats: a run in well "
+                             "under a minute, for checking that everything works")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved samples per library (median reported; default 3)")
+                        help="interleaved samples per library (median reported; default 3, "
+                             f"at least {_MIN_SUBPROCESS_REPEATS} for the import and first-fit "
+                             "subprocesses)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds one library may spend on one case; slower libraries "
-                             "take fewer samples (default 15, or 2 with --quick)")
+                             "take fewer samples (default 20, or 1 with --quick)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip fastem.reference (slow at a million rows)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -895,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1 and --n-samples at least 1000")
     settings = _Settings(
         repeats=args.repeats,
-        budget=args.budget if args.budget is not None else (2.0 if args.quick else 15.0),
+        budget=args.budget if args.budget is not None else (1.0 if args.quick else 20.0),
         n_samples=args.n_samples, quick=args.quick, reference=not args.no_reference,
         sklearn=_sklearn_estimator(),
     )
@@ -905,8 +940,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for case in cases:
         _log(f"case {case}")
+        start = perf_counter()
         results.extend(_CASE_FUNCTIONS[case](settings, data))
+        _log(f"case {case} took {perf_counter() - start:.1f} s")
     targets = _evaluate_targets(results)
+    machine["load_average_at_end"] = _load_average()
     print()
     print(format_results(results))
     if targets:
@@ -914,6 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_targets(targets))
         if not all(t["at_target_size"] for t in targets):
             print("* measured at a size other than the target's")
+    print(f"\nLoad average at the end: {machine['load_average_at_end']}")
     if args.json:
         report = {"machine": machine,
                   "settings": {"cases": cases, "repeats": settings.repeats,

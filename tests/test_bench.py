@@ -1,0 +1,128 @@
+"""``python -m fastem.bench``: the report's shape and its JSON twin (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fastem import bench
+
+# Tiny budgets: these tests check the plumbing, not the speed.
+FAST = ["--repeats", "1", "--budget", "0.3"]
+
+
+def _table_rows(text: str, first_column: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the Markdown table whose first header cell is ``first_column``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith("|") and line.strip("| ").split()[0] == first_column)
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return header, rows
+
+
+def _ratio(cell: str) -> float:
+    assert cell.endswith("x"), f"not a ratio: {cell!r}"
+    return float(cell[:-1])
+
+
+def test_small_case_prints_every_column_and_positive_speedups(capsys, tmp_path):
+    path = tmp_path / "small.json"
+    assert bench.main(["--quick", "--cases", "small", *FAST, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out
+    header, rows = _table_rows(out, "case")
+    assert header == bench.RESULT_COLUMNS
+    assert [(row[0], row[header.index("unit")]) for row in rows] == [
+        ("small", "ms/fit"), ("small", "ms/iter")]
+    for row in rows:
+        for column in ("vs sklearn", "vs reference"):
+            value = _ratio(row[header.index(column)])
+            assert math.isfinite(value) and value > 0, f"{column} = {value} in {row}"
+
+
+def test_json_holds_the_numbers_of_the_table(capsys, tmp_path):
+    path = tmp_path / "small.json"
+    assert bench.main(["--cases", "small", *FAST, "--json", str(path)]) == 0
+    header, rows = _table_rows(capsys.readouterr().out, "case")
+    report = json.loads(path.read_text())
+    assert set(report) == {"machine", "settings", "results", "targets"}
+    assert report["settings"]["cases"] == ["small"]
+    assert len(report["results"]) == len(rows)
+    for result, row in zip(report["results"], rows):
+        assert result["case"] == row[0] and result["unit"] == row[header.index("unit")]
+        for library in ("fastem", "sklearn", "reference"):
+            value = result["values"][library]
+            assert math.isfinite(value) and value > 0, f"{library}: {value}"
+            shown = float(row[header.index(library)])
+            assert math.isclose(shown, value, rel_tol=0.01), f"{library}: {shown} vs {value}"
+        for key, column in (("speedup_vs_sklearn", "vs sklearn"),
+                            ("speedup_vs_reference", "vs reference")):
+            shown = _ratio(row[header.index(column)])
+            assert math.isclose(shown, result[key], rel_tol=0.01), (
+                f"{column}: table {shown}, JSON {result[key]}")
+            assert math.isclose(result[key],
+                                result["values"][column.split()[1]] / result["values"]["fastem"])
+
+
+def test_em_case_at_another_size_reports_its_target_as_off_size(capsys, tmp_path):
+    path = tmp_path / "d2.json"
+    assert bench.main(["--cases", "d2", "--n-samples", "3000", *FAST, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    header, rows = _table_rows(out, "case")
+    assert [row[:6] for row in rows] == [["d2", "3000", "2", "5", "full", "float64"]]
+    assert rows[0][header.index("unit")] == "ms/iter"
+    assert _ratio(rows[0][header.index("vs sklearn")]) > 0
+    target_header, targets = _table_rows(out, "target")
+    assert target_header == bench.TARGET_COLUMNS
+    assert len(targets) == 1 and targets[0][-1].endswith("*"), targets
+    report = json.loads(path.read_text())
+    (target,) = report["targets"]
+    assert target["case"] == "d2" and target["at_target_size"] is False
+    assert math.isclose(target["measured"], report["results"][0]["speedup_vs_sklearn"])
+    iterations = report["results"][0]["details"]["iterations_per_sample"]
+    assert set(iterations) == {"fastem", "sklearn", "reference"}
+    assert all(n >= 1 for n in iterations.values()), iterations
+
+
+def test_no_reference_leaves_its_columns_empty(capsys):
+    assert bench.main(["--cases", "d2", "--n-samples", "2000", "--no-reference", *FAST]) == 0
+    header, rows = _table_rows(capsys.readouterr().out, "case")
+    assert rows[0][header.index("reference")] == "-"
+    assert rows[0][header.index("vs reference")] == "-"
+
+
+@pytest.mark.parametrize("argv", [["--cases", "no-such-case"], ["--repeats", "0"],
+                                  ["--n-samples", "10"]])
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as error:
+        bench.main(argv)
+    assert error.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_cases_accept_commas_and_run_in_canonical_order():
+    parsed = bench._parse_cases(["d10,small", "d2"])
+    assert parsed == ["small", "d2", "d10"]
+    assert bench._parse_cases(["all"]) == list(bench.CASES)
+
+
+def test_make_mixture_is_deterministic_and_contiguous():
+    X = bench.make_mixture(5000, 3, 4, seed=7)
+    assert X.shape == (5000, 3) and X.dtype == np.float64 and X.flags.c_contiguous
+    np.testing.assert_array_equal(X, bench.make_mixture(5000, 3, 4, seed=7))
+    assert not np.array_equal(X, bench.make_mixture(5000, 3, 4, seed=8))
+
+
+def test_peak_fit_memory_reports_size_of_x_and_a_nonnegative_peak():
+    report = bench.peak_fit_memory("fastem", 5000, 3, 2)
+    assert math.isclose(report["x_mib"], 5000 * 3 * 8 / 2**20)
+    assert report["peak_extra_mib"] >= 0, report
+    assert report["method"] in ("VmHWM - VmRSS", "ru_maxrss growth")
