@@ -239,7 +239,18 @@ default='kmeans'
                 self.precisions_init, self.covariance_type, K, n_features),
         )
 
-    def _fit_em(self, X, sample_weight, user_init):
+    def _fit_prevalidated(self, X, sample_weight, initial: GaussianParameters):
+        """Fit from ``initial`` on input already validated by the caller.
+
+        Model selection fits hundreds of cells on one validated array; this
+        skips re-validating it (and the initial parameters it built) each time.
+        """
+        self.n_features_in_ = X.shape[1]
+        with _numba_threads(self.n_threads):
+            self._fit_em(X, sample_weight, None, initial)
+        return self
+
+    def _fit_em(self, X, sample_weight, user_init, initial=None):
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
         random_state = check_random_state(self.random_state)
@@ -248,7 +259,9 @@ default='kmeans'
         self.init_lower_bounds_ = []
         for init in range(n_init):
             self._print_init_begin(init)
-            if do_init:
+            if initial is not None:
+                params, lower_bound = initial, -np.inf
+            elif do_init:
                 params = self._initial_parameters(X, sample_weight, random_state, user_init)
                 lower_bound = -np.inf
             else:

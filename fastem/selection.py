@@ -163,6 +163,7 @@ def _shared_starts(X, sample_weight, n_components, init_params, n_init, random_s
 
 
 def _initial_parameters(X, sample_weight, start, covariance_type, reg_covar):
+    """Initial parameters of a start, and the same as constructor arguments."""
     labels, centers = start
     stats = label_statistics_of(X, sample_weight, labels, centers, covariance_type)
     params, _ = m_step(stats, reg_covar, covariance_type)
@@ -173,8 +174,8 @@ def _initial_parameters(X, sample_weight, start, covariance_type, reg_covar):
         precisions = pc @ pc.T
     else:
         precisions = pc**2
-    return dict(weights_init=params.weights, means_init=params.means,
-                precisions_init=precisions)
+    return params, dict(weights_init=params.weights, means_init=params.means,
+                        precisions_init=precisions)
 
 
 def degeneracy(model: GaussianMixture, n_samples: float, data_variance: np.ndarray) -> str:
@@ -226,13 +227,15 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
             if best is not None:
                 break
             start = extra_starts.pop()()
-        init = _initial_parameters(X, sample_weight, start, covariance_type,
-                                   fit_kwargs["reg_covar"])
+        params, init = _initial_parameters(X, sample_weight, start, covariance_type,
+                                           fit_kwargs["reg_covar"])
+        # The start is kept as the model's initial parameters: refitting the
+        # model reproduces the cell.
         model = GaussianMixture(n_components, covariance_type=covariance_type, **init,
                                 **fit_kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.fit(X, sample_weight=sample_weight)
+            model._fit_prevalidated(X, sample_weight, params)
         why = degeneracy(model, n_eff, data_variance)
         if why:
             if best_degenerate is None or model.lower_bound_ > best_degenerate.lower_bound_:

@@ -1,0 +1,161 @@
+"""Model selection side by side: fastem, scikit-learn and (when installed) R's mclust.
+
+For each small real data set the K = 1..9 x {full, tied, diag, spherical} grid
+is fitted by
+
+* fastem's :func:`~fastem.selection.select_model` with its defaults
+  (hierarchical + k-means starts, degenerate fits excluded);
+* scikit-learn's ``GaussianMixture`` cell by cell with ``n_init`` = 1 and 20
+  (its default k-means start), keeping the lowest ``bic``;
+* mclust's ``mclustBIC`` (models VVV, EEE, VVI, VII = full, tied, diag,
+  spherical; model-based hierarchical start, one per cell), through
+  ``Rscript``, timed inside R so R's start-up is not counted.
+
+Reported: the best cell, the BIC it reaches (scikit-learn's sign: lower is
+better; mclust's values are negated) and the seconds per grid (median of
+``repeats`` runs after one warm-up; scikit-learn ``n_init=20`` runs once).
+mclust is a benchmark peer only, never a dependency.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .io import read_table
+from .selection import select_model
+from .stats import COVARIANCE_TYPES
+
+DATASETS = {"faithful": None, "crabs": ["FL", "RW", "CL", "CW", "BD"]}
+MCLUST_MODELS = {"VVV": "full", "EEE": "tied", "VVI": "diag", "VII": "spherical"}
+GRID = range(1, 10)
+
+_R_SCRIPT = """
+suppressMessages(library(mclust))
+X <- as.matrix(read.csv(commandArgs(TRUE)[1]))
+invisible(mclustBIC(X, G = 1:9, modelNames = c("VVV", "EEE", "VVI", "VII"), verbose = FALSE))
+times <- numeric(0)
+for (i in seq_len(as.integer(commandArgs(TRUE)[2]))) {
+  times <- c(times, system.time(
+    b <- mclustBIC(X, G = 1:9, modelNames = c("VVV", "EEE", "VVI", "VII"), verbose = FALSE)
+  )[["elapsed"]])
+}
+cat("SECONDS", median(times), "\\n")
+for (m in colnames(b)) for (g in rownames(b)) cat("CELL", g, m, b[g, m], "\\n")
+"""
+
+
+def load_dataset(name):
+    """``(X, names)`` of a data set shipped in ``fastem/data``."""
+    source = resources.files("fastem") / "data" / f"{name}.csv"
+    with resources.as_file(source) as path:
+        return read_table(path, columns=DATASETS[name])
+
+
+def _median_seconds(run, repeats):
+    """Median time of ``repeats`` runs after a warm-up (one cold run if repeats < 1)."""
+    if repeats < 1:
+        start = time.perf_counter()
+        result = run()
+        return time.perf_counter() - start, result
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
+
+
+def _fastem(X, repeats):
+    seconds, result = _median_seconds(lambda: select_model(X, GRID, random_state=0), repeats)
+    k, cov = result.best_params
+    return dict(tool="fastem", settings="defaults (n_init=5)", best=f"({k}, {cov})",
+                bic=float(result.table["bic"][result.best_index]), seconds=seconds,
+                table=result.format_table())
+
+
+def _sklearn(X, n_init, repeats):
+    from sklearn.mixture import GaussianMixture
+
+    def grid():
+        best = (np.inf, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k in GRID:
+                for cov in COVARIANCE_TYPES:
+                    bic = GaussianMixture(k, covariance_type=cov, n_init=n_init,
+                                          random_state=0).fit(X).bic(X)
+                    best = min(best, (bic, (k, cov)), key=lambda t: t[0])
+        return best
+
+    seconds, (bic, (k, cov)) = _median_seconds(grid, repeats)
+    return dict(tool="scikit-learn", settings=f"n_init={n_init}", best=f"({k}, {cov})",
+                bic=float(bic), seconds=seconds)
+
+
+def _mclust(name, repeats):
+    rscript = shutil.which("Rscript")
+    if rscript is None:
+        return None
+    X, names = load_dataset(name)
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / f"{name}.csv"
+        np.savetxt(data, X, delimiter=",", header=",".join(names), comments="")
+        try:
+            out = subprocess.run([rscript, "-e", _R_SCRIPT, str(data), str(max(repeats, 1))],
+                                 capture_output=True, text=True, timeout=600)
+        except OSError:
+            return None
+    if out.returncode != 0:
+        return dict(tool="mclust", settings="failed", best="-", bic=np.nan, seconds=np.nan,
+                    table=out.stderr.strip().splitlines()[-1:] or [""])
+    seconds, cells = np.nan, []
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["SECONDS"]:
+            seconds = float(parts[1])
+        elif parts[:1] == ["CELL"] and parts[3] != "NA":
+            cells.append((-float(parts[3]), int(parts[1]), MCLUST_MODELS[parts[2]]))
+    bic, k, cov = min(cells)
+    table = "\n".join(f"{k:>3} {cov:<10} {b:>12.3f}" for b, k, cov in sorted(
+        cells, key=lambda c: (c[1], list(MCLUST_MODELS.values()).index(c[2]))))
+    return dict(tool="mclust", settings="mclustBIC defaults", best=f"({k}, {cov})",
+                bic=bic, seconds=seconds, table=table)
+
+
+def run(datasets=("faithful", "crabs"), repeats=3, sklearn_n_init=(1, 20)):
+    """Rows ``{dataset, tool, settings, best, bic, seconds[, table]}`` for every data set."""
+    rows = []
+    for name in datasets:
+        X, _ = load_dataset(name)
+        found = [_fastem(X, repeats)]
+        found += [_sklearn(X, n, repeats if n == 1 else 0) for n in sklearn_n_init]
+        peer = _mclust(name, repeats)
+        if peer is not None:
+            found.append(peer)
+        for row in found:
+            row["dataset"] = f"{name} ({X.shape[0]}x{X.shape[1]})"
+        rows.extend(found)
+    return rows
+
+
+def format_rows(rows, tables=False):
+    """The comparison as aligned text (and, with ``tables``, each tool's BIC table)."""
+    head = f"{'data':<18} {'tool':<13} {'settings':<20} {'best cell':<16} {'BIC':>10} {'s/grid':>8}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(f"{row['dataset']:<18} {row['tool']:<13} {row['settings']:<20} "
+                     f"{row['best']:<16} {row['bic']:>10.2f} {row['seconds']:>8.3f}")
+    if tables:
+        for row in rows:
+            if "table" in row:
+                lines += ["", f"{row['dataset']} - {row['tool']}:", str(row["table"])]
+    return "\n".join(lines)
