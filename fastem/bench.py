@@ -104,48 +104,53 @@ _MAX_UNITS = 1000
 # on a machine with few cores they would steal the next library's CPU time,
 # so every timed call starts after this pause.
 _SETTLE_S = 0.2
+_MIN_MEAN_GAP = 6.0
+_SLAB_ROWS = 65536
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR")
 
 
 # ---------------------------------------------------------------- data
-def make_mixture(n_samples: int, n_features: int, n_components: int, *, seed: int = 0,
-                 chunk_rows: int = 65536) -> np.ndarray:
+def make_mixture(n_samples: int, n_features: int, n_components: int, *,
+                 seed: int = 0) -> np.ndarray:
     r"""Rows drawn from a well-separated random Gaussian mixture.
 
-    Means are spread uniformly in a cube of side :math:`8K^{1/D}`, redrawn
-    until every pair is at least 6 apart; covariances are
-    :math:`A_kA_k^T + I/2` with :math:`A_k` Gaussian of variance
-    :math:`1/(4D)` (eigenvalues roughly in [0.5, 1.5]), so clusters are
-    about five standard deviations apart.
+    Means are thrown one by one, uniformly in a cube of side
+    :math:`12K^{1/D}`, each kept only if at least 6 away from those kept;
+    covariances are :math:`A_kA_k^T + I/2` with :math:`A_k` Gaussian of
+    variance :math:`1/(4D)` (eigenvalues roughly in [0.5, 1.5]), so clusters
+    are about five standard deviations apart. Rows are generated in slabs,
+    so the peak memory is that of ``X`` itself.
 
     Parameters
     ----------
     n_samples, n_features, n_components : int
     seed : int
-        Everything is a function of the seed (and of the shape).
-    chunk_rows : int
-        Rows generated at a time: the peak memory is that of ``X`` itself.
+        Everything is a function of the seed and of the shape.
 
     Returns
     -------
     X : ndarray of shape (n_samples, n_features), float64, C-contiguous
     """
     rng = np.random.default_rng(seed)
-    side = 8.0 * n_components ** (1.0 / n_features)
-    for _ in range(1000):
-        means = rng.uniform(-side / 2, side / 2, size=(n_components, n_features))
-        gaps = np.linalg.norm(means[:, None] - means[None], axis=2)
-        if n_components == 1 or gaps[np.triu_indices(n_components, 1)].min() >= 6.0:
+    side = 12.0 * n_components ** (1.0 / n_features)
+    means = np.empty((0, n_features))
+    for _ in range(100_000):
+        if len(means) == n_components:
             break
+        candidate = rng.uniform(-side / 2, side / 2, size=n_features)
+        if np.all(np.linalg.norm(means - candidate, axis=1) >= _MIN_MEAN_GAP):
+            means = np.vstack([means, candidate])
+    else:
+        raise RuntimeError(f"could not place {n_components} separated means in {n_features}-D")
     factors = rng.normal(scale=0.5 / math.sqrt(n_features),
                          size=(n_components, n_features, n_features))
     cov = factors @ factors.transpose(0, 2, 1) + 0.5 * np.eye(n_features)
     chol = np.linalg.cholesky(cov)
     weights = rng.dirichlet(np.full(n_components, 5.0))
     X = np.empty((n_samples, n_features))
-    for start in range(0, n_samples, chunk_rows):
-        stop = min(start + chunk_rows, n_samples)
+    for start in range(0, n_samples, _SLAB_ROWS):
+        stop = min(start + _SLAB_ROWS, n_samples)
         labels = rng.choice(n_components, size=stop - start, p=weights)
         noise = rng.standard_normal((stop - start, n_features))
         block = X[start:stop]
@@ -425,6 +430,7 @@ class _Datasets:
     def get(self, n_samples, n_features, n_components) -> np.ndarray:
         key = (n_samples, n_features, n_components)
         if key != self._key:
+            # Drop the old data set first: two at once could exhaust memory.
             self._key, self._X, self._init = None, None, {}
             self._X = make_mixture(n_samples, n_features, n_components)
             self._key = key
@@ -437,12 +443,12 @@ class _Datasets:
         return self._init[covariance_type]
 
 
-def _library_runners(settings: _Settings, X, n_components, covariance_type, init,
-                     reference_ok: bool = True) -> dict[str, _Runner]:
+def _library_runners(settings: _Settings, X, n_components, covariance_type,
+                     init: InitialParameters) -> dict[str, _Runner]:
     runners = {"fastem": _em_runner(GaussianMixture, X, n_components, covariance_type, init)}
     if settings.sklearn is not None:
         runners["sklearn"] = _em_runner(settings.sklearn, X, n_components, covariance_type, init)
-    if settings.reference and reference_ok:
+    if settings.reference:
         runners["reference"] = _reference_runner(X, covariance_type, init)
     return runners
 
