@@ -10,22 +10,22 @@ from __future__ import annotations
 import numpy as np
 
 from ._kernels._blocks import n_chunks_for, pick
-from ._kernels.kmeans import candidate_potentials, lloyd_assign, sq_distances, update_closest
+from ._kernels.kmeans import (
+    candidate_potentials,
+    draw_by_mass,
+    lloyd_assign,
+    sq_distances,
+    update_closest,
+)
 from .stats import GaussianStatistics, label_statistics_of, uses_full_scatter
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 _NO_WEIGHTS = np.empty(0)
-_ROWS_PER_SLAB = 65536
+_ROWS_PER_SLAB = 8192
 
 
 def _weights_operand(sample_weight):
     return _NO_WEIGHTS if sample_weight is None else sample_weight
-
-
-def _draw_rows(cumulative, uniforms, n_samples):
-    """Rows whose cumulative mass interval contains ``uniforms * total``."""
-    rows = np.searchsorted(cumulative, np.asarray(uniforms) * cumulative[-1], side="right")
-    return np.minimum(rows, n_samples - 1)
 
 
 def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_trials=None):
@@ -57,7 +57,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
     if sample_weight is None:
         first = min(int(first_u * n_samples), n_samples - 1)
     else:
-        first = int(_draw_rows(np.cumsum(sample_weight), [first_u], n_samples)[0])
+        first = int(draw_by_mass(sample_weight, _NO_WEIGHTS, np.array([first_u]))[0])
     return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight)
 
 
@@ -72,8 +72,7 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
     pick(sq_distances, work)(X, np.asarray(X[first_index], dtype=np.float64), closest)
     for c in range(1, n_clusters):
-        mass = closest if sample_weight is None else closest * sample_weight
-        candidates = _draw_rows(np.cumsum(mass), uniforms[c - 1], n_samples)
+        candidates = draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64))
         potentials = pick(candidate_potentials, work)(
             X, sw, np.ascontiguousarray(X[candidates], dtype=np.float64), closest, n_chunks
         )
@@ -114,7 +113,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
 
     Returns
     -------
-    labels : ndarray (N,) int64, centers : ndarray (K, D), inertia : float, n_iter : int
+    labels : ndarray (N,) int32, centers : ndarray (K, D), inertia : float, n_iter : int
     """
     n_samples, n_features = X.shape
     centers = np.array(centers, dtype=np.float64)
@@ -122,7 +121,8 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     sw = _weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, n_clusters * n_features)
     tol_abs = tol * column_variance(X, sample_weight).mean()
-    labels = np.full(n_samples, -1, dtype=np.int64)
+    # int32 labels: at a million rows they are the largest temporary of a fit.
+    labels = np.full(n_samples, -1, dtype=np.int32)
     assign = pick(lloyd_assign, n_samples * n_clusters * n_features)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
@@ -172,12 +172,12 @@ def initial_statistics(X, sample_weight, n_components, init_params, covariance_t
             _, indices = kmeans_plusplus(X, n_components, random_state, sample_weight)
         else:
             indices = random_state.choice(X.shape[0], size=n_components, replace=False)
-        labels = np.full(X.shape[0], -1, dtype=np.int64)
+        labels = np.full(X.shape[0], -1, dtype=np.int32)
         labels[indices] = np.arange(n_components)
         return label_statistics_of(X, sample_weight, labels, X[indices], covariance_type)
     if init_params == "hierarchical":
         hierarchy = Hierarchy(X, sample_weight, random_state)
-        labels = np.full(X.shape[0], -1, dtype=np.int64)
+        labels = np.full(X.shape[0], -1, dtype=np.int32)
         labels[hierarchy.rows] = hierarchy.labels(n_components)
         return label_statistics_of(X, sample_weight, labels, hierarchy.centres(X, labels,
                                    n_components), covariance_type)

@@ -131,7 +131,7 @@ def classification_entropy(model: GaussianMixture, X, sample_weight=None) -> flo
 def _kmeans_start(X, sample_weight, n_components, init_params, random_state):
     seeds, indices = kmeans_plusplus(X, n_components, random_state, sample_weight)
     if init_params == "k-means++":
-        labels = np.full(X.shape[0], -1, dtype=np.int64)
+        labels = np.full(X.shape[0], -1, dtype=np.int32)
         labels[indices] = np.arange(n_components)
         return labels, seeds
     labels, centers, _, _ = lloyd(X, seeds, sample_weight)
@@ -140,7 +140,7 @@ def _kmeans_start(X, sample_weight, n_components, init_params, random_state):
 
 def _hierarchical_start(X, hierarchy, n_components):
     """Labels of the hierarchy cut at K (rows outside its subset: unassigned)."""
-    labels = np.full(X.shape[0], -1, dtype=np.int64)
+    labels = np.full(X.shape[0], -1, dtype=np.int32)
     labels[hierarchy.rows] = hierarchy.labels(n_components)
     return labels, hierarchy.centres(X, labels, n_components)
 

@@ -201,7 +201,7 @@ def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> Gau
     full = uses_full_scatter(covariance_type)
     n_chunks = n_chunks_for(X.shape[0], n_components * n_features * (n_features if full else 1))
     nk, sx, sxx = pick(label_statistics, X.shape[0] * n_components * (n_features + 1) ** 2)(
-        X, _sample_weight_operand(sample_weight), np.asarray(labels, dtype=np.int64), shift,
+        X, _sample_weight_operand(sample_weight), np.asarray(labels, dtype=np.int32), shift,
         full, n_chunks,
     )
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())

@@ -121,3 +121,32 @@ update_closest = compile_twice(_update_closest, "_update_closest_serial")
 
 
 lloyd_assign = compile_twice(_lloyd_assign, "_lloyd_assign_serial")
+
+
+@njit(cache=True)
+def draw_by_mass(closest, sample_weight, fractions):
+    r"""Rows drawn with probability :math:`\propto w_n D_n^2`, without a cumulative array.
+
+    Row ``i`` is drawn for fraction ``u`` when the running sum
+    :math:`\sum_{n\le i} w_n D_n^2` first exceeds ``u`` times the total, the
+    rows taken left to right exactly as ``np.searchsorted(np.cumsum(.),
+    side="right")`` would (the twin, :func:`fastem.reference.kmeans_plusplus`,
+    does that): same additions in the same order, no N-sized temporary.
+    """
+    n = closest.shape[0]
+    weighted = sample_weight.shape[0] > 0
+    total = 0.0
+    for i in range(n):
+        total += closest[i] * sample_weight[i] if weighted else closest[i]
+    order = np.argsort(fractions)
+    rows = np.full(fractions.shape[0], n - 1, dtype=np.int64)
+    running = 0.0
+    t = 0
+    for i in range(n):
+        running += closest[i] * sample_weight[i] if weighted else closest[i]
+        while t < order.shape[0] and running > fractions[order[t]] * total:
+            rows[order[t]] = i
+            t += 1
+        if t == order.shape[0]:
+            break
+    return rows
