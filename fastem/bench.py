@@ -19,8 +19,10 @@ EM iteration cost
     one iteration rather than none). ``em_fit`` has no such fixed cost: its
     sample is ``T(m) / m``. fastem is warmed up once first, so JIT
     compilation is excluded. ``m`` is chosen per library so that a sample
-    takes about ``--budget / 15`` seconds; a library whose samples would
-    overrun ``--budget`` seconds per case takes fewer of them (at least one).
+    takes about ``--budget / 15`` seconds, and is at least 4 where a fixed
+    cost is subtracted (scikit-learn's varies by ~10% between calls). A
+    library stops taking samples once the next would bring its time on the
+    case over ``--budget`` seconds (it always takes one).
     Each sample starts after a short pause, so that BLAS or OpenMP threads
     still spinning after the previous library's call do not steal its CPU.
 Whole fit and the small case
@@ -100,6 +102,7 @@ _FAITHFUL_COMPONENTS = 2
 # Import and first-fit timings are short and jittery; never take fewer samples.
 _MIN_SUBPROCESS_REPEATS = 5
 _MAX_UNITS = 1000
+_MIN_DIFFERENCED_ITERATIONS = 4
 # OpenBLAS and OpenMP worker threads busy-wait for up to ~0.1 s after a call;
 # on a machine with few cores they would steal the next library's CPU time,
 # so every timed call starts after this pause.
@@ -284,12 +287,14 @@ class _Runner:
     """``run(n)`` does ``n`` units of work and returns the seconds it took.
 
     A sample times ``run(fixed + n)`` and subtracts ``run(fixed)``, which
-    must pay whatever ``run`` costs regardless of ``n``.
+    must pay whatever ``run`` costs regardless of ``n``; ``n`` is at least
+    ``min_units``.
     """
 
     run: Callable[[int], float]
     warm_up: bool = False
     fixed: int = 0
+    min_units: int = 1
 
 
 @dataclass
@@ -330,26 +335,33 @@ def _measure(runners: dict[str, _Runner], settings: _Settings) -> dict[str, _Tim
     """Interleaved medians of seconds per unit of work, one entry per runner.
 
     Each runner is calibrated once (after a warm-up call if it compiles), so
-    that a sample lasts about ``settings.sample_time``; a runner whose
-    samples would overrun ``settings.budget`` takes fewer of them.
+    that a sample lasts about ``settings.sample_time``. Every runner takes
+    one sample per round, for ``settings.repeats`` rounds, except that after
+    its first sample a runner skips the rounds that would take its time in
+    this case (calibration included) over ``settings.budget``.
     """
-    units, repeats = {}, {}
+    units, spent = {}, {}
     for label, runner in runners.items():
         if runner.warm_up:
             runner.run(1)
         sleep(_SETTLE_S)
         once = max(runner.run(1), 1e-9)
-        units[label] = int(min(_MAX_UNITS, max(1, math.ceil(settings.sample_time / once))))
-        cost = once * (units[label] + 1 + runner.fixed)
-        repeats[label] = int(min(settings.repeats, max(1, settings.budget // cost)))
+        units[label] = int(min(_MAX_UNITS, max(runner.min_units,
+                                                math.ceil(settings.sample_time / once))))
+        spent[label] = once
     samples: dict[str, list[float]] = {label: [] for label in runners}
-    for i in range(max(repeats.values())):
+    last: dict[str, float] = {}
+    for _ in range(settings.repeats):
         for label, runner in runners.items():
-            if i < repeats[label]:
-                sleep(_SETTLE_S)
-                fixed = runner.run(runner.fixed)
-                total = runner.run(runner.fixed + units[label])
-                samples[label].append((total - fixed) / units[label])
+            if label in last and spent[label] + last[label] > settings.budget:
+                continue
+            sleep(_SETTLE_S)
+            start = perf_counter()
+            fixed = runner.run(runner.fixed)
+            total = runner.run(runner.fixed + units[label])
+            last[label] = perf_counter() - start
+            spent[label] += last[label]
+            samples[label].append((total - fixed) / units[label])
     timings = {label: _Timing(statistics.median(s), units[label], s)
                for label, s in samples.items()}
     _log(", ".join(f"{label}: {t.median * 1e3:.4g} ms/unit ({len(t.samples)} x {t.units})"
@@ -373,7 +385,11 @@ def _em_runner(estimator: type, X, n_components, covariance_type,
                           precisions_init=init.precisions)
         return _quietly(lambda: model.fit(X))
 
-    return _Runner(run, warm_up=estimator is GaussianMixture, fixed=1)
+    # scikit-learn's fixed cost (validation and a final E-step) is about one
+    # iteration and varies by ~10% from call to call at a million rows: the
+    # difference must span several iterations to rise above that noise.
+    return _Runner(run, warm_up=estimator is GaussianMixture, fixed=1,
+                   min_units=_MIN_DIFFERENCED_ITERATIONS)
 
 
 def _reference_runner(X, covariance_type, init: InitialParameters) -> _Runner:
