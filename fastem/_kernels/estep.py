@@ -60,7 +60,7 @@ def _centre(xT, n_rows, mean, diff):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diff, y, quad, log_prob):
+def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diffs, y, quad, log_prob):
     """log_prob[k, r] = log_const[k] - ||(x_r - mu_k) U_k||^2 / 2 (U upper).
 
     y = (x - mu_k) U_k is built in 2 x 2 tiles: two columns of y from two rows
@@ -71,6 +71,9 @@ def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diff, y, quad,
     n_components, n_features = means.shape
     y2 = y[BLOCK_ROWS:]
     for k in range(n_components):
+        # The centred block of every component is kept (diffs[k]) for the
+        # accumulation that follows the normalisation.
+        diff = diffs[k]
         _centre(xT, n_rows, means[k], diff)
         for r in range(n_rows):
             quad[r] = 0.0
@@ -171,15 +174,19 @@ def _scatter_upper(wdiff, diff, n_rows, out, zero):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _accumulate_loops(xT, n_rows, means, resp, diff, wdiff, nk, sx, sxx, full):
+def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, nk, sx, sxx, full):
     """Add the block's weighted first and second moments around the means.
 
-    Sums over the block's rows (at most ``BLOCK_ROWS``) are taken in X's
+    With ``centred``, ``diffs[k]`` already holds the block centred on mean k
+    (left by the E-step); otherwise it is centred here, in ``diffs[0]``. Sums
+    over the block's rows (at most ``BLOCK_ROWS``) are taken in X's
     precision, every total across blocks in float64.
     """
     n_components, n_features = means.shape
     for k in range(n_components):
-        _centre(xT, n_rows, means[k], diff)
+        diff = diffs[k] if centred else diffs[0]
+        if not centred:
+            _centre(xT, n_rows, means[k], diff)
         total = 0.0
         for r in range(n_rows):
             total += resp[k, r]
@@ -369,7 +376,8 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
     n_features = X.shape[1]
     n_components = means.shape[0]
     xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
-    diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+    diffs = np.empty((n_components if full_covariance else 1, n_features, BLOCK_ROWS),
+                     dtype=X.dtype)
     wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
     y = np.empty(2 * BLOCK_ROWS, dtype=X.dtype)
     quad = np.empty(BLOCK_ROWS, dtype=X.dtype)
@@ -392,7 +400,8 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
         else:
             transpose_block(X, start, n_rows, xT)
             if full_covariance:
-                _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, quad, log_prob)
+                _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad,
+                                     log_prob)
             else:
                 _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
         normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo)
@@ -402,8 +411,8 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
         elif use_blas:
             _accumulate_diag_gemm(rows, n_rows, log_prob, nk, sx, sxx)
         else:
-            _accumulate_loops(xT, n_rows, means, log_prob, diff, wdiff, nk, sx, sxx,
-                              full_covariance)
+            _accumulate_loops(xT, n_rows, means, log_prob, diffs, full_covariance, wdiff, nk,
+                              sx, sxx, full_covariance)
     return loglik, worst[0], worst_index[0]
 
 
@@ -488,13 +497,13 @@ def _gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log
         start = b * BLOCK_ROWS
         n_rows = min(BLOCK_ROWS, n_samples - start)
         xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
-        diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        diffs = np.empty((n_components, n_features, BLOCK_ROWS), dtype=X.dtype)
         y = np.empty(2 * BLOCK_ROWS, dtype=X.dtype)
         quad = np.empty(BLOCK_ROWS, dtype=X.dtype)
         log_prob = np.empty((n_components, BLOCK_ROWS))
         transpose_block(X, start, n_rows, xT)
         if full_covariance:
-            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diff, y, quad, log_prob)
+            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
         else:
             _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
         for r in range(n_rows):

@@ -29,7 +29,7 @@ def _label_statistics(X, sample_weight, labels, shift, full_covariance, n_chunks
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
         xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
-        diff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
+        diffs = np.empty((1, n_features, BLOCK_ROWS), dtype=X.dtype)
         wdiff = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
         resp = np.empty((n_components, BLOCK_ROWS))
         for start in range(first, last, BLOCK_ROWS):
@@ -40,8 +40,8 @@ def _label_statistics(X, sample_weight, labels, shift, full_covariance, n_chunks
                 if label >= 0:
                     resp[label, r] = sample_weight[start + r] if weighted else 1.0
             transpose_block(X, start, n_rows, xT)
-            _accumulate_loops(xT, n_rows, shift, resp, diff, wdiff, nk_parts[c], sx_parts[c],
-                              sxx_parts[c], full_covariance)
+            _accumulate_loops(xT, n_rows, shift, resp, diffs, False, wdiff, nk_parts[c],
+                              sx_parts[c], sxx_parts[c], full_covariance)
     return reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
 
 
