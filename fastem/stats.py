@@ -24,14 +24,13 @@ import numpy as np
 
 from ._kernels._blocks import n_chunks_for, pick
 from ._kernels.blas import blas_routines, single_threaded_blas
-from ._kernels.estep import gaussian_log_resp, gaussian_statistics
+from ._kernels.estep import gaussian_log_resp, gaussian_operands, gaussian_statistics
 from ._kernels.labels import label_statistics
 from ._kernels.mstep import m_step_canonical
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 # The kernels' code for each covariance type (see m_step_canonical).
 COVARIANCE_KIND = {"full": 0, "tied": 1, "diag": 2, "spherical": 3}
-_LOG_2PI = np.log(2.0 * np.pi)
 _NO_WEIGHTS = np.empty(0)
 # From this width on, full-covariance E-steps use the BLAS engine (dtrmm +
 # dsyrk per block); below it the vectorised loops are faster.
@@ -135,28 +134,15 @@ def kernel_operands(params: GaussianParameters, covariance_type: str, dtype=np.f
     The log-constant is :math:`\\log\\pi_k + \\log\\det U_k - \\tfrac D2\\log 2\\pi`.
     Full and tied models pass (K, D, D) precision Cholesky factors; diagonal
     and spherical models pass (K, D, 1) precisions :math:`1/\\sigma^2` (one
-    kernel signature serves both flavours).
+    kernel signature serves both flavours). Computed by the same compiled
+    function as in the compiled EM loop (see ``gaussian_operands``).
     """
     means = np.ascontiguousarray(params.means, dtype=dtype)
-    n_components, n_features = means.shape
-    pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
-    full = uses_full_scatter(covariance_type)
-    if covariance_type == "full":
-        prec = np.ascontiguousarray(pc)
-        log_det = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
-    elif covariance_type == "tied":
-        prec = np.ascontiguousarray(np.broadcast_to(pc, (n_components, n_features, n_features)))
-        log_det = np.full(n_components, np.log(np.diag(pc)).sum())
-    elif covariance_type == "diag":
-        prec = np.ascontiguousarray((pc**2)[:, :, None])
-        log_det = np.log(pc).sum(axis=1)
-    else:
-        prec = np.ascontiguousarray(np.repeat((pc**2)[:, None, None], n_features, axis=1))
-        log_det = n_features * np.log(pc)
-    with np.errstate(divide="ignore"):
-        log_weights = np.log(np.asarray(params.weights, dtype=np.float64))
-    log_const = log_weights + log_det - 0.5 * n_features * _LOG_2PI
-    return means, prec.astype(dtype, copy=False), log_const, full
+    kind = COVARIANCE_KIND[covariance_type]
+    prec, log_const = gaussian_operands(
+        np.ascontiguousarray(params.weights, dtype=np.float64),
+        to_canonical(params.precisions_cholesky, covariance_type), kind, means.shape[1])
+    return means, prec.astype(dtype, copy=False), log_const, kind <= 1
 
 
 def uses_blas(n_features: int, covariance_type: str) -> bool:

@@ -11,43 +11,11 @@ driver, which owns those policies and their warnings.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
 
-from .estep import gaussian_statistics_serial
+from .estep import gaussian_operands, gaussian_statistics_serial
 from .mstep import m_step_canonical
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-@njit(cache=True)
-def estep_operands(weights, prec_chol, kind, n_features):
-    r"""Kernel operands from canonical 3-D precision Cholesky factors.
-
-    Returns the precision operand ((K, D, D) factors or (K, D, 1) diagonal
-    precisions) and :math:`\log\pi_k + \log\det U_k - \tfrac D2 \log 2\pi`.
-    """
-    n_components = weights.shape[0]
-    full = kind <= 1
-    prec = np.empty((n_components, n_features, n_features if full else 1))
-    log_const = np.empty(n_components)
-    for k in range(n_components):
-        source = 0 if kind == 1 else k
-        log_det = 0.0
-        if full:
-            prec[k] = prec_chol[source]
-            for d in range(n_features):
-                log_det += math.log(prec_chol[source, d, d])
-        else:
-            for d in range(n_features):
-                u = prec_chol[k, 0 if kind == 3 else d, 0]
-                prec[k, d, 0] = u * u
-                log_det += math.log(u)
-        log_const[k] = math.log(weights[k]) + log_det - 0.5 * n_features * _LOG_2PI
-    return prec, log_const
-
 
 @njit(cache=True)
 def em_loop(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_covar, tol,
@@ -71,7 +39,7 @@ def em_loop(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_
     handed_over = False
     full = kind <= 1
     while n_iter < max_iter:
-        prec, log_const = estep_operands(weights, prec_chol, kind, n_features)
+        prec, log_const = gaussian_operands(weights, prec_chol, kind, n_features)
         nk, sx, sxx, loglik, _, _ = gaussian_statistics_serial(
             X, sample_weight, means, prec, log_const, full, False, trmm, syrk, n_chunks)
         new = m_step_canonical(nk, sx, sxx, means, reg_covar, kind)

@@ -50,6 +50,40 @@ from ._blocks import (
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@njit(cache=True)
+def gaussian_operands(weights, prec_chol, kind, n_features):
+    r"""Kernel operands from canonical 3-D precision Cholesky factors.
+
+    One implementation for the Python driver and the compiled EM loop, so both
+    feed the statistics kernel bit-identical operands (NumPy's vectorised
+    ``log`` may differ from libm's in the last bit).
+
+    Returns the precision operand ((K, D, D) factors or (K, D, 1) diagonal
+    precisions) and :math:`\log\pi_k + \log\det U_k - \tfrac D2 \log 2\pi`.
+    """
+    n_components = weights.shape[0]
+    full = kind <= 1
+    prec = np.empty((n_components, n_features, n_features if full else 1))
+    log_const = np.empty(n_components)
+    for k in range(n_components):
+        source = 0 if kind == 1 else k
+        log_det = 0.0
+        if full:
+            prec[k] = prec_chol[source]
+            for d in range(n_features):
+                log_det += math.log(prec_chol[source, d, d])
+        else:
+            for d in range(n_features):
+                u = prec_chol[k, 0 if kind == 3 else d, 0]
+                prec[k, d, 0] = u * u
+                log_det += math.log(u)
+        log_const[k] = math.log(weights[k]) + log_det - 0.5 * n_features * _LOG_2PI
+    return prec, log_const
+
+
 @njit(cache=True, fastmath=_FAST)
 def _centre(xT, n_rows, mean, diff):
     """diff[d, r] = xT[d, r] - mean[d]."""
