@@ -94,8 +94,10 @@ _EM_CASES = {
 _D10 = _EM_CASES["d10"]
 # Canonical order: cases sharing the D=10 data set run back to back.
 CASES = ("small", "d2", "d10", "float32", "fit", "d100", "diag50", "memory", "import", "warm",
-         "cold")
-DEFAULT_CASES = tuple(c for c in CASES if c != "cold")
+         "cold", "selection")
+# Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
+# n_init=20 grids (about a minute) and mclust when Rscript is installed.
+DEFAULT_CASES = tuple(c for c in CASES if c not in ("cold", "selection"))
 _SMALL_COMPONENTS = 3
 _SMALL_ITERATIONS = 100
 _FAITHFUL_COMPONENTS = 2
@@ -728,6 +730,27 @@ def _case_cold(settings: _Settings, data: _Datasets) -> list[Result]:
             for unit, seconds in (("s (1st fit)", compile_first), ("s (all)", compile_all))]
 
 
+def _case_selection(settings: _Settings, data: _Datasets) -> list[Result]:
+    """The K x covariance grid on Old Faithful and crabs: fastem, scikit-learn, mclust."""
+    from . import bench_selection
+
+    rows = bench_selection.run(repeats=settings.repeats,
+                               sklearn_n_init=(1,) if settings.quick else (1, 20))
+    print(bench_selection.format_rows(rows, tables=True), flush=True)
+    results = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        found = {f"{r['tool']} {r['settings']}": r for r in rows if r["dataset"] == dataset}
+        fastem = next(r for r in found.values() if r["tool"] == "fastem")
+        sklearn = found.get("scikit-learn n_init=1")
+        values = {"fastem": fastem["seconds"]}
+        if sklearn is not None:
+            values["sklearn"] = sklearn["seconds"]
+        details = {name: {"best": r["best"], "bic": r["bic"], "seconds": r["seconds"]}
+                   for name, r in found.items()}
+        results.append(Result("selection", "s/grid", values, details=details))
+    return results
+
+
 _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "small": _case_small,
     **{name: partial(_case_em, name) for name in _EM_CASES},
@@ -737,6 +760,7 @@ _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "import": _case_import,
     "warm": _case_warm,
     "cold": _case_cold,
+    "selection": _case_selection,
 }
 
 
@@ -899,7 +923,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="CASE",
                         help=f"cases to run, space or comma separated, from {', '.join(CASES)}"
-                             " or 'all' (default: all but 'cold', which takes a minute)")
+                             " or 'all' (default: all but 'cold' and 'selection', which take"
+                             " a minute each)")
     parser.add_argument("--n-samples", type=int, default=None,
                         help="rows of every synthetic data set (default: the target sizes, "
                              "1,000,000, or 200,000 for d100)")
