@@ -217,3 +217,40 @@ def test_serial_and_parallel_compilations_agree_bit_for_bit():
                 np.testing.assert_array_equal(u, v)
         else:
             np.testing.assert_array_equal(a, b)
+
+
+def test_vectorised_exp_matches_numpy():
+    from fastem._kernels._blocks import exp_nonpositive, exp_nonpositive32
+
+    values = np.concatenate([-np.geomspace(1e-12, 800.0, 2000), [0.0, -np.inf, -708.5, -86.9]])
+    offsets = np.zeros_like(values)
+    out = np.empty_like(values)
+    exp_nonpositive(values, offsets, out, np.empty(values.size, dtype=np.int64), values.size)
+    expected = np.exp(values)
+    normal = expected > 1e-300
+    np.testing.assert_allclose(out[normal], expected[normal], rtol=4e-16)
+    assert np.all(out[values < -708.0] == 0.0)
+    v32 = values.astype(np.float32)
+    out32 = np.empty_like(v32)
+    exp_nonpositive32(v32, np.zeros_like(v32), out32, np.empty(v32.size, dtype=np.int32),
+                      v32.size)
+    expected32 = np.exp(v32.astype(np.float64))
+    keep = expected32 > 1e-37
+    np.testing.assert_allclose(out32[keep], expected32[keep], rtol=3e-7)
+    assert np.all(out32[v32 < -87.0] == 0.0)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_statistics_match_reference(covariance_type):
+    X = make_mixture(900, 4, 3, seed=21)
+    w, means, cov, pc = random_parameters(X, 3, covariance_type)
+    X32 = X.astype(np.float32)
+    stats = e_step_statistics(X32, None, GaussianParameters(w, means, cov, pc), covariance_type)
+    ref_norm, ref_resp = reference.log_responsibilities(X32.astype(np.float64), w, means, pc,
+                                                        covariance_type)
+    nk, _, sxx = reference.sufficient_statistics(X32.astype(np.float64), np.exp(ref_resp),
+                                                 stats.shift, covariance_type)
+    # float32 arithmetic: agreement to single precision, not 1e-10.
+    assert_close(stats.nk, nk, rtol=1e-5, what="N_k")
+    assert_close(stats.sxx.reshape(sxx.shape), sxx, rtol=1e-5, what="S_k")
+    assert_close(stats.loglik, ref_norm.sum(), rtol=1e-6, what="log-likelihood")

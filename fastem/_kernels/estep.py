@@ -367,7 +367,8 @@ def _accumulate_diag_gemm(Z, n_rows, resp, nk, sx, sxx):
     """[sum r z, sum r z^2] of every component by one matrix product (around c)."""
     n_components = resp.shape[0]
     n_features = sx.shape[1]
-    R = np.ascontiguousarray(resp[:, :n_rows])
+    R = np.empty((n_components, n_rows))  # contiguous float64, as np.dot needs
+    R[:, :] = resp[:, :n_rows]
     A = np.dot(R, Z[:n_rows])
     for k in range(n_components):
         total = 0.0
@@ -416,11 +417,13 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
     y = np.empty(2 * BLOCK_ROWS, dtype=X.dtype)
     quad = np.empty(BLOCK_ROWS, dtype=X.dtype)
     rows = np.empty((BLOCK_ROWS if use_blas else 0, n_features * (1 if full_covariance else 2)))
-    log_prob = np.empty((n_components, BLOCK_ROWS))
-    row_max = np.empty(BLOCK_ROWS)
-    row_sum = np.empty(BLOCK_ROWS)
+    # Responsibilities in the operands' precision (X's for the loop engine).
+    log_prob = np.empty((n_components, BLOCK_ROWS), dtype=means.dtype)
+    row_max = np.empty(BLOCK_ROWS, dtype=means.dtype)
+    row_sum = np.empty(BLOCK_ROWS, dtype=means.dtype)
+    expo = np.empty(BLOCK_ROWS, dtype=means.dtype)
     bits = np.empty(BLOCK_ROWS, dtype=np.int64)
-    expo = np.empty(BLOCK_ROWS)
+    log_norm = np.empty(BLOCK_ROWS)
     worst = np.full(1, np.inf)
     worst_index = np.zeros(1, dtype=np.int64)
     loglik = 0.0
@@ -438,8 +441,9 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
                                      log_prob)
             else:
                 _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
-        normalise_block(log_prob, n_rows, sample_weight, start, row_max, row_sum, bits, expo)
-        loglik += _block_loglik(row_max, n_rows, sample_weight, start, worst, worst_index, 0)
+        normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, row_sum, bits,
+                        expo)
+        loglik += _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, 0)
         if use_blas and full_covariance:
             _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk, sx, sxx, syrk)
         elif use_blas:
