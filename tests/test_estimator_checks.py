@@ -22,3 +22,16 @@ EXPECTED_FAILED = {
 )
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
+
+
+def test_clone_and_tags_describe_a_density_estimator():
+    from sklearn.base import clone
+    from sklearn.utils import get_tags
+
+    original = GaussianMixture(3, covariance_type="tied", n_threads=1, random_state=7)
+    copy = clone(original)
+    assert copy is not original
+    assert copy.get_params() == original.get_params()
+    tags = get_tags(original)
+    assert tags.estimator_type == "density_estimator"
+    assert tags.input_tags.allow_nan is False
