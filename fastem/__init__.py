@@ -7,7 +7,7 @@ from .mixture import DegenerateDataWarning, GaussianMixture
 
 __version__ = "0.1.0"
 
-__all__ = ["GaussianMixture", "DegenerateDataWarning", "load", "__version__"]
+__all__ = ["DegenerateDataWarning", "GaussianMixture", "__version__", "load"]
 
 
 def load(path):

@@ -1,4 +1,6 @@
-"""fastem against scikit-learn and :mod:`fastem.reference`, side by side: ``python -m fastem.bench``.
+"""fastem against scikit-learn and :mod:`fastem.reference`, side by side.
+
+Run as ``python -m fastem.bench`` (or ``fastem bench``).
 
 Every case runs all libraries in one process on the same data, from the same
 starting parameters, *interleaved* (fastem, sklearn, reference, fastem, ...)

@@ -21,6 +21,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._kernels._blocks import n_chunks_for
+from ._kernels.blas import blas_routines
+from ._kernels.emloop import em_loop
+from ._kernels.mstep import factor_covariance
 from ._validation import (
     check_means,
     check_precisions,
@@ -29,19 +33,15 @@ from ._validation import (
     covariances_from_precision_cholesky,
     precision_cholesky_from_precisions,
 )
-from ._kernels.mstep import factor_covariance
 from .initialization import INIT_METHODS, initial_statistics
-from ._kernels._blocks import n_chunks_for
-from ._kernels.blas import blas_routines
-from ._kernels.emloop import em_loop
 from .stats import (
     COVARIANCE_KIND,
     COVARIANCE_TYPES,
     GaussianParameters,
     GaussianStatistics,
     e_step_statistics,
-    log_responsibilities,
     from_canonical,
+    log_responsibilities,
     m_step,
     to_canonical,
 )

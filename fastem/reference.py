@@ -26,18 +26,18 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 __all__ = [
-    "log_gaussian_prob",
-    "log_responsibilities",
-    "sufficient_statistics",
-    "statistics_from_labels",
-    "m_step",
-    "estimate_parameters",
-    "precision_cholesky",
+    "COVARIANCE_TYPES",
+    "LOG_2PI",
     "em_fit",
+    "estimate_parameters",
     "kmeans_plusplus",
     "lloyd",
-    "LOG_2PI",
-    "COVARIANCE_TYPES",
+    "log_gaussian_prob",
+    "log_responsibilities",
+    "m_step",
+    "precision_cholesky",
+    "statistics_from_labels",
+    "sufficient_statistics",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -346,7 +346,7 @@ def kmeans_plusplus(X, n_clusters, uniforms, first_index, n_local_trials=None, s
     indices : ndarray (n_clusters,)
     """
     X = np.asarray(X, dtype=np.float64)
-    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
     if n_local_trials is None:
         n_local_trials = 2 + int(np.log(n_clusters))
     indices = [int(first_index)]
@@ -379,7 +379,7 @@ def lloyd(X, centers, *, max_iter=300, tol=1e-4, sample_weight=None):
     labels : ndarray (N,), centers : ndarray (K, D), inertia : float, n_iter : int
     """
     X = np.asarray(X, dtype=np.float64)
-    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
     centers = np.array(centers, dtype=np.float64)
     tol_abs = tol * np.var(X, axis=0).mean()
     labels = None

@@ -25,8 +25,8 @@ import functools
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin

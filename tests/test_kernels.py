@@ -40,7 +40,7 @@ PROBLEMS = [
 ]
 
 
-@pytest.fixture(params=PROBLEMS, ids=lambda p: "N%d-D%d-K%d" % p)
+@pytest.fixture(params=PROBLEMS, ids=lambda p: "N{}-D{}-K{}".format(*p))
 def problem(request):
     n, d, k = request.param
     return make_mixture(n, d, k, seed=n + d), k
@@ -193,7 +193,6 @@ def test_serial_and_parallel_compilations_agree_bit_for_bit():
     from fastem._kernels import estep, kmeans, labels
 
     X = make_mixture(3000, 3, 3, seed=12)
-    rng = np.random.default_rng(0)
     centers = X[:3].copy()
     outs = []
     for member in (0, 1):

@@ -7,7 +7,12 @@ import warnings
 import numba
 import numpy as np
 import pytest
-from conftest import COVARIANCE_TYPES, make_mixture, precisions_from_cholesky, random_parameters
+from conftest import (
+    COVARIANCE_TYPES,
+    make_mixture,
+    precisions_from_cholesky,
+    random_parameters,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import COVARIANCE_TYPES, make_mixture, precisions_from_cholesky, random_parameters
+from conftest import (
+    COVARIANCE_TYPES,
+    make_mixture,
+    precisions_from_cholesky,
+    random_parameters,
+)
 
 from fastem import DegenerateDataWarning, GaussianMixture
 

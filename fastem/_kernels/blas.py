@@ -15,7 +15,7 @@ import ctypes
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def blas_routines():
     """``(dtrmm, dsyrk)`` as ctypes functions taking every argument by reference."""
     from numba.extending import get_cython_function_address
@@ -27,7 +27,7 @@ def blas_routines():
     return bind("dtrmm", 11), bind("dsyrk", 10)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _controller():
     from threadpoolctl import ThreadpoolController
 

@@ -17,6 +17,7 @@ from numba import njit
 from .estep import gaussian_operands, gaussian_statistics_serial
 from .mstep import m_step_canonical
 
+
 @njit(cache=True)
 def em_loop(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_covar, tol,
             max_iter, lower_bound, collapse_below, n_chunks, trmm, syrk):

@@ -10,7 +10,13 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._blocks import BLOCK_ROWS, chunk_rows, compile_twice, reduce_statistics, transpose_block
+from ._blocks import (
+    BLOCK_ROWS,
+    chunk_rows,
+    compile_twice,
+    reduce_statistics,
+    transpose_block,
+)
 from .estep import _accumulate_loops
 
 
