@@ -37,6 +37,7 @@ PROBLEMS = [
     (256, 1, 2),
     (1000, 7, 3),
     (90, 40, 2),
+    (2500, 30, 2),  # BLAS engine over several 1024-row blocks and chunks
 ]
 
 
