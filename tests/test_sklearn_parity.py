@@ -46,7 +46,8 @@ def _assert_same_fit(ours, theirs, rtol=1e-8):
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-@pytest.mark.parametrize("shape", [(800, 2, 3), (500, 6, 4)], ids=["D2", "D6"])
+@pytest.mark.parametrize("shape", [(800, 2, 3), (500, 6, 4), (3000, 30, 3)],
+                         ids=["D2", "D6", "D30-blas"])
 def test_same_fit_as_sklearn_on_synthetic_data(covariance_type, shape):
     n, d, k = shape
     X = make_mixture(n, d, k, seed=d)
