@@ -95,6 +95,15 @@ def precision_cholesky_from_precisions(precisions, covariance_type):
     return out[0] if covariance_type == "tied" else out
 
 
+def precisions_from_cholesky(prec_chol, covariance_type):
+    r"""Precisions :math:`\Lambda = U U^T` from their upper Cholesky factors."""
+    if covariance_type == "full":
+        return np.einsum("kij,klj->kil", prec_chol, prec_chol)
+    if covariance_type == "tied":
+        return prec_chol @ prec_chol.T
+    return prec_chol**2
+
+
 def covariances_from_precision_cholesky(prec_chol, covariance_type):
     r""":math:`\Sigma = (U U^T)^{-1}` computed through the triangular factor."""
     prec_chol = np.asarray(prec_chol, dtype=np.float64)

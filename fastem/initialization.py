@@ -17,15 +17,10 @@ from ._kernels.kmeans import (
     sq_distances,
     update_closest,
 )
-from .stats import GaussianStatistics, label_statistics_of, uses_full_scatter
+from .stats import GaussianStatistics, label_statistics_of, uses_full_scatter, weights_operand
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
-_NO_WEIGHTS = np.empty(0)
 _ROWS_PER_SLAB = 8192
-
-
-def _weights_operand(sample_weight):
-    return _NO_WEIGHTS if sample_weight is None else sample_weight
 
 
 def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_trials=None):
@@ -57,7 +52,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
     if sample_weight is None:
         first = min(int(first_u * n_samples), n_samples - 1)
     else:
-        first = int(draw_by_mass(sample_weight, _NO_WEIGHTS, np.array([first_u]))[0])
+        first = int(draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]))[0])
     return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight)
 
 
@@ -65,7 +60,7 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     """k-means++ from pre-drawn uniforms (the twin of
     :func:`fastem.reference.kmeans_plusplus`, which consumes the same draws)."""
     n_samples = X.shape[0]
-    sw = _weights_operand(sample_weight)
+    sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
     closest = np.empty(n_samples)
@@ -118,7 +113,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     n_samples, n_features = X.shape
     centers = np.array(centers, dtype=np.float64)
     n_clusters = centers.shape[0]
-    sw = _weights_operand(sample_weight)
+    sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, n_clusters * n_features)
     tol_abs = tol * column_variance(X, sample_weight).mean()
     # int32 labels: at a million rows they are the largest temporary of a fit.

@@ -32,6 +32,7 @@ from ._validation import (
     check_weights,
     covariances_from_precision_cholesky,
     precision_cholesky_from_precisions,
+    precisions_from_cholesky,
 )
 from .initialization import INIT_METHODS, initial_statistics
 from .stats import (
@@ -44,6 +45,7 @@ from .stats import (
     log_responsibilities,
     m_step,
     to_canonical,
+    weights_operand,
 )
 
 # A component whose responsibility mass falls below this fraction of an
@@ -52,7 +54,6 @@ _COLLAPSE_FRACTION = 1e-8
 # Below this much work per iteration (rows x K x (D+1)^2) the whole EM loop
 # runs in compiled code: per-call overhead would otherwise dominate.
 _COMPILED_LOOP_WORK = 2_000_000
-_NO_WEIGHTS = np.empty(0)
 
 
 class DegenerateDataWarning(UserWarning):
@@ -336,7 +337,7 @@ default='kmeans'
 
     def _run_compiled_em(self, X, sample_weight, params, lower_bound):
         trmm, syrk = blas_routines()
-        sw = _NO_WEIGHTS if sample_weight is None else sample_weight
+        sw = weights_operand(sample_weight)
         weight = X.shape[0] if sample_weight is None else sample_weight.sum()
         kind = COVARIANCE_KIND[self.covariance_type]
         covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
@@ -440,12 +441,7 @@ default='kmeans'
         weights, means, cov, prec_chol = (np.asarray(p, dtype=dtype) for p in params)
         self.weights_, self.means_, self.covariances_ = weights, means, cov
         self.precisions_cholesky_ = prec_chol
-        if self.covariance_type == "full":
-            self.precisions_ = np.einsum("kij,klj->kil", prec_chol, prec_chol)
-        elif self.covariance_type == "tied":
-            self.precisions_ = prec_chol @ prec_chol.T
-        else:
-            self.precisions_ = prec_chol**2
+        self.precisions_ = precisions_from_cholesky(prec_chol, self.covariance_type)
 
     # ------------------------------------------------------------ predict
     def _log_resp(self, X):

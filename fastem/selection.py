@@ -33,7 +33,7 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._validation import check_sample_weight
+from ._validation import check_sample_weight, precisions_from_cholesky
 from .initialization import Hierarchy, kmeans_plusplus, lloyd
 from .mixture import GaussianMixture, n_free_parameters
 from .stats import COVARIANCE_TYPES, label_statistics_of, m_step
@@ -167,13 +167,7 @@ def _initial_parameters(X, sample_weight, start, covariance_type, reg_covar):
     labels, centers = start
     stats = label_statistics_of(X, sample_weight, labels, centers, covariance_type)
     params, _ = m_step(stats, reg_covar, covariance_type)
-    pc = params.precisions_cholesky
-    if covariance_type == "full":
-        precisions = np.einsum("kij,klj->kil", pc, pc)
-    elif covariance_type == "tied":
-        precisions = pc @ pc.T
-    else:
-        precisions = pc**2
+    precisions = precisions_from_cholesky(params.precisions_cholesky, covariance_type)
     return params, dict(weights_init=params.weights, means_init=params.means,
                         precisions_init=precisions)
 

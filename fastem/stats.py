@@ -124,7 +124,8 @@ class GaussianStatistics:
                                   self.worst_loglik, self.worst_point)
 
 
-def _sample_weight_operand(sample_weight):
+def weights_operand(sample_weight):
+    """Sample weights as kernels take them: an empty array stands for unit weights."""
     return _NO_WEIGHTS if sample_weight is None else sample_weight
 
 
@@ -166,7 +167,7 @@ def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_t
     partial = n_components * n_features * (n_features if full else 1)
     n_chunks = n_chunks_for(X.shape[0], partial)
     trmm, syrk = blas_routines()
-    args = (X, _sample_weight_operand(sample_weight), means, prec, log_const, full, blas,
+    args = (X, weights_operand(sample_weight), means, prec, log_const, full, blas,
             trmm, syrk, n_chunks)
     if blas:
         with single_threaded_blas():
@@ -187,7 +188,7 @@ def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> Gau
     full = uses_full_scatter(covariance_type)
     n_chunks = n_chunks_for(X.shape[0], n_components * n_features * (n_features if full else 1))
     nk, sx, sxx = pick(label_statistics, X.shape[0] * n_components * (n_features + 1) ** 2)(
-        X, _sample_weight_operand(sample_weight), np.asarray(labels, dtype=np.int32), shift,
+        X, weights_operand(sample_weight), np.asarray(labels, dtype=np.int32), shift,
         full, n_chunks,
     )
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
