@@ -349,11 +349,11 @@ def _measure(runners: dict[str, _Runner], settings: _Settings) -> dict[str, _Tim
         if runner.warm_up:
             runner.run(1)
         sleep(_SETTLE_S)
-        once = max(runner.run(1), 1e-9)
+        per_unit, spent[label] = _marginal_cost(runner)
         units[label] = int(min(_MAX_UNITS, max(runner.min_units,
-                                                math.ceil(settings.sample_time / once))))
-        spent[label] = once
+                                                math.ceil(settings.sample_time / per_unit))))
     samples: dict[str, list[float]] = {label: [] for label in runners}
+    whole: dict[str, list[float]] = {label: [] for label in runners}
     last: dict[str, float] = {}
     for _ in range(settings.repeats):
         for label, runner in runners.items():
@@ -366,11 +366,37 @@ def _measure(runners: dict[str, _Runner], settings: _Settings) -> dict[str, _Tim
             last[label] = perf_counter() - start
             spent[label] += last[label]
             samples[label].append((total - fixed) / units[label])
-    timings = {label: _Timing(statistics.median(s), units[label], s)
-               for label, s in samples.items()}
+            whole[label].append(total / (runner.fixed + units[label]))
+    timings = {}
+    for label, s in samples.items():
+        median = statistics.median(s)
+        if median <= 0:
+            # Noise swamped the difference: report the whole run per unit,
+            # an upper bound, rather than a meaningless non-positive time.
+            _log(f"{label}: differenced samples lost in noise; reporting whole runs")
+            s = whole[label]
+            median = statistics.median(s)
+        timings[label] = _Timing(median, units[label], s)
     _log(", ".join(f"{label}: {t.median * 1e3:.4g} ms/unit ({len(t.samples)} x {t.units})"
                    for label, t in timings.items()))
     return timings
+
+
+def _marginal_cost(runner: _Runner) -> tuple[float, float]:
+    """Estimated seconds per unit of work beyond the fixed cost, and the time spent.
+
+    Calibrating on the whole ``run(1)`` would count the fixed cost as work:
+    on small data, where the fixed cost dominates, samples would then span
+    too few units for their difference to rise above the noise.
+    """
+    start = perf_counter()
+    fixed = runner.run(runner.fixed)
+    total = runner.run(runner.fixed + runner.min_units)
+    spent = perf_counter() - start
+    # When noise swamps the difference, a hundredth of the whole run stands in
+    # for it, so that samples stay long but finite.
+    marginal = max(total - fixed, 0.01 * total)
+    return max(marginal / runner.min_units, 1e-9), spent
 
 
 def _quietly(fit: Callable[[], object]) -> float:

@@ -126,3 +126,37 @@ def test_peak_fit_memory_reports_size_of_x_and_a_nonnegative_peak():
     assert math.isclose(report["x_mib"], 5000 * 3 * 8 / 2**20)
     assert report["peak_extra_mib"] >= 0, report
     assert report["method"] in ("VmHWM - VmRSS", "ru_maxrss growth")
+
+
+def _scripted_runner(fixed_cost: float, unit_cost: float, noise: list[float]) -> bench._Runner:
+    """A runner whose n units 'take' fixed_cost + n * unit_cost, plus scripted noise."""
+    noise = iter(noise)
+
+    def run(n):
+        return fixed_cost + n * unit_cost + next(noise, 0.0)
+
+    return bench._Runner(run, fixed=1, min_units=4)
+
+
+def _settings(budget=0.3, repeats=1):
+    return bench._Settings(repeats=repeats, budget=budget, n_samples=None, quick=True,
+                           reference=False, sklearn=None)
+
+
+def test_calibration_spans_enough_units_when_the_fixed_cost_dominates(monkeypatch):
+    # Fixed cost 10 ms, 0.1 ms per unit: calibrating on the whole run(1)
+    # would take 2 units per sample; on the marginal cost it takes 200.
+    monkeypatch.setattr(bench, "_SETTLE_S", 0.0)
+    timing = bench._measure({"x": _scripted_runner(0.010, 0.0001, [])}, _settings())["x"]
+    assert timing.units == math.ceil(0.3 / 15 / 0.0001)
+    assert math.isclose(timing.median, 0.0001, rel_tol=1e-9)
+
+
+def test_a_difference_lost_in_noise_is_reported_as_a_whole_run_not_a_negative_time(monkeypatch):
+    monkeypatch.setattr(bench, "_SETTLE_S", 0.0)
+    # Calibration is clean; then the measured run(fixed) comes out 1 s slow.
+    runner = _scripted_runner(0.010, 0.0001, [0.0, 0.0, 1.0])
+    timing = bench._measure({"x": runner}, _settings())["x"]
+    assert timing.median > 0
+    whole_run = 0.010 + (1 + timing.units) * 0.0001
+    assert math.isclose(timing.median, whole_run / (1 + timing.units))
