@@ -254,3 +254,42 @@ def test_float32_statistics_match_reference(covariance_type):
     assert_close(stats.nk, nk, rtol=1e-5, what="N_k")
     assert_close(stats.sxx.reshape(sxx.shape), sxx, rtol=1e-5, what="S_k")
     assert_close(stats.loglik, ref_norm.sum(), rtol=1e-6, what="log-likelihood")
+
+
+def _separated_with_an_ambiguous_stretch(n_features=30, seed=3):
+    """Six clusters: three far apart from everything (most responsibilities
+    exactly zero) and three overlapping ones whose rows fill a contiguous
+    stretch (blocks where half the responsibilities are non-zero)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=60.0, size=(6, n_features))
+    centres[1:3] = centres[0] + rng.normal(scale=0.5, size=(2, n_features))
+    labels = rng.integers(3, 6, size=3000)
+    labels[1100:1700] = rng.integers(0, 3, size=600)
+    X = centres[labels] + rng.normal(size=(labels.size, n_features))
+    return X, np.eye(6)[labels]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_statistics_skip_exact_zero_responsibilities_exactly(covariance_type, weighted):
+    # The BLAS engines visit only non-zero responsibilities where a block has
+    # few; blocks of the ambiguous stretch take the dense path.
+    X, resp = _separated_with_an_ambiguous_stretch()
+    k = resp.shape[1]
+    sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0]) if weighted else None
+    nk, means, cov = reference.estimate_parameters(X, resp, 1e-6, covariance_type)
+    pc = reference.precision_cholesky(cov, covariance_type)
+    w = nk / nk.sum()
+    stats = e_step_statistics(X, sw, GaussianParameters(w, means, cov, pc), covariance_type)
+    ref_norm, ref_resp = reference.log_responsibilities(X, w, means, pc, covariance_type)
+    ref_r = np.exp(ref_resp)
+    block_density = [(ref_r[i:i + 256] != 0).mean() for i in range(0, X.shape[0], 256)]
+    assert min(block_density) < 0.3 and max(block_density) > 0.4, block_density
+    ref_nk, ref_sx, ref_sxx = reference.sufficient_statistics(X, ref_r, means, covariance_type,
+                                                              sw)
+    assert_close(stats.nk, ref_nk, what="N_k")
+    terms = np.sqrt(np.abs(ref_sxx.reshape(k, X.shape[1], -1)).max() * ref_nk.max())
+    assert_close(stats.sx, ref_sx, what="s_k", scale=terms)
+    assert_close(stats.sxx.reshape(ref_sxx.shape), ref_sxx, what="S_k")
+    assert_close(stats.loglik, ref_norm.sum() if sw is None else ref_norm @ sw,
+                 what="log-likelihood")
