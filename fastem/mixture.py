@@ -444,12 +444,13 @@ default='kmeans'
         self.precisions_ = precisions_from_cholesky(prec_chol, self.covariance_type)
 
     # ------------------------------------------------------------ predict
-    def _log_resp(self, X):
+    def _log_resp(self, X, probabilities=False):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C")
         with _numba_threads(self.n_threads):
             log_resp, log_norm = log_responsibilities(X, self._current_parameters(),
-                                                      self.covariance_type)
+                                                      self.covariance_type,
+                                                      probabilities=probabilities)
         return log_resp, log_norm, X.dtype
 
     def score_samples(self, X):
@@ -473,8 +474,8 @@ default='kmeans'
         -------
         ndarray of shape (n_samples, n_components)
         """
-        log_resp, _, dtype = self._log_resp(X)
-        return np.exp(log_resp).astype(dtype, copy=False)
+        resp, _, dtype = self._log_resp(X, probabilities=True)
+        return resp.astype(dtype, copy=False)
 
     def predict(self, X):
         """Most probable component of each row."""

@@ -17,6 +17,7 @@ the one :func:`m_step`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -169,10 +170,7 @@ def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_t
     trmm, syrk = blas_routines()
     args = (X, weights_operand(sample_weight), means, prec, log_const, full, blas,
             trmm, syrk, n_chunks)
-    if blas:
-        with single_threaded_blas():
-            nk, sx, sxx, loglik, worst_loglik, worst = gaussian_statistics(*args)
-    else:
+    with single_threaded_blas() if blas else contextlib.nullcontext():
         nk, sx, sxx, loglik, worst_loglik, worst = gaussian_statistics(*args)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, sx, sxx, means.astype(np.float64), float(loglik), weight,
@@ -246,17 +244,25 @@ def from_canonical(cov, prec_chol, covariance_type: str):
     return cov[:, 0, 0], prec_chol[:, 0, 0]
 
 
-def log_responsibilities(X, params: GaussianParameters, covariance_type: str):
+def log_responsibilities(X, params: GaussianParameters, covariance_type: str, *,
+                         probabilities: bool = False):
     """Per-row log p(x) and (N, K) log-responsibilities (for predictions).
+
+    With ``probabilities``, the responsibilities themselves instead of their logs.
 
     Returns
     -------
     log_resp : ndarray (N, K)
     log_norm : ndarray (N,)
     """
-    means, prec, log_const, full = kernel_operands(params, covariance_type, X.dtype)
+    blas = uses_blas(X.shape[1], covariance_type)
+    means, prec, log_const, full = kernel_operands(params, covariance_type,
+                                                   np.float64 if blas else X.dtype)
     log_resp = np.empty((X.shape[0], means.shape[0]))
     log_norm = np.empty(X.shape[0])
     work = X.shape[0] * means.shape[0] * (X.shape[1] + 1) ** 2
-    pick(gaussian_log_resp, work)(X, means, prec, log_const, full, log_resp, log_norm)
+    args = (X, means, prec, log_const, full, blas, blas_routines()[0], n_chunks_for(X.shape[0], 1),
+            probabilities, log_resp, log_norm)
+    with single_threaded_blas() if blas else contextlib.nullcontext():
+        pick(gaussian_log_resp, work)(*args)
     return log_resp, log_norm

@@ -86,7 +86,13 @@ def python_driven_em(monkeypatch):
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_compiled_and_python_em_loops_are_bit_identical(covariance_type, monkeypatch):
+def test_compiled_and_python_em_loops_agree_to_rounding(covariance_type, monkeypatch):
+    # Same kernel bodies, same chunks, same reduction order, but two
+    # compilations: LLVM may inline a fastmath helper into one and not the
+    # other (it cannot inline a helper Numba loaded from its on-disk cache),
+    # and vectorise its sums differently. So the two agree to a few ulps, not
+    # always to the bit; one compilation under any thread count is bit-exact
+    # (test_one_and_two_threads_are_bit_identical).
     import fastem.mixture
 
     X = make_mixture(3000, 3, 3, seed=8)
@@ -94,9 +100,11 @@ def test_compiled_and_python_em_loops_are_bit_identical(covariance_type, monkeyp
     compiled = _fit(X, 3, covariance_type, tol=1e-8, max_iter=50, **start)
     monkeypatch.setattr(fastem.mixture, "_COMPILED_LOOP_WORK", -1)
     driven = _fit(X, 3, covariance_type, tol=1e-8, max_iter=50, **start)
-    assert compiled.lower_bounds_ == driven.lower_bounds_
+    assert compiled.n_iter_ == driven.n_iter_
+    np.testing.assert_allclose(compiled.lower_bounds_, driven.lower_bounds_, rtol=1e-13)
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
-        np.testing.assert_array_equal(getattr(compiled, name), getattr(driven, name))
+        a, b = getattr(compiled, name), getattr(driven, name)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-11 * np.abs(b).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)

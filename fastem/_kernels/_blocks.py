@@ -158,17 +158,16 @@ def exp_nonpositive32(values, offsets, out, bits, n):
 
 
 @njit(cache=True)
-def normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, row_sum, bits,
-                    expo):
-    r"""Turn a block of weighted log-densities into weighted responsibilities.
+def log_sum_exp_block(log_prob, n_rows, log_norm, row_max, row_sum, bits, expo, keep_exp):
+    r"""Per-row :math:`\log\sum_k e^{\ell_{kr}}` of a block of log-densities.
 
-    In place: ``log_prob[k, r]`` becomes :math:`w_r\, r_{rk}`, and the per-row
-    :math:`\log p(x_r)` is written to ``log_norm`` (float64). The work runs in
-    ``log_prob``'s precision: float32 data gets float32 responsibilities (as
-    in scikit-learn), float64 data float64 ones. ``row_max``, ``row_sum`` and
-    ``expo`` (of ``log_prob``'s dtype) and ``bits`` (int64) are row-sized
-    scratch. The max shift of log-sum-exp keeps far outliers from
-    underflowing to NaN.
+    Writes ``log_norm[r]`` (float64) and leaves ``row_max[r]`` = the row's
+    largest :math:`\ell_{kr}` and ``row_sum[r]`` = :math:`\sum_k e^{\ell_{kr}
+    - \max_k \ell_{kr}}` (the max shift keeps far outliers from underflowing
+    to NaN). With ``keep_exp``, ``log_prob[k, r]`` is replaced by
+    :math:`e^{\ell_{kr} - \max_k\ell_{kr}}`. The work runs in ``log_prob``'s
+    precision; ``row_max``, ``row_sum`` and ``expo`` (of ``log_prob``'s
+    dtype) and ``bits`` (int64) are row-sized scratch.
     """
     n_components = log_prob.shape[0]
     single = log_prob.itemsize == 4
@@ -187,16 +186,33 @@ def normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, r
         else:
             exp_nonpositive(log_prob[k], row_max, expo, bits, n_rows)
         for r in range(n_rows):
-            log_prob[k, r] = expo[r]
             row_sum[r] += expo[r]
-    weighted = sample_weight.shape[0] > 0
+        if keep_exp:
+            for r in range(n_rows):
+                log_prob[k, r] = expo[r]
     for r in range(n_rows):
         log_norm[r] = np.float64(row_max[r]) + math.log(np.float64(row_sum[r]))
+
+
+@njit(cache=True)
+def normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, row_sum, bits,
+                    expo):
+    r"""Turn a block of weighted log-densities into weighted responsibilities.
+
+    In place: ``log_prob[k, r]`` becomes :math:`w_r\, r_{rk}`, and the per-row
+    :math:`\log p(x_r)` is written to ``log_norm`` (float64). The work runs in
+    ``log_prob``'s precision: float32 data gets float32 responsibilities (as
+    in scikit-learn), float64 data float64 ones. Scratch as in
+    :func:`log_sum_exp_block`.
+    """
+    log_sum_exp_block(log_prob, n_rows, log_norm, row_max, row_sum, bits, expo, True)
+    weighted = sample_weight.shape[0] > 0
+    for r in range(n_rows):
         scale = 1.0 / np.float64(row_sum[r])
         if weighted:
             scale *= sample_weight[start + r]
         row_sum[r] = scale
-    for k in range(n_components):
+    for k in range(log_prob.shape[0]):
         for r in range(n_rows):
             log_prob[k, r] *= row_sum[r]
 

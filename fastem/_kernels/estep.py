@@ -40,6 +40,7 @@ from ._blocks import (
     BLOCK_ROWS,
     chunk_rows,
     compile_twice,
+    log_sum_exp_block,
     normalise_block,
     reduce_statistics,
     transpose_block,
@@ -473,27 +474,67 @@ def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c)
 
 
 @njit(cache=True)
-def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, full_covariance,
-                      use_blas, trmm, syrk, centre, W, const, nk, sx, sxx):
-    """Statistics of rows [first, last) into nk, sx, sxx; returns (loglik, worst, index)."""
+def _block_scratch(X, means, full_covariance, use_blas):
+    """Scratch of one chunk's walk over its blocks, allocated once per chunk.
+
+    Returns ``(block, xT, diffs, y, quad, rows, products, log_prob)``: the
+    block length and the buffers of :func:`_block_log_prob` (each engine's
+    own are allocated, the others' are empty). ``log_prob`` has the
+    operands' precision (X's for the loop engine, float64 for BLAS).
+    """
     n_features = X.shape[1]
     n_components = means.shape[0]
     block = BLOCK_ROWS * (BLAS_BLOCKS if use_blas and full_covariance else 1)
-    xT = np.empty((n_features, block), dtype=X.dtype)
-    diffs = np.empty((n_components if full_covariance else 1, n_features, block),
-                     dtype=X.dtype)
-    wdiff = np.empty((n_features, block), dtype=X.dtype)
-    y = np.empty(2 * block, dtype=X.dtype)
-    quad = np.empty(block, dtype=X.dtype)
+    loops = 0 if use_blas else block
+    xT = np.empty((n_features, loops), dtype=X.dtype)
+    diffs = np.empty((n_components if full_covariance else 1, n_features, loops), dtype=X.dtype)
+    y = np.empty(2 * loops, dtype=X.dtype)
+    quad = np.empty(loops, dtype=X.dtype)
     rows = np.empty((block if use_blas else 0, n_features * (1 if full_covariance else 2)))
-    # Responsibilities in the operands' precision (X's for the loop engine).
-    log_prob = np.empty((n_components, block), dtype=means.dtype)
-    row_max = np.empty(block, dtype=means.dtype)
-    row_sum = np.empty(block, dtype=means.dtype)
-    expo = np.empty(block, dtype=means.dtype)
-    bits = np.empty(block, dtype=np.int64)
-    log_norm = np.empty(block)
     products = np.empty((block if use_blas else 0, n_components))
+    log_prob = np.empty((n_components, block), dtype=means.dtype)
+    return block, xT, diffs, y, quad, rows, products, log_prob
+
+
+@njit(cache=True)
+def _row_scratch(block, log_prob):
+    """``row_max, row_sum, expo, bits, log_norm`` of :func:`log_sum_exp_block`."""
+    dtype = log_prob.dtype
+    return (np.empty(block, dtype=dtype), np.empty(block, dtype=dtype),
+            np.empty(block, dtype=dtype), np.empty(block, dtype=np.int64), np.empty(block))
+
+
+@njit(cache=True)
+def _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
+                    centre, Wt, const, xT, diffs, y, quad, rows, products, log_prob):
+    """log_prob[k, r] = log pi_k N(x_{start+r} | k) by the engine for this shape.
+
+    Leaves what the same engine's accumulation reuses in the scratch: the
+    transposed block and the centred differences (loops), the centred rows
+    or ``[z, z^2]`` (BLAS).
+    """
+    if use_blas and full_covariance:
+        _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
+    elif use_blas:
+        _centred_powers(X, start, n_rows, centre, rows)
+        _log_prob_diag_gemm(rows, n_rows, Wt, const, products, log_prob)
+    else:
+        transpose_block(X, start, n_rows, xT)
+        if full_covariance:
+            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
+        else:
+            _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
+
+
+@njit(cache=True)
+def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, full_covariance,
+                      use_blas, trmm, syrk, centre, Wt, const, nk, sx, sxx):
+    """Statistics of rows [first, last) into nk, sx, sxx; returns (loglik, worst, index)."""
+    n_features = X.shape[1]
+    block, xT, diffs, y, quad, rows, products, log_prob = _block_scratch(
+        X, means, full_covariance, use_blas)
+    wdiff = np.empty((n_features, 0 if use_blas else block), dtype=X.dtype)
+    row_max, row_sum, expo, bits, log_norm = _row_scratch(block, log_prob)
     gathered = np.empty(block, dtype=np.int64)
     gathered_weights = np.empty(block)
     acc = np.empty(2 * n_features)
@@ -502,18 +543,8 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
     loglik = 0.0
     for start in range(first, last, block):
         n_rows = min(block, last - start)
-        if use_blas and full_covariance:
-            _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
-        elif use_blas:
-            _centred_powers(X, start, n_rows, centre, rows)
-            _log_prob_diag_gemm(rows, n_rows, W, const, products, log_prob)
-        else:
-            transpose_block(X, start, n_rows, xT)
-            if full_covariance:
-                _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad,
-                                     log_prob)
-            else:
-                _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
+        _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
+                        centre, Wt, const, xT, diffs, y, quad, rows, products, log_prob)
         normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, row_sum, bits,
                         expo)
         loglik += _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, 0)
@@ -568,12 +599,12 @@ def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarian
     ll_parts = np.zeros(n_chunks)
     worst = np.full(n_chunks, np.inf)
     worst_index = np.zeros(n_chunks, dtype=np.int64)
-    centre, W, const = _diag_gemm_operands(means, prec, log_const)
+    centre, Wt, const = _diag_gemm_operands(means, prec, log_const)
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
         ll_parts[c], worst[c], worst_index[c] = _statistics_chunk(
             X, sample_weight, first, last, means, prec, log_const, full_covariance, use_blas,
-            trmm, syrk, centre, W, const, nk_parts[c], sx_parts[c], sxx_parts[c])
+            trmm, syrk, centre, Wt, const, nk_parts[c], sx_parts[c], sxx_parts[c])
     nk, sx, sxx = reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
     if use_blas and not full_covariance:
         _recentre_diag(nk, sx, sxx, means, centre)
@@ -596,39 +627,52 @@ gaussian_statistics, gaussian_statistics_serial = compile_twice(
     _gaussian_statistics, "_gaussian_statistics_serial")
 
 
-def _gaussian_log_resp(X, means, prec, log_const, full_covariance, log_resp, log_norm):
-    """Per-row log-responsibilities and log p(x) (for predict_proba / score_samples).
-
-    Fills ``log_resp`` (N, K) and ``log_norm`` (N,) in place, block by block,
-    with the loop engine (predictions are one pass, not the fitting loop).
-    """
-    n_samples, n_features = X.shape
+@njit(cache=True)
+def _log_resp_chunk(X, first, last, means, prec, log_const, full_covariance, use_blas, trmm,
+                    centre, Wt, const, probabilities, out, log_norm):
+    """Rows [first, last) of ``out`` and ``log_norm`` (log-sum-exp per row)."""
     n_components = means.shape[0]
-    n_blocks = (n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS
-    for b in prange(n_blocks):
-        start = b * BLOCK_ROWS
-        n_rows = min(BLOCK_ROWS, n_samples - start)
-        xT = np.empty((n_features, BLOCK_ROWS), dtype=X.dtype)
-        diffs = np.empty((n_components, n_features, BLOCK_ROWS), dtype=X.dtype)
-        y = np.empty(2 * BLOCK_ROWS, dtype=X.dtype)
-        quad = np.empty(BLOCK_ROWS, dtype=X.dtype)
-        log_prob = np.empty((n_components, BLOCK_ROWS))
-        transpose_block(X, start, n_rows, xT)
-        if full_covariance:
-            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
-        else:
-            _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
+    block, xT, diffs, y, quad, rows, products, log_prob = _block_scratch(
+        X, means, full_covariance, use_blas)
+    row_max, row_sum, expo, bits, norms = _row_scratch(block, log_prob)
+    for start in range(first, last, block):
+        n_rows = min(block, last - start)
+        _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
+                        centre, Wt, const, xT, diffs, y, quad, rows, products, log_prob)
+        log_sum_exp_block(log_prob, n_rows, norms, row_max, row_sum, bits, expo, probabilities)
         for r in range(n_rows):
-            top = log_prob[0, r]
-            for k in range(1, n_components):
-                top = max(top, log_prob[k, r])
-            total = 0.0
-            for k in range(n_components):
-                total += math.exp(log_prob[k, r] - top)
-            norm = top + math.log(total)
-            log_norm[start + r] = norm
-            for k in range(n_components):
-                log_resp[start + r, k] = log_prob[k, r] - norm
+            log_norm[start + r] = norms[r]
+        if probabilities:
+            for r in range(n_rows):
+                scale = 1.0 / np.float64(row_sum[r])
+                for k in range(n_components):
+                    out[start + r, k] = log_prob[k, r] * scale
+        else:
+            for r in range(n_rows):
+                for k in range(n_components):
+                    out[start + r, k] = log_prob[k, r] - norms[r]
+
+
+def _gaussian_log_resp(X, means, prec, log_const, full_covariance, use_blas, trmm, n_chunks,
+                       probabilities, out, log_norm):
+    r"""Per-row log-responsibilities and log p(x) (for predict_proba / score_samples).
+
+    .. math::
+
+        \log p(x_n) = \log\sum_k \pi_k\,\mathcal N(x_n\mid\mu_k,\Sigma_k), \qquad
+        \log r_{nk} = \log\pi_k\,\mathcal N(x_n\mid\mu_k,\Sigma_k) - \log p(x_n)
+
+    Fills ``out`` (N, K) with :math:`\log r_{nk}`, or with :math:`r_{nk}`
+    itself when ``probabilities``, and ``log_norm`` (N,) in place, chunk by
+    chunk, with the same block engines as the fitting pass (other arguments
+    as in :func:`_gaussian_statistics`).
+    """
+    n_samples = X.shape[0]
+    centre, Wt, const = _diag_gemm_operands(means, prec, log_const)
+    for c in prange(n_chunks):
+        first, last = chunk_rows(c, n_chunks, n_samples)
+        _log_resp_chunk(X, first, last, means, prec, log_const, full_covariance, use_blas, trmm,
+                        centre, Wt, const, probabilities, out, log_norm)
 
 
 gaussian_log_resp = compile_twice(_gaussian_log_resp, "_gaussian_log_resp_serial")
