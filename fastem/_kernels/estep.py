@@ -380,7 +380,7 @@ def _log_prob_diag_gemm(Z, n_rows, W, const, L, log_prob):
 
 @njit(cache=True, fastmath=_FAST)
 def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, acc):
-    """As ``_accumulate_diag_gemm``, visiting only the non-zero responsibilities.
+    """The moments of ``_accumulate_diag_moments``, visiting only non-zero responsibilities.
 
     Exactly zero responsibilities (underflowed far components) add exactly
     nothing, so skipping them changes no sum. Each component's non-zero rows
@@ -420,7 +420,7 @@ def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, acc):
 
 
 @njit(cache=True)
-def _accumulate_diag_gemm(Z, n_rows, resp, nk, sx, sxx, gathered, weights, acc):
+def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, acc):
     """[sum r z, sum r z^2] of every component (around c).
 
     By one matrix product, or, when most responsibilities of the block are
@@ -551,8 +551,8 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
         if use_blas and full_covariance:
             _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk, sx, sxx, syrk)
         elif use_blas:
-            _accumulate_diag_gemm(rows, n_rows, log_prob, nk, sx, sxx, gathered, gathered_weights,
-                                  acc)
+            _accumulate_diag_moments(rows, n_rows, log_prob, nk, sx, sxx, gathered,
+                                     gathered_weights, acc)
         else:
             _accumulate_loops(xT, n_rows, means, log_prob, diffs, full_covariance, wdiff, nk,
                               sx, sxx, full_covariance)
