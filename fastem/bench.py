@@ -306,6 +306,9 @@ class _Timing:
     median: float
     units: int
     samples: list[float]
+    # False when the differenced samples were lost in noise and whole runs
+    # per unit (an upper bound) are reported instead.
+    differenced: bool = True
 
 
 @dataclass
@@ -370,13 +373,14 @@ def _measure(runners: dict[str, _Runner], settings: _Settings) -> dict[str, _Tim
     timings = {}
     for label, s in samples.items():
         median = statistics.median(s)
-        if median <= 0:
+        differenced = median > 0
+        if not differenced:
             # Noise swamped the difference: report the whole run per unit,
             # an upper bound, rather than a meaningless non-positive time.
             _log(f"{label}: differenced samples lost in noise; reporting whole runs")
             s = whole[label]
             median = statistics.median(s)
-        timings[label] = _Timing(median, units[label], s)
+        timings[label] = _Timing(median, units[label], s, differenced)
     _log(", ".join(f"{label}: {t.median * 1e3:.4g} ms/unit ({len(t.samples)} x {t.units})"
                    for label, t in timings.items()))
     return timings
@@ -505,6 +509,7 @@ def _per_iteration_row(case, timings, shape, covariance_type, dtype) -> Result:
         case, "ms/iter", {label: t.median * 1e3 for label, t in timings.items()}, n_samples,
         n_features, n_components, covariance_type, dtype,
         details={"iterations_per_sample": {label: t.units for label, t in timings.items()},
+                 "differenced": {label: t.differenced for label, t in timings.items()},
                  "samples_ms": {label: [s * 1e3 for s in t.samples]
                                 for label, t in timings.items()}},
     )

@@ -246,14 +246,15 @@ def from_canonical(cov, prec_chol, covariance_type: str):
 
 def log_responsibilities(X, params: GaussianParameters, covariance_type: str, *,
                          probabilities: bool = False):
-    """Per-row log p(x) and (N, K) log-responsibilities (for predictions).
-
-    With ``probabilities``, the responsibilities themselves instead of their logs.
+    r"""Per-row log p(x) and (N, K) log-responsibilities (for predictions).
 
     Returns
     -------
-    log_resp : ndarray (N, K)
-    log_norm : ndarray (N,)
+    log_resp : ndarray (N, K), float64
+        :math:`\log r_{nk}`; with ``probabilities``, :math:`r_{nk}` itself
+        (responsibilities below :math:`e^{-708}` of a row's largest are 0).
+    log_norm : ndarray (N,), float64
+        :math:`\log p(x_n)`.
     """
     blas = uses_blas(X.shape[1], covariance_type)
     means, prec, log_const, full = kernel_operands(params, covariance_type,

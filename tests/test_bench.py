@@ -149,7 +149,7 @@ def test_calibration_spans_enough_units_when_the_fixed_cost_dominates(monkeypatc
     monkeypatch.setattr(bench, "_SETTLE_S", 0.0)
     timing = bench._measure({"x": _scripted_runner(0.010, 0.0001, [])}, _settings())["x"]
     assert timing.units == math.ceil(0.3 / 15 / 0.0001)
-    assert math.isclose(timing.median, 0.0001, rel_tol=1e-9)
+    assert math.isclose(timing.median, 0.0001, rel_tol=1e-9) and timing.differenced
 
 
 def test_a_difference_lost_in_noise_is_reported_as_a_whole_run_not_a_negative_time(monkeypatch):
@@ -157,6 +157,6 @@ def test_a_difference_lost_in_noise_is_reported_as_a_whole_run_not_a_negative_ti
     # Calibration is clean; then the measured run(fixed) comes out 1 s slow.
     runner = _scripted_runner(0.010, 0.0001, [0.0, 0.0, 1.0])
     timing = bench._measure({"x": runner}, _settings())["x"]
-    assert timing.median > 0
+    assert timing.median > 0 and not timing.differenced
     whole_run = 0.010 + (1 + timing.units) * 0.0001
     assert math.isclose(timing.median, whole_run / (1 + timing.units))

@@ -305,7 +305,8 @@ def _separated_with_an_ambiguous_stretch(n_features=30, seed=3):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_statistics_skip_exact_zero_responsibilities_exactly(covariance_type, weighted, dtype):
+def test_statistics_skipping_zero_responsibilities_match_reference(covariance_type, weighted,
+                                                                   dtype):
     # The BLAS engines visit only non-zero responsibilities where a block has
     # few; blocks of the ambiguous stretch take the dense path. They compute
     # in float64 whatever X's type, so float32 rows match to 1e-10 as well.

@@ -3,7 +3,8 @@ dominates (a few hundred rows cost microseconds per iteration, not the tenths
 of a millisecond a Python-driven iteration costs).
 
 The loop is the same EM as the Python driver's: the serial compilation of the
-statistics kernel (bit-identical to the parallel one) and the same M-step. It
+statistics kernel (same chunks and reduction order as the parallel one, so the
+same sums up to a few ulps of code generation) and the same M-step. It
 stops *before* applying an M-step that needed repair (a collapsed component
 or a covariance that was not positive definite) and hands over to the Python
 driver, which owns those policies and their warnings.

@@ -18,10 +18,11 @@ Two engines compute a block, chosen by the caller from the data's width:
   inner loop runs over rows, so LLVM vectorises it;
 * BLAS (large D): for full covariances the triangular product
   (x - mu_k) U_k is one ``dtrmm`` and the scatter one ``dsyrk`` per block
-  and component; for diagonal ones the E-step and the moments are one matrix
-  product each per block (see ``_diag_gemm_operands``); on single-threaded
-  BLAS (the caller limits BLAS to one thread: the
-  parallelism is over chunks). The BLAS routines are passed in as arguments
+  and component; for diagonal ones the E-step is one matrix product per
+  block (see ``_diag_gemm_operands``) and so are the moments, unless most of
+  the block's responsibilities are exactly zero, when only the others are
+  visited; on single-threaded BLAS (the caller limits BLAS to one thread:
+  the parallelism is over chunks). The BLAS routines are passed in as arguments
   so that the compiled kernel holds no process-specific address and can be
   cached.
 
@@ -379,13 +380,14 @@ def _log_prob_diag_gemm(Z, n_rows, W, const, L, log_prob):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, acc):
+def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, moments):
     """The moments of ``_accumulate_diag_moments``, visiting only non-zero responsibilities.
 
     Exactly zero responsibilities (underflowed far components) add exactly
-    nothing, so skipping them changes no sum. Each component's non-zero rows
-    are first gathered without branches, then added four at a time, so that
-    ``acc`` is loaded and stored once per four rows.
+    nothing, so skipping them gives the same sums (up to the rounding of a
+    different summation order). Each component's non-zero rows are first
+    gathered without branches, then added four at a time, so that its row of
+    ``moments`` is loaded and stored once per four rows.
     """
     n_components = resp.shape[0]
     width = Z.shape[1]
@@ -401,6 +403,7 @@ def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, acc):
         for i in range(count):
             total += weights[i]
         nk[k] += total
+        acc = moments[k]
         for j in range(width):
             acc[j] = 0.0
         quads = count - count % 4
@@ -420,12 +423,14 @@ def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, acc):
 
 
 @njit(cache=True)
-def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, acc):
-    """[sum r z, sum r z^2] of every component (around c).
+def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, dense_resp,
+                             moments):
+    """[sum r z, sum r z^2] of every component (around c) into nk, sx, sxx.
 
     By one matrix product, or, when most responsibilities of the block are
     exactly zero (well-separated components in many dimensions), by visiting
-    only the others.
+    only the others. ``gathered`` and ``weights`` (block,), ``dense_resp``
+    (K * block,) and ``moments`` (K, 2D) are scratch.
     """
     n_components = resp.shape[0]
     n_features = sx.shape[1]
@@ -434,19 +439,20 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, ac
         for r in range(n_rows):
             nonzero += resp[k, r] != 0.0
     if nonzero < SPARSE_DENSITY * n_components * n_rows:
-        _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, gathered, weights, acc)
+        _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, gathered, weights, moments)
         return
-    R = np.empty((n_components, n_rows))  # contiguous float64, as np.dot needs
+    # Contiguous operands and output, as np.dot needs.
+    R = dense_resp[:n_components * n_rows].reshape((n_components, n_rows))
     R[:, :] = resp[:, :n_rows]
-    A = np.dot(R, Z[:n_rows])
+    np.dot(R, Z[:n_rows], moments)
     for k in range(n_components):
         total = 0.0
         for r in range(n_rows):
             total += R[k, r]
         nk[k] += total
         for d in range(n_features):
-            sx[k, d] += A[k, d]
-            sxx[k, d, 0] += A[k, n_features + d]
+            sx[k, d] += moments[k, d]
+            sxx[k, d, 0] += moments[k, n_features + d]
 
 
 @njit(cache=True)
@@ -474,13 +480,13 @@ def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c)
 
 
 @njit(cache=True)
-def _block_scratch(X, means, full_covariance, use_blas):
+def _block_scratch(X, means, full_covariance, use_blas, log_prob_like):
     """Scratch of one chunk's walk over its blocks, allocated once per chunk.
 
     Returns ``(block, xT, diffs, y, quad, rows, products, log_prob)``: the
     block length and the buffers of :func:`_block_log_prob` (each engine's
-    own are allocated, the others' are empty). ``log_prob`` has the
-    operands' precision (X's for the loop engine, float64 for BLAS).
+    own are allocated, the others' are empty). ``log_prob`` has the dtype
+    of ``log_prob_like``.
     """
     n_features = X.shape[1]
     n_components = means.shape[0]
@@ -491,8 +497,8 @@ def _block_scratch(X, means, full_covariance, use_blas):
     y = np.empty(2 * loops, dtype=X.dtype)
     quad = np.empty(loops, dtype=X.dtype)
     rows = np.empty((block if use_blas else 0, n_features * (1 if full_covariance else 2)))
-    products = np.empty((block if use_blas else 0, n_components))
-    log_prob = np.empty((n_components, block), dtype=means.dtype)
+    products = np.empty((block if use_blas and not full_covariance else 0, n_components))
+    log_prob = np.empty((n_components, block), dtype=log_prob_like.dtype)
     return block, xT, diffs, y, quad, rows, products, log_prob
 
 
@@ -506,7 +512,7 @@ def _row_scratch(block, log_prob):
 
 @njit(cache=True)
 def _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
-                    centre, Wt, const, xT, diffs, y, quad, rows, products, log_prob):
+                    centre, W, const, xT, diffs, y, quad, rows, products, log_prob):
     """log_prob[k, r] = log pi_k N(x_{start+r} | k) by the engine for this shape.
 
     Leaves what the same engine's accumulation reuses in the scratch: the
@@ -517,7 +523,7 @@ def _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, u
         _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
     elif use_blas:
         _centred_powers(X, start, n_rows, centre, rows)
-        _log_prob_diag_gemm(rows, n_rows, Wt, const, products, log_prob)
+        _log_prob_diag_gemm(rows, n_rows, W, const, products, log_prob)
     else:
         transpose_block(X, start, n_rows, xT)
         if full_covariance:
@@ -528,23 +534,27 @@ def _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, u
 
 @njit(cache=True)
 def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, full_covariance,
-                      use_blas, trmm, syrk, centre, Wt, const, nk, sx, sxx):
+                      use_blas, trmm, syrk, centre, W, const, nk, sx, sxx):
     """Statistics of rows [first, last) into nk, sx, sxx; returns (loglik, worst, index)."""
     n_features = X.shape[1]
+    # Responsibilities in the operands' precision (X's for the loop engine,
+    # float64 for BLAS): float32 data gets float32 ones, as in scikit-learn.
     block, xT, diffs, y, quad, rows, products, log_prob = _block_scratch(
-        X, means, full_covariance, use_blas)
+        X, means, full_covariance, use_blas, means)
     wdiff = np.empty((n_features, 0 if use_blas else block), dtype=X.dtype)
     row_max, row_sum, expo, bits, log_norm = _row_scratch(block, log_prob)
-    gathered = np.empty(block, dtype=np.int64)
-    gathered_weights = np.empty(block)
-    acc = np.empty(2 * n_features)
+    diag_blas = block if use_blas and not full_covariance else 0
+    gathered = np.empty(diag_blas, dtype=np.int64)
+    gathered_weights = np.empty(diag_blas)
+    dense_resp = np.empty(means.shape[0] * diag_blas)
+    moments = np.empty((means.shape[0], 2 * n_features if diag_blas else 0))
     worst = np.full(1, np.inf)
     worst_index = np.zeros(1, dtype=np.int64)
     loglik = 0.0
     for start in range(first, last, block):
         n_rows = min(block, last - start)
         _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
-                        centre, Wt, const, xT, diffs, y, quad, rows, products, log_prob)
+                        centre, W, const, xT, diffs, y, quad, rows, products, log_prob)
         normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, row_sum, bits,
                         expo)
         loglik += _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, 0)
@@ -552,7 +562,7 @@ def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, ful
             _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk, sx, sxx, syrk)
         elif use_blas:
             _accumulate_diag_moments(rows, n_rows, log_prob, nk, sx, sxx, gathered,
-                                     gathered_weights, acc)
+                                     gathered_weights, dense_resp, moments)
         else:
             _accumulate_loops(xT, n_rows, means, log_prob, diffs, full_covariance, wdiff, nk,
                               sx, sxx, full_covariance)
@@ -577,8 +587,8 @@ def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarian
     full_covariance : bool
         Accumulate the full scatter (K, D, D) instead of its diagonal.
     use_blas : bool
-        BLAS engine (dtrmm + dsyrk for full covariances, two matrix products
-        for diagonal ones), else the loop engine.
+        BLAS engine (dtrmm + dsyrk for full covariances, matrix products or
+        gathered sums for diagonal ones), else the loop engine.
     trmm, syrk : ctypes functions
         ``dtrmm`` and ``dsyrk`` from ``scipy.linalg.cython_blas``.
     n_chunks : int
@@ -599,12 +609,12 @@ def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarian
     ll_parts = np.zeros(n_chunks)
     worst = np.full(n_chunks, np.inf)
     worst_index = np.zeros(n_chunks, dtype=np.int64)
-    centre, Wt, const = _diag_gemm_operands(means, prec, log_const)
+    centre, W, const = _diag_gemm_operands(means, prec, log_const)
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
         ll_parts[c], worst[c], worst_index[c] = _statistics_chunk(
             X, sample_weight, first, last, means, prec, log_const, full_covariance, use_blas,
-            trmm, syrk, centre, Wt, const, nk_parts[c], sx_parts[c], sxx_parts[c])
+            trmm, syrk, centre, W, const, nk_parts[c], sx_parts[c], sxx_parts[c])
     nk, sx, sxx = reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
     if use_blas and not full_covariance:
         _recentre_diag(nk, sx, sxx, means, centre)
@@ -621,24 +631,27 @@ def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covarian
 
 # One body, two compilations: the parallel kernel for the fitting loop and a
 # serial one for EM loops that run entirely in compiled code on small data.
-# Both walk the same chunks and reduce them in the same order, so they return
-# bit-identical statistics.
+# Both walk the same chunks and reduce them in the same order. Each is
+# bit-exact under any thread count; the two agree to a few ulps (LLVM may
+# inline and vectorise a fastmath helper differently in each, e.g. when one
+# was loaded from Numba's cache).
 gaussian_statistics, gaussian_statistics_serial = compile_twice(
     _gaussian_statistics, "_gaussian_statistics_serial")
 
 
 @njit(cache=True)
 def _log_resp_chunk(X, first, last, means, prec, log_const, full_covariance, use_blas, trmm,
-                    centre, Wt, const, probabilities, out, log_norm):
+                    centre, W, const, probabilities, out, log_norm):
     """Rows [first, last) of ``out`` and ``log_norm`` (log-sum-exp per row)."""
     n_components = means.shape[0]
+    # Predictions keep the log-densities in float64 whatever X's precision.
     block, xT, diffs, y, quad, rows, products, log_prob = _block_scratch(
-        X, means, full_covariance, use_blas)
+        X, means, full_covariance, use_blas, log_norm)
     row_max, row_sum, expo, bits, norms = _row_scratch(block, log_prob)
     for start in range(first, last, block):
         n_rows = min(block, last - start)
         _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
-                        centre, Wt, const, xT, diffs, y, quad, rows, products, log_prob)
+                        centre, W, const, xT, diffs, y, quad, rows, products, log_prob)
         log_sum_exp_block(log_prob, n_rows, norms, row_max, row_sum, bits, expo, probabilities)
         for r in range(n_rows):
             log_norm[start + r] = norms[r]
@@ -668,11 +681,11 @@ def _gaussian_log_resp(X, means, prec, log_const, full_covariance, use_blas, trm
     as in :func:`_gaussian_statistics`).
     """
     n_samples = X.shape[0]
-    centre, Wt, const = _diag_gemm_operands(means, prec, log_const)
+    centre, W, const = _diag_gemm_operands(means, prec, log_const)
     for c in prange(n_chunks):
         first, last = chunk_rows(c, n_chunks, n_samples)
         _log_resp_chunk(X, first, last, means, prec, log_const, full_covariance, use_blas, trmm,
-                        centre, Wt, const, probabilities, out, log_norm)
+                        centre, W, const, probabilities, out, log_norm)
 
 
 gaussian_log_resp = compile_twice(_gaussian_log_resp, "_gaussian_log_resp_serial")
