@@ -35,8 +35,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._validation import check_sample_weight, precisions_from_cholesky
 from .initialization import Hierarchy, kmeans_plusplus, lloyd
-from .mixture import GaussianMixture, n_free_parameters
-from .stats import COVARIANCE_TYPES, label_statistics_of, m_step
+from .mixture import GaussianMixture, _numba_threads, n_free_parameters
+from .stats import COVARIANCE_TYPES, label_statistics_of, log_responsibilities, m_step
 
 CRITERIA = ("bic", "aic", "icl")
 SELECTION_INITS = ("hierarchical", "kmeans", "k-means++")
@@ -118,14 +118,30 @@ def classification_entropy(model: GaussianMixture, X, sample_weight=None) -> flo
 
     Computed in row slabs so no full (N, K) array is held.
     """
-    total = 0.0
-    for start in range(0, X.shape[0], _SLAB):
-        proba = np.asarray(model.predict_proba(X[start:start + _SLAB]), dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(proba > 0, proba * np.log(proba), 0.0).sum(axis=1)
-        w = None if sample_weight is None else sample_weight[start:start + _SLAB]
-        total -= terms.sum() if w is None else terms @ w
-    return float(total)
+    X = validate_data(model, X, dtype=[np.float64, np.float32], reset=False, order="C")
+    return _loglik_and_entropy(model, X, sample_weight)[1]
+
+
+def _loglik_and_entropy(model: GaussianMixture, X, sample_weight) -> tuple[float, float]:
+    """log L of the final parameters (not the lower bound of the last E-step)
+    and the entropy of the responsibilities, in one pass over row slabs of
+    ``X`` (already validated, C-contiguous)."""
+    params = model._current_parameters()
+    loglik = entropy = 0.0
+    with _numba_threads(model.n_threads):
+        for start in range(0, X.shape[0], _SLAB):
+            proba, log_norm = log_responsibilities(X[start:start + _SLAB], params,
+                                                   model.covariance_type, probabilities=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                terms = np.where(proba > 0, proba * np.log(proba), 0.0).sum(axis=1)
+            if sample_weight is None:
+                loglik += log_norm.sum()
+                entropy -= terms.sum()
+            else:
+                w = sample_weight[start:start + _SLAB]
+                loglik += log_norm @ w
+                entropy -= terms @ w
+    return float(loglik), float(entropy)
 
 
 def _kmeans_start(X, sample_weight, n_components, init_params, random_state):
@@ -372,24 +388,15 @@ def _fail(row, status):
 
 
 def _score(row, model, X, sample_weight, n_eff):
-    loglik = _total_loglik(model, X, sample_weight)
+    loglik, entropy = _loglik_and_entropy(model, X, sample_weight)
     p = row["n_parameters"]
     row["log_likelihood"] = loglik
     row["bic"] = -2.0 * loglik + p * math.log(n_eff)
     row["aic"] = -2.0 * loglik + 2.0 * p
-    row["icl"] = row["bic"] + 2.0 * classification_entropy(model, X, sample_weight)
+    row["icl"] = row["bic"] + 2.0 * entropy
     row["converged"] = model.converged_
     row["n_iter"] = model.n_iter_
     row["status"] = "ok"
-
-
-def _total_loglik(model, X, sample_weight):
-    """log L of the final parameters (not the lower bound of the last E-step)."""
-    total = 0.0
-    for start in range(0, X.shape[0], _SLAB):
-        ll = np.asarray(model.score_samples(X[start:start + _SLAB]), dtype=np.float64)
-        total += ll.sum() if sample_weight is None else ll @ sample_weight[start:start + _SLAB]
-    return float(total)
 
 
 class GaussianMixtureSelector(DensityMixin, BaseEstimator):
