@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._kernels._blocks import n_chunks_for
 from ._kernels.blas import blas_routines
-from ._kernels.emloop import em_loop
+from ._kernels.emloop import em_loop, em_loop_starts
 from ._kernels.mstep import factor_covariance
 from ._validation import (
     check_means,
@@ -279,7 +279,10 @@ default='kmeans'
             if lower_bound > max_lower_bound or max_lower_bound == -np.inf:
                 max_lower_bound = lower_bound
                 best = (params, n_iter, lower_bounds, converged)
-        params, n_iter, lower_bounds, converged = best
+        self._adopt_fit(X, *best, max_lower_bound)
+
+    def _adopt_fit(self, X, params, n_iter, lower_bounds, converged, lower_bound):
+        """Set the fitted attributes from the kept start's outcome."""
         if not converged and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
@@ -289,8 +292,26 @@ default='kmeans'
         self._set_parameters(params, X.dtype)
         self.converged_ = converged
         self.n_iter_ = n_iter
-        self.lower_bound_ = max_lower_bound
+        self.lower_bound_ = lower_bound
         self.lower_bounds_ = lower_bounds
+
+    def _fit_starts_prevalidated(self, X, sample_weight, starts, models):
+        """Fit ``models[i]`` from ``starts[i]`` (GaussianParameters) on validated input.
+
+        The models must share this estimator's settings and differ only in
+        their initial parameters. On small data the compiled EM loops of all
+        starts run at once, shared out among the Numba threads (each start
+        runs serially, so the results do not depend on the thread count);
+        otherwise the starts are fitted one after the other.
+        """
+        with _numba_threads(self.n_threads):
+            outcomes = self._run_em_starts(X, sample_weight, starts)
+        for model, (params, lower_bound, lower_bounds, n_iter, converged) in zip(models,
+                                                                                outcomes):
+            model.n_features_in_ = X.shape[1]
+            model.init_lower_bounds_ = [lower_bounds]
+            model._adopt_fit(X, params, n_iter, lower_bounds, converged, lower_bound)
+        return models
 
     def run_em(self, X, sample_weight, params: GaussianParameters, lower_bound=-np.inf):
         """The EM loop from ``params``: E-step statistics, M-step, until converged.
@@ -313,6 +334,33 @@ default='kmeans'
                 lower_bound = lower_bounds[-1]
             if not handed_over:
                 return params, lower_bound, lower_bounds, len(lower_bounds), converged
+        return self._run_python_em(X, sample_weight, params, lower_bound, lower_bounds)
+
+    def _run_em_starts(self, X, sample_weight, starts):
+        """:meth:`run_em` from each of ``starts``: a list of its return values."""
+        if len(starts) < 2 or self.max_iter == 0 or not self._compiled_loop_applies(X):
+            return [self.run_em(X, sample_weight, params) for params in starts]
+        args = self._compiled_em_operands(X, sample_weight)
+        kind = COVARIANCE_KIND[self.covariance_type]
+        stacked = [np.stack(a) for a in zip(*(self._canonical_operands(p) for p in starts))]
+        *parameters, bounds, n_iter, converged, handed_over = em_loop_starts(
+            X, args[0], *stacked, kind, float(self.reg_covar), float(self.tol),
+            int(self.max_iter), *args[1:])
+        outcomes = []
+        for s in range(len(starts)):
+            params = self._from_canonical_operands(*(a[s] for a in parameters))
+            lower_bounds = bounds[s, :n_iter[s]].tolist()
+            lower_bound = lower_bounds[-1] if lower_bounds else -np.inf
+            if handed_over[s]:
+                outcomes.append(self._run_python_em(X, sample_weight, params, lower_bound,
+                                                    lower_bounds))
+            else:
+                outcomes.append((params, lower_bound, lower_bounds, len(lower_bounds),
+                                 bool(converged[s])))
+        return outcomes
+
+    def _run_python_em(self, X, sample_weight, params, lower_bound, lower_bounds):
+        """The Python-driven EM loop (it owns the repairs), continuing ``lower_bounds``."""
         converged = False
         reseeded = np.zeros(self.n_components, dtype=bool)
         n_iter = len(lower_bounds)
@@ -335,28 +383,40 @@ default='kmeans'
         work = n_samples * self.n_components * (n_features + 1) ** 2
         return self.verbose == 0 and work <= _COMPILED_LOOP_WORK
 
-    def _run_compiled_em(self, X, sample_weight, params, lower_bound):
+    def _compiled_em_operands(self, X, sample_weight):
+        """Sample-weight operand, collapse threshold, n_chunks, trmm and syrk of the
+        compiled loop."""
         trmm, syrk = blas_routines()
-        sw = weights_operand(sample_weight)
         weight = X.shape[0] if sample_weight is None else sample_weight.sum()
-        kind = COVARIANCE_KIND[self.covariance_type]
-        covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
-                       else params.covariances)
-        full = kind <= 1
+        full = COVARIANCE_KIND[self.covariance_type] <= 1
         n_chunks = n_chunks_for(X.shape[0], self.n_components * X.shape[1]
                                 * (X.shape[1] if full else 1))
-        weights, means, cov, prec_chol, lower_bounds, converged, handed_over = em_loop(
-            X, sw, np.asarray(params.weights, dtype=np.float64),
-            np.ascontiguousarray(params.means, dtype=np.float64),
-            to_canonical(covariances, self.covariance_type),
-            to_canonical(params.precisions_cholesky, self.covariance_type),
-            kind, float(self.reg_covar), float(self.tol), int(self.max_iter), float(lower_bound),
-            _COLLAPSE_FRACTION * weight / X.shape[0], n_chunks, trmm, syrk)
+        return (weights_operand(sample_weight), _COLLAPSE_FRACTION * weight / X.shape[0],
+                n_chunks, trmm, syrk)
+
+    def _canonical_operands(self, params):
+        """weights, means, covariances, prec_chol as the compiled loop takes them."""
+        covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
+                       else params.covariances)
+        return (np.asarray(params.weights, dtype=np.float64),
+                np.ascontiguousarray(params.means, dtype=np.float64),
+                to_canonical(covariances, self.covariance_type),
+                to_canonical(params.precisions_cholesky, self.covariance_type))
+
+    def _from_canonical_operands(self, weights, means, cov, prec_chol):
         cov, prec_chol = from_canonical(cov, prec_chol, self.covariance_type)
-        params = GaussianParameters(np.asarray(weights, dtype=np.float64),
-                                    np.asarray(means, dtype=np.float64),
-                                    np.asarray(cov, dtype=np.float64),
-                                    np.asarray(prec_chol, dtype=np.float64))
+        return GaussianParameters(np.asarray(weights, dtype=np.float64),
+                                  np.asarray(means, dtype=np.float64),
+                                  np.asarray(cov, dtype=np.float64),
+                                  np.asarray(prec_chol, dtype=np.float64))
+
+    def _run_compiled_em(self, X, sample_weight, params, lower_bound):
+        sw, collapse_below, n_chunks, trmm, syrk = self._compiled_em_operands(X, sample_weight)
+        weights, means, cov, prec_chol, lower_bounds, converged, handed_over = em_loop(
+            X, sw, *self._canonical_operands(params), COVARIANCE_KIND[self.covariance_type],
+            float(self.reg_covar), float(self.tol), int(self.max_iter), float(lower_bound),
+            collapse_below, n_chunks, trmm, syrk)
+        params = self._from_canonical_operands(weights, means, cov, prec_chol)
         return params, lower_bounds.tolist(), bool(converged), bool(handed_over)
 
     def _m_step(self, stats: GaussianStatistics, n_samples, reseeded):

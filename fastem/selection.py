@@ -232,26 +232,37 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
     returned with the reason.
     """
     best, best_degenerate, reason = None, None, ""
-    for start in list(starts) + [None] * len(extra_starts):
-        if start is None:
-            if best is not None:
-                break
-            start = extra_starts.pop()()
-        params, init = _initial_parameters(X, sample_weight, start, covariance_type,
-                                           fit_kwargs["reg_covar"])
-        # The start is kept as the model's initial parameters: refitting the
-        # model reproduces the cell.
-        model = GaussianMixture(n_components, covariance_type=covariance_type, **init,
-                                **fit_kwargs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model._fit_prevalidated(X, sample_weight, params)
+
+    def consider(model):
+        nonlocal best, best_degenerate, reason
         why = degeneracy(model, n_eff, data_variance)
         if why:
             if best_degenerate is None or model.lower_bound_ > best_degenerate.lower_bound_:
                 best_degenerate, reason = model, why
         elif best is None or model.lower_bound_ > best.lower_bound_:
             best = model
+
+    def prepare(start):
+        params, init = _initial_parameters(X, sample_weight, start, covariance_type,
+                                           fit_kwargs["reg_covar"])
+        # The start is kept as the model's initial parameters: refitting the
+        # model reproduces the cell.
+        return params, GaussianMixture(n_components, covariance_type=covariance_type, **init,
+                                       **fit_kwargs)
+
+    prepared = [prepare(start) for start in starts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The shared starts run together (in parallel on small data); fresh
+        # ones only if every shared start degenerated, one at a time.
+        models = prepared[0][1]._fit_starts_prevalidated(
+            X, sample_weight, [params for params, _ in prepared],
+            [model for _, model in prepared])
+        for model in models:
+            consider(model)
+        while best is None and extra_starts:
+            params, model = prepare(extra_starts.pop()())
+            consider(model._fit_prevalidated(X, sample_weight, params))
     if best is not None:
         return best, ""
     return best_degenerate, reason

@@ -318,3 +318,45 @@ def test_selector_predict_equals_best_estimator_predict():
     assert selector.bic(X) == best.bic(X)
     with pytest.raises(ValueError, match="features"):
         selector.predict(X[:, :1])
+
+
+def test_grid_is_the_same_on_one_and_two_threads():
+    # A cell's starts run together, shared out among the threads; each runs
+    # serially, so the table cannot depend on the thread count.
+    X = make_mixture(300, 2, 3, seed=5)
+    one, two = (select_model(X, range(1, 5), random_state=0, n_threads=t) for t in (1, 2))
+    for name in TABLE_DTYPE.names:
+        if name != "seconds":
+            np.testing.assert_array_equal(one.table[name], two.table[name], err_msg=name)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_starts_fitted_together_match_fits_one_by_one(covariance_type):
+    from fastem import GaussianMixture
+    from fastem.stats import GaussianParameters
+
+    X = make_mixture(400, 2, 3, seed=6)
+    rng = np.random.default_rng(0)
+    starts = []
+    for i in range(4):
+        means = X[rng.choice(X.shape[0], 3, replace=False)].copy()
+        if i == 3:
+            means[2] = 1e3  # no row near it: collapses, the Python loop takes over
+        reference = GaussianMixture(3, covariance_type=covariance_type, means_init=means,
+                                    max_iter=0).fit(X)
+        starts.append(GaussianParameters(np.full(3, 1 / 3), means, reference.covariances_,
+                                         reference.precisions_cholesky_))
+    settings = dict(covariance_type=covariance_type, tol=1e-8, max_iter=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        together = GaussianMixture(3, **settings)._fit_starts_prevalidated(
+            X, None, starts, [GaussianMixture(3, **settings) for _ in starts])
+        alone = [GaussianMixture(3, **settings)._fit_prevalidated(X, None, start)
+                 for start in starts]
+    assert together[3].n_iter_ > 0 and np.all(np.abs(together[3].means_) < 100), "not repaired"
+    for a, b in zip(together, alone):
+        assert a.n_iter_ == b.n_iter_ and a.converged_ == b.converged_
+        np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-12)
+        np.testing.assert_allclose(a.means_, b.means_, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(a.covariances_, b.covariances_, rtol=0, atol=1e-9)
+        assert a.init_lower_bounds_ == [a.lower_bounds_]
