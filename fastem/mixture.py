@@ -7,8 +7,10 @@ per iteration yielding sufficient statistics, then a tiny M-step).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from numbers import Integral, Real
 from time import perf_counter
@@ -23,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._kernels._blocks import n_chunks_for
 from ._kernels.blas import blas_routines
-from ._kernels.emloop import em_loop, em_loop_starts
+from ._kernels.emloop import em_loop
 from ._kernels.mstep import factor_covariance
 from ._validation import (
     check_means,
@@ -72,6 +74,12 @@ def _numba_threads(n_threads):
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+@functools.cache
+def _start_pool(workers: int) -> ThreadPoolExecutor:
+    """Threads that run the compiled EM loops of several starts at once."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="fastem-start")
 
 
 def n_free_parameters(n_components: int, n_features: int, covariance_type: str) -> int:
@@ -299,10 +307,10 @@ default='kmeans'
         """Fit ``models[i]`` from ``starts[i]`` (GaussianParameters) on validated input.
 
         The models must share this estimator's settings and differ only in
-        their initial parameters. On small data the compiled EM loops of all
-        starts run at once, shared out among the Numba threads (each start
-        runs serially, so the results do not depend on the thread count);
-        otherwise the starts are fitted one after the other.
+        their initial parameters. On small data the compiled EM loops of the
+        starts run at once (see :meth:`_run_em_starts`), with the same results
+        as fitting each alone; otherwise the starts are fitted one after the
+        other.
         """
         with _numba_threads(self.n_threads):
             outcomes = self._run_em_starts(X, sample_weight, starts)
@@ -337,26 +345,26 @@ default='kmeans'
         return self._run_python_em(X, sample_weight, params, lower_bound, lower_bounds)
 
     def _run_em_starts(self, X, sample_weight, starts):
-        """:meth:`run_em` from each of ``starts``: a list of its return values."""
-        if len(starts) < 2 or self.max_iter == 0 or not self._compiled_loop_applies(X):
+        """:meth:`run_em` from each of ``starts``: a list of its return values.
+
+        On small data the compiled loops of the starts run at once from up to
+        ``numba.get_num_threads()`` Python threads (the loop releases the
+        GIL); each is the same serial computation as alone, so the results do
+        not depend on the thread count. Hand-overs continue here, in turn.
+        """
+        workers = min(len(starts), numba.get_num_threads())
+        if workers < 2 or self.max_iter == 0 or not self._compiled_loop_applies(X):
             return [self.run_em(X, sample_weight, params) for params in starts]
-        args = self._compiled_em_operands(X, sample_weight)
-        kind = COVARIANCE_KIND[self.covariance_type]
-        stacked = [np.stack(a) for a in zip(*(self._canonical_operands(p) for p in starts))]
-        *parameters, bounds, n_iter, converged, handed_over = em_loop_starts(
-            X, args[0], *stacked, kind, float(self.reg_covar), float(self.tol),
-            int(self.max_iter), *args[1:])
+        compiled = list(_start_pool(workers).map(
+            lambda params: self._run_compiled_em(X, sample_weight, params, -np.inf), starts))
         outcomes = []
-        for s in range(len(starts)):
-            params = self._from_canonical_operands(*(a[s] for a in parameters))
-            lower_bounds = bounds[s, :n_iter[s]].tolist()
+        for params, lower_bounds, converged, handed_over in compiled:
             lower_bound = lower_bounds[-1] if lower_bounds else -np.inf
-            if handed_over[s]:
+            if handed_over:
                 outcomes.append(self._run_python_em(X, sample_weight, params, lower_bound,
                                                     lower_bounds))
             else:
-                outcomes.append((params, lower_bound, lower_bounds, len(lower_bounds),
-                                 bool(converged[s])))
+                outcomes.append((params, lower_bound, lower_bounds, len(lower_bounds), converged))
         return outcomes
 
     def _run_python_em(self, X, sample_weight, params, lower_bound, lower_bounds):

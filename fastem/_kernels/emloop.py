@@ -13,13 +13,15 @@ driver, which owns those policies and their warnings.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .estep import gaussian_operands, gaussian_statistics_serial
 from .mstep import m_step_canonical
 
 
-@njit(cache=True)
+# nogil: model selection runs the loops of several starts at once from Python
+# threads (the loop is serial and touches only its own arrays).
+@njit(cache=True, nogil=True)
 def em_loop(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_covar, tol,
             max_iter, lower_bound, collapse_below, n_chunks, trmm, syrk):
     """Run up to ``max_iter`` EM iterations (E-step statistics, M-step, test).
@@ -58,44 +60,3 @@ def em_loop(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_
             break
     return (weights, means, covariances, prec_chol, lower_bounds[:n_iter], converged,
             handed_over)
-
-
-@njit(cache=True, parallel=True)
-def em_loop_starts(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_covar, tol,
-                   max_iter, collapse_below, n_chunks, trmm, syrk):
-    """:func:`em_loop` from each of S starts, the starts shared out among threads.
-
-    The starts' parameters are stacked on a leading axis (S, ...). Each start
-    runs the serial loop on its own, so the results do not depend on the
-    number of threads.
-
-    Returns
-    -------
-    weights, means, covariances, prec_chol : stacked final parameters
-    lower_bounds : ndarray (S, max_iter), valid up to ``n_iter[s]``
-    n_iter : ndarray (S,) int64
-    converged, handed_over : ndarray (S,) bool
-    """
-    n_starts = weights.shape[0]
-    out_weights = np.empty_like(weights)
-    out_means = np.empty_like(means)
-    out_covariances = np.empty_like(covariances)
-    out_prec_chol = np.empty_like(prec_chol)
-    lower_bounds = np.full((n_starts, max_iter), np.nan)
-    n_iter = np.zeros(n_starts, dtype=np.int64)
-    converged = np.zeros(n_starts, dtype=np.bool_)
-    handed_over = np.zeros(n_starts, dtype=np.bool_)
-    for s in prange(n_starts):
-        w, m, c, p, bounds, done, handed = em_loop(
-            X, sample_weight, weights[s], means[s], covariances[s], prec_chol[s], kind,
-            reg_covar, tol, max_iter, -np.inf, collapse_below, n_chunks, trmm, syrk)
-        out_weights[s] = w
-        out_means[s] = m
-        out_covariances[s] = c
-        out_prec_chol[s] = p
-        lower_bounds[s, :bounds.shape[0]] = bounds
-        n_iter[s] = bounds.shape[0]
-        converged[s] = done
-        handed_over[s] = handed
-    return (out_weights, out_means, out_covariances, out_prec_chol, lower_bounds, n_iter,
-            converged, handed_over)
