@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -80,6 +81,10 @@ def _numba_threads(n_threads):
 def _start_pool(workers: int) -> ThreadPoolExecutor:
     """Threads that run the compiled EM loops of several starts at once."""
     return ThreadPoolExecutor(workers, thread_name_prefix="fastem-start")
+
+
+# A forked child inherits the pool but not its threads: give it a fresh one.
+os.register_at_fork(after_in_child=_start_pool.cache_clear)
 
 
 def n_free_parameters(n_components: int, n_features: int, covariance_type: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -361,3 +362,28 @@ def test_starts_fitted_together_match_fits_one_by_one(covariance_type):
         for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
         assert a.init_lower_bounds_ == [a.lower_bounds_]
+
+
+def _fit_two_starts(_=None):
+    from fastem import GaussianMixture
+    from fastem.stats import GaussianParameters
+
+    X = make_mixture(300, 2, 2, seed=9)
+    fitted = GaussianMixture(2, max_iter=0, means_init=X[:2]).fit(X)
+    start = GaussianParameters(fitted.weights_, fitted.means_, fitted.covariances_,
+                               fitted.precisions_cholesky_)
+    models = GaussianMixture(2)._fit_starts_prevalidated(
+        X, None, [start, start], [GaussianMixture(2), GaussianMixture(2)])
+    return [m.lower_bound_ for m in models]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_starts_run_together_in_a_forked_child():
+    # The child inherits the parent's thread pool object but not its threads;
+    # without a fresh pool it would wait forever.
+    import multiprocessing
+
+    parent = _fit_two_starts()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(_fit_two_starts).get(timeout=120)
+    assert child == parent
