@@ -344,7 +344,7 @@ def test_starts_fitted_together_match_fits_one_by_one(covariance_type):
         if i == 3:
             means[2] = 1e3  # no row near it: collapses, the Python loop takes over
         reference = GaussianMixture(3, covariance_type=covariance_type, means_init=means,
-                                    max_iter=0).fit(X)
+                                    max_iter=0, random_state=i).fit(X)
         starts.append(GaussianParameters(np.full(3, 1 / 3), means, reference.covariances_,
                                          reference.precisions_cholesky_))
     settings = dict(covariance_type=covariance_type, tol=1e-8, max_iter=200)
@@ -369,7 +369,7 @@ def _fit_two_starts(_=None):
     from fastem.stats import GaussianParameters
 
     X = make_mixture(300, 2, 2, seed=9)
-    fitted = GaussianMixture(2, max_iter=0, means_init=X[:2]).fit(X)
+    fitted = GaussianMixture(2, max_iter=0, means_init=X[:2], random_state=0).fit(X)
     start = GaussianParameters(fitted.weights_, fitted.means_, fitted.covariances_,
                                fitted.precisions_cholesky_)
     models = GaussianMixture(2)._fit_starts_prevalidated(
