@@ -396,40 +396,28 @@ default='kmeans'
         work = n_samples * self.n_components * (n_features + 1) ** 2
         return self.verbose == 0 and work <= _COMPILED_LOOP_WORK
 
-    def _compiled_em_operands(self, X, sample_weight):
-        """Sample-weight operand, collapse threshold, n_chunks, trmm and syrk of the
-        compiled loop."""
+    def _run_compiled_em(self, X, sample_weight, params, lower_bound):
         trmm, syrk = blas_routines()
+        sw = weights_operand(sample_weight)
         weight = X.shape[0] if sample_weight is None else sample_weight.sum()
-        full = COVARIANCE_KIND[self.covariance_type] <= 1
-        n_chunks = n_chunks_for(X.shape[0], self.n_components * X.shape[1]
-                                * (X.shape[1] if full else 1))
-        return (weights_operand(sample_weight), _COLLAPSE_FRACTION * weight / X.shape[0],
-                n_chunks, trmm, syrk)
-
-    def _canonical_operands(self, params):
-        """weights, means, covariances, prec_chol as the compiled loop takes them."""
+        kind = COVARIANCE_KIND[self.covariance_type]
         covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
                        else params.covariances)
-        return (np.asarray(params.weights, dtype=np.float64),
-                np.ascontiguousarray(params.means, dtype=np.float64),
-                to_canonical(covariances, self.covariance_type),
-                to_canonical(params.precisions_cholesky, self.covariance_type))
-
-    def _from_canonical_operands(self, weights, means, cov, prec_chol):
-        cov, prec_chol = from_canonical(cov, prec_chol, self.covariance_type)
-        return GaussianParameters(np.asarray(weights, dtype=np.float64),
-                                  np.asarray(means, dtype=np.float64),
-                                  np.asarray(cov, dtype=np.float64),
-                                  np.asarray(prec_chol, dtype=np.float64))
-
-    def _run_compiled_em(self, X, sample_weight, params, lower_bound):
-        sw, collapse_below, n_chunks, trmm, syrk = self._compiled_em_operands(X, sample_weight)
+        full = kind <= 1
+        n_chunks = n_chunks_for(X.shape[0], self.n_components * X.shape[1]
+                                * (X.shape[1] if full else 1))
         weights, means, cov, prec_chol, lower_bounds, converged, handed_over = em_loop(
-            X, sw, *self._canonical_operands(params), COVARIANCE_KIND[self.covariance_type],
-            float(self.reg_covar), float(self.tol), int(self.max_iter), float(lower_bound),
-            collapse_below, n_chunks, trmm, syrk)
-        params = self._from_canonical_operands(weights, means, cov, prec_chol)
+            X, sw, np.asarray(params.weights, dtype=np.float64),
+            np.ascontiguousarray(params.means, dtype=np.float64),
+            to_canonical(covariances, self.covariance_type),
+            to_canonical(params.precisions_cholesky, self.covariance_type),
+            kind, float(self.reg_covar), float(self.tol), int(self.max_iter), float(lower_bound),
+            _COLLAPSE_FRACTION * weight / X.shape[0], n_chunks, trmm, syrk)
+        cov, prec_chol = from_canonical(cov, prec_chol, self.covariance_type)
+        params = GaussianParameters(np.asarray(weights, dtype=np.float64),
+                                    np.asarray(means, dtype=np.float64),
+                                    np.asarray(cov, dtype=np.float64),
+                                    np.asarray(prec_chol, dtype=np.float64))
         return params, lower_bounds.tolist(), bool(converged), bool(handed_over)
 
     def _m_step(self, stats: GaussianStatistics, n_samples, reseeded):
