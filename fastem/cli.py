@@ -39,9 +39,10 @@ from typing import TextIO
 import numpy as np
 
 from . import __version__
-from .io import load_demo_data, load_model, read_table, save_model
+from .io import load_model, save_model
 from .selection import CRITERIA, SelectionResult, select_model
 from .stats import COVARIANCE_TYPES
+from .tables import load_demo_data, read_table
 
 PROG = "fastem"
 DEMO_PICTURE = "fastem-demo.png"

@@ -1,4 +1,4 @@
-"""Reading and writing files: fitted models without pickle, and data tables.
+"""Model files: fitted models written and read back without pickle.
 
 Saved models
 ------------
@@ -30,33 +30,30 @@ three initial arrays (in practice a ``numpy.random.RandomState`` or
 ``Generator`` passed as ``random_state``) is not saved, so the loaded model has
 the class default for it.
 
-Data tables
------------
-:func:`read_table` reads the numeric matrix the command line fits, from CSV,
-TSV, whitespace-separated text, ``.npy``, ``.npz`` or Parquet files, and
-:func:`load_demo_data` returns the Old Faithful data shipped with fastem.
-
 Every problem with a file's existence or content is reported as a
 ``ValueError`` whose message names the file, so a caller such as the command
 line can report all bad input the same way.
+
+Data tables (the matrices a model is fitted to) are read by :mod:`fastem.tables`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-__all__ = ["load_demo_data", "load_model", "read_table", "save_model"]
+# Transitional: fastem/bench_selection.py and tests/test_cli.py still import the
+# table readers from here; drop this line once they import from fastem.tables.
+from .tables import load_demo_data, read_table  # noqa: F401
+
+__all__ = ["load_model", "save_model"]
 
 FORMAT_NAME = "fastem.GaussianMixture"
 FORMAT_VERSION = 1
@@ -71,12 +68,7 @@ _PARAMETER_ARRAYS = (
 )
 _INIT_ARRAYS = ("weights_init", "means_init", "precisions_init")
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
-_MISSING_TOKENS = frozenset({"", "NA"})
 
-
-# ---------------------------------------------------------------------------
-# Saved models
-# ---------------------------------------------------------------------------
 
 
 def save_model(model, path: str | os.PathLike) -> None:
@@ -405,297 +397,6 @@ def _check_arrays(path: Path, entries: dict, params: dict, fitted: dict) -> None
             )
         if not np.all(np.isfinite(array)):
             raise ValueError(f"{path}: array {name} has non-finite values")
-
-
-# ---------------------------------------------------------------------------
-# Data tables
-# ---------------------------------------------------------------------------
-
-
-def read_table(
-    path: str | os.PathLike, columns: Sequence[str | int] | None = None
-) -> tuple[np.ndarray, list[str]]:
-    """Read a numeric data matrix from a file, choosing the format by extension.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The file. Supported extensions (case-insensitive):
-
-        ``.csv``
-            Comma-separated. The first row is a header if any of its fields is
-            not a number (empty fields and ``NA`` count as numbers here, being
-            missing values).
-        ``.tsv``, ``.tab``
-            Tab-separated, header detected as for ``.csv``.
-        ``.txt``
-            Comma-separated if the first non-blank line contains a comma,
-            otherwise separated by runs of spaces and tabs; header detected as
-            for ``.csv``.
-        ``.npy``
-            A 1-D array (read as one column) or a 2-D array.
-        ``.npz``
-            The archive's only array, or the array named ``X`` if it has several.
-        ``.parquet``
-            Needs pyarrow, which fastem does not install.
-
-        Blank lines in text files are skipped. Columns without a header, and
-        the columns of NumPy files, are named ``x0``, ``x1``, ...
-    columns : sequence of str or int, optional
-        The columns to return, in this order, by name or by 0-based index. A
-        string of digits is taken as an index unless a column has that name.
-        By default all columns are returned.
-
-    Returns
-    -------
-    X : ndarray of shape (n_samples, n_columns), dtype float64
-        The data. Missing values (empty fields, ``NA``, ``nan``; nulls in
-        Parquet) are NaN: they are read here and rejected later by the
-        estimator with its own message.
-    names : list of str
-        The names of the returned columns.
-
-    Raises
-    ------
-    ValueError
-        If the file does not exist (a ``ValueError`` rather than
-        ``FileNotFoundError``, like every other input problem here), has an
-        unsupported extension, is empty or has no data rows, has a row with
-        the wrong number of fields (the message gives its line number), if
-        ``columns`` names unknown columns (the message lists the available
-        ones), or if a selected column is not numeric (the message names all
-        such columns).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such data file")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv", ".tab", ".txt"):
-        return _read_text_table(path, suffix, columns)
-    if suffix in (".npy", ".npz"):
-        array = _read_numpy_array(path, suffix)
-        names = [f"x{j}" for j in range(array.shape[1])]
-        selected = _select_columns(path, names, columns)
-        return (
-            np.ascontiguousarray(array[:, selected], dtype=np.float64),
-            [names[j] for j in selected],
-        )
-    if suffix == ".parquet":
-        return _read_parquet(path, columns)
-    raise ValueError(
-        f"{path}: unsupported file type {path.suffix!r} "
-        "(use .csv, .tsv, .tab, .txt, .npy, .npz or .parquet)"
-    )
-
-
-def load_demo_data() -> tuple[np.ndarray, list[str]]:
-    """Return the Old Faithful geyser data shipped with fastem.
-
-    Returns
-    -------
-    X : ndarray of shape (272, 2), dtype float64
-        Eruption duration (minutes) and waiting time to the next eruption
-        (minutes), a classic two-cluster example.
-    names : list of str
-        ``["eruptions", "waiting"]``.
-    """
-    source = resources.files(__package__) / "data" / "faithful.csv"
-    with resources.as_file(source) as path:
-        return read_table(path)
-
-
-def _text_rows(path: Path, suffix: str) -> Iterator[tuple[int, list[str]]]:
-    """Yield ``(line_number, fields)`` for each non-blank line of a text table."""
-    # utf-8-sig drops the byte-order mark spreadsheet programs put in front.
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        if suffix == ".txt":
-            first = next((line for line in handle if line.strip()), "")
-            handle.seek(0)
-            if "," not in first:
-                for line_number, line in enumerate(handle, start=1):
-                    fields = line.split()
-                    if fields:
-                        yield line_number, fields
-                return
-        delimiter = "\t" if suffix in (".tsv", ".tab") else ","
-        reader = csv.reader(handle, delimiter=delimiter)
-        for row in reader:
-            if row:
-                # line_num counts physical lines, so it is right after quoted newlines.
-                yield reader.line_num, [field.strip() for field in row]
-
-
-def _is_number(field: str) -> bool:
-    if field in _MISSING_TOKENS:
-        return True
-    try:
-        float(field)
-    except ValueError:
-        return False
-    return True
-
-
-def _read_text_table(
-    path: Path, suffix: str, columns: Sequence[str | int] | None
-) -> tuple[np.ndarray, list[str]]:
-    rows = _text_rows(path, suffix)
-    first = next(rows, None)
-    if first is None:
-        raise ValueError(f"{path}: the file is empty")
-    first_line, first_fields = first
-    n_fields = len(first_fields)
-    if all(_is_number(field) for field in first_fields):
-        names = [f"x{j}" for j in range(n_fields)]
-        data = [first_fields]
-    else:
-        names = first_fields
-        data = []
-    for line_number, fields in rows:
-        if len(fields) != n_fields:
-            raise ValueError(
-                f"{path}: line {line_number} has {len(fields)} fields, expected {n_fields} "
-                f"(as on line {first_line})"
-            )
-        data.append(fields)
-    if not data:
-        raise ValueError(f"{path}: no data rows after the header")
-
-    selected = _select_columns(path, names, columns)
-    X = np.empty((len(data), len(selected)), dtype=np.float64)
-    non_numeric = []
-    for out, j in enumerate(selected):
-        values = ["nan" if row[j] in _MISSING_TOKENS else row[j] for row in data]
-        try:
-            X[:, out] = np.array(values, dtype=np.float64)
-        except ValueError:
-            non_numeric.append(names[j])
-    if non_numeric:
-        raise ValueError(
-            f"{path}: non-numeric columns: {_quoted(non_numeric)} "
-            "(select numeric columns with columns= or --columns)"
-        )
-    return X, [names[j] for j in selected]
-
-
-def _read_numpy_array(path: Path, suffix: str) -> np.ndarray:
-    """Return the 2-D array stored in a ``.npy`` or ``.npz`` file."""
-    unreadable = f"{path}: cannot read it as a NumPy {suffix} file"
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{unreadable}: {exc}") from exc
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            names = loaded.files
-            if len(names) != 1 and "X" not in names:
-                raise ValueError(
-                    f"{path}: expected one array or an array named 'X', "
-                    f"found {len(names)}: {_quoted(names)}"
-                )
-            key = names[0] if len(names) == 1 else "X"
-            try:
-                loaded = loaded[key]
-            except (
-                OSError,
-                ValueError,
-                EOFError,
-                zipfile.BadZipFile,
-                zlib.error,
-            ) as exc:
-                raise ValueError(f"{unreadable}: array '{key}': {exc}") from exc
-    if not isinstance(loaded, np.ndarray) or loaded.dtype.kind not in "biuf":
-        raise ValueError(f"{path}: the file does not hold a numeric array")
-    if loaded.ndim == 1:
-        loaded = loaded[:, np.newaxis]
-    if loaded.ndim != 2:
-        raise ValueError(
-            f"{path}: expected a 1-D or 2-D array, got shape {loaded.shape}"
-        )
-    if loaded.shape[0] == 0:
-        raise ValueError(f"{path}: the array has no rows")
-    return loaded
-
-
-def _read_parquet(
-    path: Path, columns: Sequence[str | int] | None
-) -> tuple[np.ndarray, list[str]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(
-            f"{path}: reading Parquet files needs pyarrow (pip install pyarrow)"
-        ) from None
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise ValueError(f"{path}: cannot read it as a Parquet file: {exc}") from exc
-    if table.num_rows == 0:
-        raise ValueError(f"{path}: no data rows")
-    names = list(table.column_names)
-    selected = _select_columns(path, names, columns)
-
-    def is_numeric(arrow_type) -> bool:
-        return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
-
-    non_numeric = [
-        names[j] for j in selected if not is_numeric(table.schema.field(j).type)
-    ]
-    if non_numeric:
-        raise ValueError(
-            f"{path}: non-numeric columns: {_quoted(non_numeric)} "
-            "(select numeric columns with columns= or --columns)"
-        )
-    X = np.empty((table.num_rows, len(selected)), dtype=np.float64)
-    for out, j in enumerate(selected):
-        column = table.column(j).cast(pa.float64())
-        X[:, out] = column.to_numpy().astype(np.float64)
-        # Nulls come back as NaN from a float column, but say so rather than rely on it.
-        X[np.asarray(column.is_null()), out] = np.nan
-    return X, [names[j] for j in selected]
-
-
-def _select_columns(
-    path: Path, names: list[str], columns: Sequence[str | int] | None
-) -> list[int]:
-    """Resolve ``columns`` (names or 0-based indices) to indices into ``names``."""
-    if columns is None:
-        return list(range(len(names)))
-    if isinstance(columns, (str, int, np.integer)):
-        columns = [columns]
-    if len(columns) == 0:
-        raise ValueError(f"{path}: no columns selected")
-
-    selected, unknown = [], []
-    for key in columns:
-        if isinstance(key, str) and key in names:
-            matches = [j for j, name in enumerate(names) if name == key]
-            if len(matches) > 1:
-                raise ValueError(f"{path}: several columns are named {key!r}")
-            selected.append(matches[0])
-        elif (
-            _is_int(key)
-            or isinstance(key, np.integer)
-            or (isinstance(key, str) and key.isascii() and key.isdigit())
-        ):
-            index = int(key)
-            if not 0 <= index < len(names):
-                raise ValueError(
-                    f"{path}: column index {index} is out of range for {len(names)} columns"
-                )
-            selected.append(index)
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown columns: {_quoted(unknown)}; available: {_quoted(names)}"
-        )
-    repeated = sorted({names[j] for j in selected if selected.count(j) > 1})
-    if repeated:
-        raise ValueError(
-            f"{path}: columns selected more than once: {_quoted(repeated)}"
-        )
-    return selected
 
 
 def _quoted(items) -> str:
