@@ -1,20 +1,29 @@
-"""Tests for fastem.io: pickle-free model files."""
+"""Tests for fastem.io: pickle-free model files and the registry of their formats."""
 
+import ast
+import fractions
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
+import sklearn.mixture
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+import fastem.io
 from fastem import GaussianMixture
 from fastem.io import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     META_KEY,
+    ModelFormat,
     load_model,
+    register_model_format,
+    registered_model_formats,
     save_model,
 )
+
+GM_FORMAT = registered_model_formats()["fastem.GaussianMixture"]
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 FITTED_ARRAYS = [
@@ -54,12 +63,15 @@ def model_file(tmp_path, fitted):
     return path
 
 
-def rewrite(path, meta_changes=None, drop=(), replace=None):
+def rewrite(path, meta_changes=None, drop=(), replace=None, params=None, drop_params=()):
     """Rewrite a saved model with its metadata or arrays changed."""
     with np.load(path, allow_pickle=False) as archive:
         entries = {name: archive[name] for name in archive.files}
     meta = json.loads(str(entries[META_KEY]))
     meta.update(meta_changes or {})
+    meta["params"].update(params or {})
+    for name in drop_params:
+        del meta["params"][name]
     entries[META_KEY] = np.array(json.dumps(meta))
     entries.update(replace or {})
     for name in drop:
@@ -149,15 +161,134 @@ def test_round_trip_keeps_initial_arrays_and_feature_names(tmp_path, X):
     assert loaded.feature_names_in_.dtype == object
 
 
-def test_random_state_instance_is_not_saved(tmp_path, X):
-    model = GaussianMixture(n_components=2, random_state=np.random.RandomState(0)).fit(
-        X
-    )
-    path = tmp_path / "rs.npz"
+# A value other than the default for every constructor parameter, consistent
+# with a two-component diagonal model of two features.
+NON_DEFAULT_PARAMS = {
+    "n_components": 2,
+    "covariance_type": "diag",
+    "tol": 1e-4,
+    "reg_covar": 1e-5,
+    "max_iter": 50,
+    "n_init": 2,
+    "init_params": "random",
+    "weights_init": [0.4, 0.6],
+    "means_init": [[0.0, 0.0], [5.0, 1.0]],
+    "precisions_init": [[1.0, 2.0], [0.5, 0.25]],
+    "random_state": 7,
+    "warm_start": True,
+    "verbose": 2,
+    "verbose_interval": 5,
+    "n_threads": 1,
+}
+
+
+def test_every_constructor_parameter_round_trips(tmp_path, X):
+    defaults = GaussianMixture().get_params(deep=False)
+    # A new constructor parameter must be added above, so that it is tested too.
+    assert set(NON_DEFAULT_PARAMS) == set(defaults)
+    model = GaussianMixture(n_components=2, covariance_type="diag", random_state=0).fit(X)
+    model.set_params(**NON_DEFAULT_PARAMS)
+    path = tmp_path / "params.npz"
+    save_model(model, path)
+    loaded = load_model(path).get_params(deep=False)
+
+    assert set(loaded) == set(defaults)
+    for name, value in NON_DEFAULT_PARAMS.items():
+        if name in GM_FORMAT.array_params:
+            assert defaults[name] is None
+            assert loaded[name].dtype == np.float64, name
+            np.testing.assert_array_equal(loaded[name], value)
+        else:
+            assert value != defaults[name], name
+            assert loaded[name] == value, name
+            assert type(loaded[name]) is type(value), name
+
+
+def test_numpy_scalar_parameters_are_stored_as_numbers(tmp_path, X):
+    model = GaussianMixture(n_components=np.int64(2), tol=np.float32(0.25), random_state=0)
+    model.fit(X)
+    path = tmp_path / "np.npz"
     save_model(model, path)
     loaded = load_model(path)
-    assert loaded.random_state == GaussianMixture().random_state
-    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+    assert loaded.n_components == 2 and type(loaded.n_components) is int
+    assert loaded.tol == np.float32(0.25)
+
+
+# ---------------------------------------------------------------------------
+# Saved models: refusing to save what a file cannot hold
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "random_state", [np.random.RandomState(0), np.random.default_rng(0)]
+)
+def test_random_state_instance_refuses_to_save(tmp_path, X, fitted, random_state):
+    path = tmp_path / "model.npz"
+    save_model(fitted, path)
+    before = path.read_bytes()
+    model = GaussianMixture(n_components=2, random_state=np.random.RandomState(0)).fit(X)
+    # fit does not take a Generator, but set_params does.
+    model.set_params(random_state=random_state)
+    with pytest.raises(ValueError) as info:
+        save_model(model, path)
+    message = str(info.value)
+    assert f"random_state={random_state!r} cannot be stored in a model file" in message
+    assert "set it to an int or None before saving" in message
+    assert str(path) in message
+    # The older file is untouched, and no temporary file is left behind.
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+def test_other_unstorable_parameter_refuses_to_save(tmp_path, fitted):
+    model = pickle.loads(pickle.dumps(fitted))
+    model.set_params(tol=fractions.Fraction(1, 1000))
+    with pytest.raises(ValueError, match=r"tol=Fraction\(1, 1000\) cannot be stored") as info:
+        save_model(model, tmp_path / "m.npz")
+    assert "set it to one of those before saving" in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_non_numeric_initial_array_refuses_to_save(tmp_path, fitted):
+    model = pickle.loads(pickle.dumps(fitted))
+    model.set_params(means_init=[["a", "b"]] * 3)
+    with pytest.raises(ValueError, match="means_init=.* is not an array of numbers"):
+        save_model(model, tmp_path / "m.npz")
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path, fitted):
+    path = tmp_path / "model.npz"
+    save_model(fitted, path)
+    before = path.read_bytes()
+    model = pickle.loads(pickle.dumps(fitted))
+    model.means_ = model.means_.copy()
+    model.means_[0, 0] = np.nan
+    with pytest.raises(ValueError, match="means_ has non-finite values") as info:
+        save_model(model, path)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == before
+    # A parameter the estimator's own validation refuses.
+    model = pickle.loads(pickle.dumps(fitted)).set_params(covariance_type="round")
+    with pytest.raises(ValueError, match="covariance_type"):
+        save_model(model, path)
+    assert path.read_bytes() == before
+
+
+def test_save_of_unregistered_class_refuses(tmp_path, X):
+    model = sklearn.mixture.GaussianMixture(n_components=2, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="no model format is registered"):
+        save_model(model, tmp_path / "m.npz")
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_of_subclass_refuses(tmp_path, X):
+    class Sub(GaussianMixture):
+        pass
+
+    model = Sub(n_components=2, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="no model format is registered"):
+        save_model(model, tmp_path / "m.npz")
 
 
 @pytest.mark.parametrize("as_str", [False, True])
@@ -197,12 +328,47 @@ def test_metadata_entry_holds_format_and_scalars(model_file, fitted):
         raw = archive[META_KEY]
     assert raw.ndim == 0 and raw.dtype.kind == "U"
     meta = json.loads(str(raw))
-    assert meta["format"] == FORMAT_NAME
-    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["format"] == GM_FORMAT.name == "fastem.GaussianMixture"
+    assert meta["format_version"] == GM_FORMAT.version == 2
     assert isinstance(meta["fastem_version"], str)
-    assert meta["params"]["n_components"] == fitted.n_components
+    # Every constructor parameter, None included.
+    assert meta["params"] == fitted.get_params(deep=False)
     assert meta["fitted"]["n_iter_"] == fitted.n_iter_
     assert meta["fitted"]["lower_bound_"] == fitted.lower_bound_
+
+
+# ---------------------------------------------------------------------------
+# Saved models: format versions
+# ---------------------------------------------------------------------------
+
+
+def test_current_version_lacking_a_parameter_is_refused(model_file):
+    rewrite(model_file, drop_params=["random_state", "n_threads"])
+    with pytest.raises(ValueError, match="lacks the parameters 'n_threads', 'random_state'"):
+        load_model(model_file)
+
+
+def test_version_1_file_lacking_a_parameter_gets_the_default(model_file, fitted, X):
+    # Version 1 left out a random_state it could not write as JSON.
+    rewrite(model_file, {"format_version": 1}, drop_params=["random_state"])
+    loaded = load_model(model_file)
+    assert loaded.random_state is None
+    expected = fitted.get_params()
+    expected["random_state"] = None
+    assert loaded.get_params() == expected
+    np.testing.assert_array_equal(loaded.predict_proba(X), fitted.predict_proba(X))
+
+
+def test_version_1_file_with_every_parameter_loads(model_file, fitted):
+    rewrite(model_file, {"format_version": 1})
+    assert load_model(model_file).get_params() == fitted.get_params()
+
+
+@pytest.mark.parametrize("version", [0, -1, 1.0, "2", True, None])
+def test_invalid_format_version(model_file, version):
+    rewrite(model_file, {"format_version": version})
+    with pytest.raises(ValueError, match="invalid format_version"):
+        load_model(model_file)
 
 
 # ---------------------------------------------------------------------------
@@ -246,14 +412,16 @@ def test_load_foreign_npz(tmp_path):
         load_model(path)
 
 
-def test_load_wrong_format_name(model_file):
-    rewrite(model_file, {"format": "someone.else"})
-    with pytest.raises(ValueError, match="format is 'someone.else'"):
+@pytest.mark.parametrize("name", ["someone.else", "fastem.GaussianHMM", None])
+def test_load_unregistered_format(model_file, name):
+    rewrite(model_file, {"format": name})
+    with pytest.raises(ValueError, match=f"format is {name!r}, expected one of ") as info:
         load_model(model_file)
+    assert str(model_file) in str(info.value)
 
 
 def test_load_future_format_version(model_file):
-    future = FORMAT_VERSION + 1
+    future = GM_FORMAT.version + 1
     rewrite(model_file, {"format_version": future})
     with pytest.raises(ValueError, match=f"format version {future}, newer"):
         load_model(model_file)
@@ -280,7 +448,7 @@ def test_load_missing_array(model_file):
 
 def test_load_shape_inconsistent_with_covariance_type(model_file):
     # A full model's (K, D, D) arrays do not fit a diag model's (K, D).
-    rewrite(model_file, {"params": {"n_components": 3, "covariance_type": "diag"}})
+    rewrite(model_file, params={"covariance_type": "diag"})
     with pytest.raises(ValueError, match=r"has shape \(3, 2, 2\), expected \(3, 2\)"):
         load_model(model_file)
 
@@ -300,11 +468,59 @@ def test_load_unexpected_entry(model_file):
 
 
 def test_load_unknown_parameter(model_file):
-    rewrite(
-        model_file,
-        {"params": {"n_components": 3, "covariance_type": "full", "no_such_param": 1}},
-    )
-    with pytest.raises(ValueError, match="no_such_param"):
+    rewrite(model_file, params={"no_such_param": 1})
+    with pytest.raises(ValueError, match="unknown parameters 'no_such_param'"):
+        load_model(model_file)
+
+
+def test_load_parameter_the_estimator_refuses(model_file):
+    rewrite(model_file, params={"n_components": 0})
+    with pytest.raises(ValueError, match="saved parameters do not fit.*n_components"):
+        load_model(model_file)
+
+
+def test_load_non_scalar_parameter(model_file):
+    rewrite(model_file, params={"tol": [0.1]})
+    with pytest.raises(ValueError, match="parameters 'tol' are neither None"):
+        load_model(model_file)
+
+
+def test_load_initial_array_stored_twice(model_file):
+    rewrite(model_file, replace={"weights_init": np.full(3, 1 / 3)})
+    with pytest.raises(ValueError, match="stored twice.*'weights_init'"):
+        load_model(model_file)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("converged_", 1), ("n_iter_", 2.0), ("n_iter_", -1), ("lower_bound_", float("nan")),
+     ("lower_bound_", float("inf")), ("n_features_in_", 0), ("n_features_in_", True)],
+)
+def test_load_invalid_fitted_scalar(model_file, name, value):
+    with np.load(model_file, allow_pickle=False) as archive:
+        fitted = json.loads(str(archive[META_KEY]))["fitted"]
+    rewrite(model_file, {"fitted": {**fitted, name: value}})
+    with pytest.raises(ValueError, match=f"invalid fitted attribute.*{name}"):
+        load_model(model_file)
+
+
+def test_load_missing_and_unexpected_fitted_scalar(model_file):
+    with np.load(model_file, allow_pickle=False) as archive:
+        fitted = json.loads(str(archive[META_KEY]))["fitted"]
+    rewrite(model_file, {"fitted": {**fitted, "n_iter_": None} | {"extra_": 1}})
+    with pytest.raises(ValueError, match="invalid fitted attribute n_iter_=None"):
+        load_model(model_file)
+    rewrite(model_file, {"fitted": {k: v for k, v in fitted.items() if k != "n_iter_"}})
+    with pytest.raises(ValueError, match="lacks the fitted attribute n_iter_"):
+        load_model(model_file)
+    rewrite(model_file, {"fitted": {**fitted, "extra_": 1}})
+    with pytest.raises(ValueError, match="unexpected fitted attributes 'extra_'"):
+        load_model(model_file)
+
+
+def test_load_feature_names_of_wrong_length(model_file):
+    rewrite(model_file, replace={"feature_names_in_": np.array(["a", "b", "c"])})
+    with pytest.raises(ValueError, match="feature_names_in_ must be a 1-D array of 2 strings"):
         load_model(model_file)
 
 
@@ -319,3 +535,127 @@ def test_never_loads_with_pickle(monkeypatch, model_file):
     monkeypatch.setattr(np, "load", spy)
     load_model(model_file)
     assert calls == [False]
+
+
+
+# ---------------------------------------------------------------------------
+# The registry of formats
+# ---------------------------------------------------------------------------
+
+
+class Centre(BaseEstimator):
+    """A toy estimator, to show that a new estimator needs only a format."""
+
+    def __init__(self, shift=0.0, start=None, label="c"):
+        self.shift = shift
+        self.start = start
+        self.label = label
+
+    def fit(self, X):
+        self.centre_ = X.mean(axis=0) + self.shift
+        self.trace_ = [float(v) for v in X[:, 0]]
+        self.n_features_in_ = X.shape[1]
+        self.exact_ = True
+        return self
+
+
+def centre_format(**changes):
+    fields = dict(
+        name="tests.Centre",
+        version=1,
+        estimator=Centre,
+        fitted_arrays=("centre_",),
+        fitted_lists=("trace_",),
+        fitted_scalars={"n_features_in_": int, "exact_": bool},
+        array_params=("start",),
+        array_shapes=lambda params, fitted: {
+            "centre_": (fitted["n_features_in_"],),
+            "start": (fitted["n_features_in_"],),
+        },
+    )
+    return ModelFormat(**{**fields, **changes})
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the registry that the test may change."""
+    formats = dict(fastem.io._FORMATS)
+    monkeypatch.setattr(fastem.io, "_FORMATS", formats)
+    return formats
+
+
+def test_a_registered_estimator_round_trips(registry, tmp_path, X):
+    register_model_format(centre_format())
+    assert registered_model_formats()["tests.Centre"].estimator is Centre
+    model = Centre(shift=0.5, start=[1.0, 2.0], label="x").fit(X)
+    path = tmp_path / "centre.npz"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert type(loaded) is Centre
+    assert loaded.shift == 0.5 and loaded.label == "x"
+    np.testing.assert_array_equal(loaded.start, [1.0, 2.0])
+    assert loaded.centre_.tobytes() == model.centre_.tobytes()
+    assert loaded.trace_ == model.trace_
+    assert loaded.exact_ is True and loaded.n_features_in_ == 2
+    # The shape hook is applied to the array parameter too.
+    model.set_params(start=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"array start has shape \(3,\), expected \(2,\)"):
+        save_model(model, path)
+
+
+def test_registering_a_second_class_under_a_taken_name_fails(registry):
+    with pytest.raises(ValueError, match="already registered"):
+        register_model_format(centre_format(name="fastem.GaussianMixture"))
+
+
+def test_registering_a_second_format_for_a_class_fails(registry):
+    with pytest.raises(ValueError, match="already has the format 'fastem.GaussianMixture'"):
+        register_model_format(ModelFormat(
+            name="other", version=1, estimator=GaussianMixture, fitted_arrays=("means_",),
+            fitted_scalars={},
+        ))
+
+
+def test_re_registering_the_same_class_replaces_the_format(registry):
+    register_model_format(centre_format())
+    register_model_format(centre_format(version=2))
+    assert registered_model_formats()["tests.Centre"].version == 2
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"version": 0}, "invalid version"),
+        ({"fitted_lists": ("centre_",)}, "names used twice or reserved: 'centre_'"),
+        ({"fitted_arrays": ("feature_names_in_",)}, "reserved: 'feature_names_in_'"),
+        ({"fitted_scalars": {"n_features_in_": str}}, "must be declared bool, int or float"),
+        ({"array_params": ("begin",)}, "Centre has no parameters 'begin'"),
+    ],
+)
+def test_inconsistent_formats_are_refused(registry, changes, message):
+    with pytest.raises(ValueError, match=message):
+        register_model_format(centre_format(**changes))
+    assert "tests.Centre" not in registry
+
+
+def test_registered_formats_are_read_only():
+    with pytest.raises(TypeError):
+        registered_model_formats()["x"] = GM_FORMAT
+
+
+def test_io_does_not_import_the_estimators():
+    # fastem.io knows estimators only through their registered formats, so it
+    # must not import fastem.mixture (which would be an import cycle).
+    tree = ast.parse(Path(fastem.io.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            imported.update(f"{module}.{alias.name}".replace("..", ".") for alias in node.names)
+            imported.add(module)
+    assert not [name for name in imported if "mixture" in name], sorted(imported)
+    # Nor behind the back of the import statement.
+    source = Path(fastem.io.__file__).read_text()
+    assert "import_module" not in source and "__import__" not in source
