@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_table
+from .covariance import COVARIANCE_TYPES
 from .selection import select_model
-from .stats import COVARIANCE_TYPES
+from .tables import read_table
 
 DATASETS = {"faithful": None, "crabs": ["FL", "RW", "CL", "CW", "BD"]}
 MCLUST_MODELS = {"VVV": "full", "EEE": "tied", "VVI": "diag", "VII": "spherical"}

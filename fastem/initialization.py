@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernels._blocks import n_chunks_for, pick
+from ._kernels._blocks import n_chunks_for
 from ._kernels.kmeans import (
     candidate_potentials,
     draw_by_mass,
     lloyd_assign,
-    sq_distances,
     update_closest,
 )
-from .stats import GaussianStatistics, label_statistics_of, uses_full_scatter, weights_operand
+from ._threads import run_chunks
+from .covariance import uses_full_scatter
+from .stats import GaussianStatistics, label_statistics_of, weights_operand
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 _ROWS_PER_SLAB = 8192
@@ -52,7 +53,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
     if sample_weight is None:
         first = min(int(first_u * n_samples), n_samples - 1)
     else:
-        first = int(draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]))[0])
+        first = int(_draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]))[0])
     return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight)
 
 
@@ -63,19 +64,29 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
-    closest = np.empty(n_samples)
+    closest = np.full(n_samples, np.inf)
     work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
-    pick(sq_distances, work)(X, np.asarray(X[first_index], dtype=np.float64), closest)
+    run_chunks(update_closest, n_chunks, work, n_chunks, X,
+               np.asarray(X[first_index], dtype=np.float64), closest)
     for c in range(1, n_clusters):
-        candidates = draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64))
-        potentials = pick(candidate_potentials, work)(
-            X, sw, np.ascontiguousarray(X[candidates], dtype=np.float64), closest, n_chunks
-        )
+        candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64))
+        parts = np.zeros((n_chunks, candidates.shape[0]))
+        run_chunks(candidate_potentials, n_chunks, work, n_chunks, X, sw,
+                   np.ascontiguousarray(X[candidates], dtype=np.float64), closest, parts)
+        # Summed in chunk order: the same potentials for any thread count.
+        potentials = np.zeros(candidates.shape[0])
+        for part in parts:
+            potentials += part
         best = int(candidates[int(np.argmin(potentials))])
         indices.append(best)
-        pick(update_closest, work)(X, np.asarray(X[best], dtype=np.float64), closest)
+        run_chunks(update_closest, n_chunks, work, n_chunks, X,
+                   np.asarray(X[best], dtype=np.float64), closest)
     indices = np.asarray(indices)
     return np.asarray(X[indices], dtype=np.float64), indices
+
+
+def _draw_by_mass(mass, sample_weight, fractions):
+    return draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"))
 
 
 def column_variance(X, sample_weight=None):
@@ -118,10 +129,18 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     tol_abs = tol * column_variance(X, sample_weight).mean()
     # int32 labels: at a million rows they are the largest temporary of a fit.
     labels = np.full(n_samples, -1, dtype=np.int32)
-    assign = pick(lloyd_assign, n_samples * n_clusters * n_features)
+    work = n_samples * n_clusters * n_features
+
+    def assign(centers):
+        slots = (np.zeros((n_chunks, n_clusters, n_features)), np.zeros((n_chunks, n_clusters)),
+                 np.zeros(n_chunks), np.full(n_chunks, -1.0), np.zeros(n_chunks, dtype=np.int64),
+                 np.zeros(n_chunks, dtype=np.int64))
+        run_chunks(lloyd_assign, n_chunks, work, n_chunks, X, sw, centers, labels, *slots)
+        return _lloyd_reduce(*slots)
+
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        sums, counts, _, _, changed = assign(X, sw, centers, labels, n_chunks)
+        sums, counts, _, _, changed = assign(centers)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
             _refill_empty(X, sample_weight, centers, labels, sums, counts, empty)
@@ -130,8 +149,22 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
         centers = new_centers
         if changed == 0 or shift <= tol_abs:
             break
-    _, _, inertia, _, _ = assign(X, sw, centers, labels, n_chunks)
+    _, _, inertia, _, _ = assign(centers)
     return labels, centers, float(inertia), n_iter
+
+
+def _lloyd_reduce(sums_p, counts_p, inertia_p, far_d, far_i, changed_p):
+    """The slots of ``lloyd_assign`` summed in chunk order (the same for any
+    thread count): sums, counts, inertia, farthest row, labels changed."""
+    sums = np.zeros(sums_p.shape[1:])
+    counts = np.zeros(counts_p.shape[1:])
+    inertia = 0.0
+    for c in range(sums_p.shape[0]):
+        sums += sums_p[c]
+        counts += counts_p[c]
+        inertia += float(inertia_p[c])
+    farthest = int(far_i[int(np.argmax(far_d))])
+    return sums, counts, inertia, farthest, int(changed_p.sum())
 
 
 def _refill_empty(X, sample_weight, centers, labels, sums, counts, empty):
@@ -139,8 +172,10 @@ def _refill_empty(X, sample_weight, centers, labels, sums, counts, empty):
     farthest = np.empty(X.shape[0])
     own = np.empty(X.shape[0])
     farthest[:] = 0.0
+    n_chunks = n_chunks_for(X.shape[0], 1)
     for k in range(centers.shape[0]):
-        pick(sq_distances, X.size)(X, centers[k], own)
+        own[:] = np.inf
+        run_chunks(update_closest, n_chunks, X.size, n_chunks, X, centers[k], own)
         np.copyto(farthest, own, where=labels == k)
     for k, row in zip(empty, np.argsort(farthest)[::-1][: empty.size]):
         w = 1.0 if sample_weight is None else sample_weight[row]
@@ -204,7 +239,8 @@ def responsibility_statistics(X, sample_weight, resp, covariance_type) -> Gaussi
             wdev = dev * r[:, k:k + 1]
             sxx[k] += wdev.T @ dev if full else (wdev * dev).sum(axis=0)[:, None]
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
-    return GaussianStatistics(nk, np.zeros_like(shift), sxx, shift, np.nan, weight)
+    return GaussianStatistics(nk, np.zeros_like(shift), sxx, shift, np.nan, weight,
+                              count=float(X.shape[0]))
 
 
 HIERARCHY_MAX_ROWS = 1000

@@ -84,10 +84,6 @@ from types import MappingProxyType
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-# Transitional: fastem/bench_selection.py and tests/test_cli.py still import the
-# table readers from here; drop this line once they import from fastem.tables.
-from .tables import load_demo_data, read_table  # noqa: F401
-
 __all__ = [
     "META_KEY",
     "ModelFormat",

@@ -1,22 +1,17 @@
-"""``GaussianMixture``: scikit-learn's estimator, fitted by fastem's kernels.
+"""``GaussianMixture``: scikit-learn's estimator, fitted by fastem's EM driver.
 
-The class validates input, chooses starting points and runs the EM driver;
-all arithmetic over the data happens in :mod:`fastem.stats` (one fused pass
-per iteration yielding sufficient statistics, then a tiny M-step).
+The class validates input, chooses starting points and hands the in-memory
+data (:class:`fastem.sources.InMemorySource`) and the maximum-likelihood
+M-step (:class:`fastem.stats.MaximumLikelihood`) to the one EM driver
+(:mod:`fastem.em`); all arithmetic over the data happens in the kernels.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from numbers import Integral, Real
-from time import perf_counter
 
-import numba
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -24,83 +19,24 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._kernels._blocks import n_chunks_for
-from ._kernels.blas import blas_routines
-from ._kernels.emloop import em_loop
-from ._kernels.mstep import factor_covariance
-from ._validation import (
-    check_means,
-    check_precisions,
-    check_sample_weight,
-    check_weights,
+from . import _threads, em
+from . import io as model_files
+from ._validation import check_means, check_precisions, check_sample_weight, check_weights
+from .covariance import (
+    COVARIANCE_TYPES,
+    covariance_shape,
     covariances_from_precision_cholesky,
+    n_free_parameters,
     precision_cholesky_from_precisions,
     precisions_from_cholesky,
+    sample_components,
 )
+from .em import DegenerateDataWarning
 from .initialization import INIT_METHODS, initial_statistics
-from .stats import (
-    COVARIANCE_KIND,
-    COVARIANCE_TYPES,
-    GaussianParameters,
-    GaussianStatistics,
-    e_step_statistics,
-    from_canonical,
-    log_responsibilities,
-    m_step,
-    to_canonical,
-    weights_operand,
-)
+from .sources import InMemorySource
+from .stats import GaussianParameters, MaximumLikelihood, log_responsibilities
 
-# A component whose responsibility mass falls below this fraction of an
-# average row's weight is treated as collapsed (see ``_repair_collapsed``).
-_COLLAPSE_FRACTION = 1e-8
-# Below this much work per iteration (rows x K x (D+1)^2) the whole EM loop
-# runs in compiled code: per-call overhead would otherwise dominate.
-_COMPILED_LOOP_WORK = 2_000_000
-
-
-class DegenerateDataWarning(UserWarning):
-    """A component collapsed or a covariance needed extra diagonal loading."""
-
-
-@contextmanager
-def _numba_threads(n_threads):
-    """Run the enclosed kernels on at most ``n_threads`` Numba threads."""
-    if n_threads is None:
-        yield
-        return
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
-
-
-@functools.cache
-def _start_pool(workers: int) -> ThreadPoolExecutor:
-    """Threads that run the compiled EM loops of several starts at once."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="fastem-start")
-
-
-# A forked child inherits the pool but not its threads: give it a fresh one.
-os.register_at_fork(after_in_child=_start_pool.cache_clear)
-
-
-def n_free_parameters(n_components: int, n_features: int, covariance_type: str) -> int:
-    r"""Number of free parameters of a Gaussian mixture.
-
-    Means :math:`KD`, weights :math:`K-1`, and covariances
-    :math:`K D(D+1)/2` (full), :math:`D(D+1)/2` (tied), :math:`KD` (diag) or
-    :math:`K` (spherical).
-    """
-    cov = {
-        "full": n_components * n_features * (n_features + 1) // 2,
-        "tied": n_features * (n_features + 1) // 2,
-        "diag": n_components * n_features,
-        "spherical": n_components,
-    }[covariance_type]
-    return int(cov + n_components * n_features + n_components - 1)
+__all__ = ["DegenerateDataWarning", "GaussianMixture", "fitted_mixture"]
 
 
 class GaussianMixture(DensityMixin, BaseEstimator):
@@ -138,8 +74,9 @@ default='kmeans'
     verbose : int, default=0
     verbose_interval : int, default=10
     n_threads : int or None, default=None
-        Cap on the Numba threads used by this estimator (None: Numba's setting).
-        Results are bit-identical whatever the thread count.
+        Cap on the threads used by this estimator (None: ``FASTEM_NUM_THREADS``
+        or the CPUs available). Results are bit-identical whatever the thread
+        count.
 
     Attributes
     ----------
@@ -234,13 +171,30 @@ default='kmeans'
             )
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
         user_init = self._check_initial_parameters(X)
-        with _numba_threads(self.n_threads):
-            self._fit_em(X, sample_weight, user_init)
+        source = InMemorySource(X, sample_weight, self.covariance_type)
+        m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        random_state = check_random_state(self.random_state)
+
+        def start(index):
+            if not do_init:
+                return self._current_parameters()
+            return self._initial_parameters(X, sample_weight, random_state, user_init)
+
+        with _threads.limit(self.n_threads):
+            best, results = em.fit_em(
+                source, m_step, start, self.n_init if do_init else 1, self._monitor(),
+                self.max_iter, -np.inf if do_init else self.lower_bound_)
+        self.init_lower_bounds_ = [r.lower_bounds for r in results]
+        self._adopt(best, X.dtype)
         return self
 
     def fit_predict(self, X, y=None, sample_weight=None):
         """Fit, then return the most probable component of every row of ``X``."""
         return self.fit(X, y, sample_weight).predict(X)
+
+    def _monitor(self) -> em.ConvergenceMonitor:
+        return em.ConvergenceMonitor(self.tol, self.verbose, self.verbose_interval)
 
     def _check_initial_parameters(self, X):
         n_features = X.shape[1]
@@ -253,223 +207,19 @@ default='kmeans'
                 self.precisions_init, self.covariance_type, K, n_features),
         )
 
-    def _fit_prevalidated(self, X, sample_weight, initial: GaussianParameters):
-        """Fit from ``initial`` on input already validated by the caller.
-
-        Model selection fits hundreds of cells on one validated array; this
-        skips re-validating it (and the initial parameters it built) each time.
-        """
-        self.n_features_in_ = X.shape[1]
-        with _numba_threads(self.n_threads):
-            self._fit_em(X, sample_weight, None, initial)
-        return self
-
-    def _fit_em(self, X, sample_weight, user_init, initial=None):
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        n_init = self.n_init if do_init else 1
-        random_state = check_random_state(self.random_state)
-        best = None
-        max_lower_bound = -np.inf
-        self.init_lower_bounds_ = []
-        for init in range(n_init):
-            self._print_init_begin(init)
-            if initial is not None:
-                params, lower_bound = initial, -np.inf
-            elif do_init:
-                params = self._initial_parameters(X, sample_weight, random_state, user_init)
-                lower_bound = -np.inf
-            else:
-                params = self._current_parameters()
-                lower_bound = self.lower_bound_
-            if self.max_iter == 0:
-                best = (params, 0, [], False)
-                continue
-            params, lower_bound, lower_bounds, n_iter, converged = self.run_em(
-                X, sample_weight, params, lower_bound
-            )
-            self.init_lower_bounds_.append(lower_bounds)
-            self._print_init_end(lower_bound, converged)
-            if lower_bound > max_lower_bound or max_lower_bound == -np.inf:
-                max_lower_bound = lower_bound
-                best = (params, n_iter, lower_bounds, converged)
-        self._adopt_fit(X, *best, max_lower_bound)
-
-    def _adopt_fit(self, X, params, n_iter, lower_bounds, converged, lower_bound):
+    def _adopt(self, result: em.EMResult, dtype):
         """Set the fitted attributes from the kept start's outcome."""
-        if not converged and self.max_iter > 0:
+        if not result.converged and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
             )
-        self._set_parameters(params, X.dtype)
-        self.converged_ = converged
-        self.n_iter_ = n_iter
-        self.lower_bound_ = lower_bound
-        self.lower_bounds_ = lower_bounds
-
-    def _fit_starts_prevalidated(self, X, sample_weight, starts, models):
-        """Fit ``models[i]`` from ``starts[i]`` (GaussianParameters) on validated input.
-
-        The models must share this estimator's settings and differ only in
-        their initial parameters. On small data the compiled EM loops of the
-        starts run at once (see :meth:`_run_em_starts`), with the same results
-        as fitting each alone; otherwise the starts are fitted one after the
-        other.
-        """
-        with _numba_threads(self.n_threads):
-            outcomes = self._run_em_starts(X, sample_weight, starts)
-        for model, (params, lower_bound, lower_bounds, n_iter, converged) in zip(models,
-                                                                                outcomes):
-            model.n_features_in_ = X.shape[1]
-            model.init_lower_bounds_ = [lower_bounds]
-            model._adopt_fit(X, params, n_iter, lower_bounds, converged, lower_bound)
-        return models
-
-    def run_em(self, X, sample_weight, params: GaussianParameters, lower_bound=-np.inf):
-        """The EM loop from ``params``: E-step statistics, M-step, until converged.
-
-        The lower bound of iteration ``t`` is the average log-likelihood under
-        the parameters entering that iteration (scikit-learn's convention);
-        iteration stops when it changes by less than ``tol``. On small data the
-        iterations run in compiled code until one needs a repair (see
-        ``_repair_collapsed``); the Python loop below takes over from there.
-
-        Returns
-        -------
-        params, lower_bound, lower_bounds (list), n_iter, converged
-        """
-        lower_bounds = []
-        if self._compiled_loop_applies(X):
-            params, lower_bounds, converged, handed_over = self._run_compiled_em(
-                X, sample_weight, params, lower_bound)
-            if lower_bounds:
-                lower_bound = lower_bounds[-1]
-            if not handed_over:
-                return params, lower_bound, lower_bounds, len(lower_bounds), converged
-        return self._run_python_em(X, sample_weight, params, lower_bound, lower_bounds)
-
-    def _run_em_starts(self, X, sample_weight, starts):
-        """:meth:`run_em` from each of ``starts``: a list of its return values.
-
-        On small data the compiled loops of the starts run at once from up to
-        ``numba.get_num_threads()`` Python threads (the loop releases the
-        GIL); each is the same serial computation as alone, so the results do
-        not depend on the thread count. Hand-overs continue here, in turn.
-        """
-        workers = min(len(starts), numba.get_num_threads())
-        if workers < 2 or self.max_iter == 0 or not self._compiled_loop_applies(X):
-            return [self.run_em(X, sample_weight, params) for params in starts]
-        compiled = list(_start_pool(workers).map(
-            lambda params: self._run_compiled_em(X, sample_weight, params, -np.inf), starts))
-        outcomes = []
-        for params, lower_bounds, converged, handed_over in compiled:
-            lower_bound = lower_bounds[-1] if lower_bounds else -np.inf
-            if handed_over:
-                outcomes.append(self._run_python_em(X, sample_weight, params, lower_bound,
-                                                    lower_bounds))
-            else:
-                outcomes.append((params, lower_bound, lower_bounds, len(lower_bounds), converged))
-        return outcomes
-
-    def _run_python_em(self, X, sample_weight, params, lower_bound, lower_bounds):
-        """The Python-driven EM loop (it owns the repairs), continuing ``lower_bounds``."""
-        converged = False
-        reseeded = np.zeros(self.n_components, dtype=bool)
-        n_iter = len(lower_bounds)
-        while n_iter < self.max_iter:
-            n_iter += 1
-            previous = lower_bound
-            stats = e_step_statistics(X, sample_weight, params, self.covariance_type)
-            lower_bound = stats.loglik / stats.weight
-            params = self._m_step(stats, X.shape[0], reseeded)
-            lower_bounds.append(lower_bound)
-            change = lower_bound - previous
-            self._print_iter_end(n_iter, change)
-            if abs(change) < self.tol:
-                converged = True
-                break
-        return params, lower_bound, lower_bounds, n_iter, converged
-
-    def _compiled_loop_applies(self, X):
-        n_samples, n_features = X.shape
-        work = n_samples * self.n_components * (n_features + 1) ** 2
-        return self.verbose == 0 and work <= _COMPILED_LOOP_WORK
-
-    def _run_compiled_em(self, X, sample_weight, params, lower_bound):
-        trmm, syrk = blas_routines()
-        sw = weights_operand(sample_weight)
-        weight = X.shape[0] if sample_weight is None else sample_weight.sum()
-        kind = COVARIANCE_KIND[self.covariance_type]
-        covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
-                       else params.covariances)
-        full = kind <= 1
-        n_chunks = n_chunks_for(X.shape[0], self.n_components * X.shape[1]
-                                * (X.shape[1] if full else 1))
-        weights, means, cov, prec_chol, lower_bounds, converged, handed_over = em_loop(
-            X, sw, np.asarray(params.weights, dtype=np.float64),
-            np.ascontiguousarray(params.means, dtype=np.float64),
-            to_canonical(covariances, self.covariance_type),
-            to_canonical(params.precisions_cholesky, self.covariance_type),
-            kind, float(self.reg_covar), float(self.tol), int(self.max_iter), float(lower_bound),
-            _COLLAPSE_FRACTION * weight / X.shape[0], n_chunks, trmm, syrk)
-        cov, prec_chol = from_canonical(cov, prec_chol, self.covariance_type)
-        params = GaussianParameters(np.asarray(weights, dtype=np.float64),
-                                    np.asarray(means, dtype=np.float64),
-                                    np.asarray(cov, dtype=np.float64),
-                                    np.asarray(prec_chol, dtype=np.float64))
-        return params, lower_bounds.tolist(), bool(converged), bool(handed_over)
-
-    def _m_step(self, stats: GaussianStatistics, n_samples, reseeded):
-        params, jitter = m_step(stats, self.reg_covar, self.covariance_type)
-        if np.any(jitter < 0):
-            raise ValueError(
-                "A covariance could not be made positive definite; the data or the "
-                "initial parameters contain non-finite values."
-            )
-        if np.any(jitter > 0):
-            warnings.warn(
-                f"covariance of component(s) {np.flatnonzero(jitter > 0).tolist()} was not "
-                f"positive definite; added up to {jitter.max():.3g} to its diagonal. "
-                "Increase reg_covar or check for duplicated or constant data.",
-                DegenerateDataWarning,
-            )
-        collapsed = stats.nk < _COLLAPSE_FRACTION * stats.weight / n_samples
-        if np.any(collapsed):
-            params = self._repair_collapsed(params, stats, collapsed, reseeded, n_samples)
-        return params
-
-    def _repair_collapsed(self, params, stats, collapsed, reseeded, n_samples):
-        """Policy for components that no row is responsible for any more.
-
-        The first time a component collapses within a start, it is re-seeded
-        at the worst-explained row, with the average covariance of the live
-        components and the weight of one average row. If it collapses again it
-        is left empty (weight ~0: it no longer affects the fit), as
-        scikit-learn does. Either way a ``DegenerateDataWarning`` is issued.
-        """
-        reseed = collapsed & ~reseeded
-        live = ~collapsed
-        if np.any(reseed) and np.any(live) and stats.worst_point is not None:
-            weights, means, cov, prec_chol = (np.array(p, dtype=np.float64) for p in params)
-            means[reseed] = stats.worst_point
-            if self.covariance_type != "tied":
-                typical = np.average(cov[live], axis=0, weights=weights[live])
-                cov[reseed] = typical
-                prec_chol[reseed] = _precision_cholesky_of(typical, self.covariance_type)
-            weights[reseed] = 1.0 / n_samples
-            weights /= weights.sum()
-            reseeded |= reseed
-            params = GaussianParameters(weights, means, cov, prec_chol)
-            action = "re-seeded at the worst-explained point"
-        else:
-            action = "left empty"
-        warnings.warn(
-            f"component(s) {np.flatnonzero(collapsed).tolist()} collapsed (no responsibility "
-            f"mass) and were {action}. Consider fewer components.",
-            DegenerateDataWarning,
-        )
-        return params
+        self._set_parameters(tuple(np.asarray(p, dtype=dtype) for p in result.params))
+        self.converged_ = result.converged
+        self.n_iter_ = result.n_iter
+        self.lower_bound_ = result.lower_bound
+        self.lower_bounds_ = result.lower_bounds
 
     def _initial_parameters(self, X, sample_weight, random_state, user_init):
         """Initial parameters: from the chosen init, overridden by user values."""
@@ -477,8 +227,8 @@ default='kmeans'
         if needs_data_init:
             stats = initial_statistics(X, sample_weight, self.n_components, self.init_params,
                                        self.covariance_type, random_state)
-            weights, means, cov, prec_chol = m_step(stats, self.reg_covar,
-                                                    self.covariance_type)[0]
+            weights, means, cov, prec_chol = MaximumLikelihood(self.covariance_type,
+                                                               self.reg_covar)(stats)[0]
         else:
             weights = means = cov = prec_chol = None
         if user_init["weights"] is not None:
@@ -492,14 +242,20 @@ default='kmeans'
         return GaussianParameters(weights, means, cov, prec_chol)
 
     # --------------------------------------------------------- attributes
-    def _current_parameters(self):
+    def _current_parameters(self) -> GaussianParameters:
         return GaussianParameters(
             *(np.asarray(a, dtype=np.float64) for a in (
                 self.weights_, self.means_, self.covariances_, self.precisions_cholesky_))
         )
 
-    def _set_parameters(self, params: GaussianParameters, dtype):
-        weights, means, cov, prec_chol = (np.asarray(p, dtype=dtype) for p in params)
+    def _get_parameters(self):
+        """``(weights_, means_, covariances_, precisions_cholesky_)``, as in scikit-learn."""
+        return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
+
+    def _set_parameters(self, params):
+        """Set ``(weights, means, covariances, precisions_cholesky)`` and derive
+        ``precisions_`` (scikit-learn's signature)."""
+        weights, means, cov, prec_chol = params
         self.weights_, self.means_, self.covariances_ = weights, means, cov
         self.precisions_cholesky_ = prec_chol
         self.precisions_ = precisions_from_cholesky(prec_chol, self.covariance_type)
@@ -508,7 +264,7 @@ default='kmeans'
     def _log_resp(self, X, probabilities=False):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C")
-        with _numba_threads(self.n_threads):
+        with _threads.limit(self.n_threads):
             log_resp, log_norm = log_responsibilities(X, self._current_parameters(),
                                                       self.covariance_type,
                                                       probabilities=probabilities)
@@ -558,19 +314,10 @@ default='kmeans'
                 "least one sample."
             )
         rng = check_random_state(self.random_state)
-        n_features = self.means_.shape[1]
         counts = rng.multinomial(n_samples, np.asarray(self.weights_, dtype=np.float64))
-        parts = []
-        for k, (mean, count) in enumerate(zip(self.means_, counts)):
-            if self.covariance_type == "full":
-                parts.append(rng.multivariate_normal(mean, self.covariances_[k], int(count)))
-            elif self.covariance_type == "tied":
-                parts.append(rng.multivariate_normal(mean, self.covariances_, int(count)))
-            else:
-                scale = np.sqrt(self.covariances_[k])
-                parts.append(mean + rng.standard_normal(size=(count, n_features)) * scale)
+        X = sample_components(rng, self.means_, self.covariances_, self.covariance_type, counts)
         labels = np.concatenate([np.full(c, k, dtype=np.int64) for k, c in enumerate(counts)])
-        return np.vstack(parts).astype(np.float64), labels
+        return X, labels
 
     # -------------------------------------------------------- criteria
     def _n_parameters(self):
@@ -587,33 +334,7 @@ default='kmeans'
     # ------------------------------------------------------------- misc
     def save(self, path):
         """Save the fitted model to ``path`` (.npz with JSON metadata, no pickle)."""
-        from .io import save_model
-
-        save_model(self, path)
-
-    def _print_init_begin(self, init):
-        if self.verbose >= 1:
-            print(f"Initialization {init}")
-            self._init_time = self._iter_time = perf_counter()
-
-    def _print_iter_end(self, n_iter, change):
-        if self.verbose >= 1 and n_iter % self.verbose_interval == 0:
-            if self.verbose == 1:
-                print(f"  Iteration {n_iter}")
-            else:
-                now = perf_counter()
-                print(f"  Iteration {n_iter}\t time lapse {now - self._iter_time:.5f}s\t "
-                      f"ll change {change:.5f}")
-                self._iter_time = now
-
-    def _print_init_end(self, lower_bound, converged):
-        if self.verbose >= 1:
-            msg = "converged" if converged else "did not converge"
-            if self.verbose == 1:
-                print(f"Initialization {msg}.")
-            else:
-                print(f"Initialization {msg}. time lapse {perf_counter() - self._init_time:.5f}s"
-                      f"\t lower bound {lower_bound:.5f}.")
+        model_files.save_model(self, path)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -621,10 +342,45 @@ default='kmeans'
         return tags
 
 
-def _precision_cholesky_of(covariance, covariance_type):
-    if covariance_type in ("diag", "spherical"):
-        return 1.0 / np.sqrt(covariance)
-    lower = np.empty_like(covariance)
-    upper = np.empty_like(covariance)
-    factor_covariance(covariance.copy(), lower, upper)
-    return upper
+
+def fitted_mixture(result: em.EMResult, X, **params) -> GaussianMixture:
+    """A fitted :class:`GaussianMixture` from the EM driver's result on ``X``.
+
+    ``params`` are the constructor parameters. Model selection and other
+    drivers of :mod:`fastem.em` build their models through this; the fitted
+    arrays get ``X``'s dtype, as :meth:`GaussianMixture.fit` gives them.
+    """
+    model = GaussianMixture(**params)
+    model.n_features_in_ = X.shape[1]
+    model.init_lower_bounds_ = [result.lower_bounds]
+    model._adopt(result, X.dtype)
+    return model
+
+
+def _saved_array_shapes(params, fitted):
+    """Shapes of a saved GaussianMixture's arrays (the model file's consistency check)."""
+    k, d = params["n_components"], fitted["n_features_in_"]
+    if d < 1 or fitted["n_iter_"] < 0 or fitted["lower_bound_"] == float("inf"):
+        raise ValueError(f"invalid fitted attributes n_features_in_={d}, "
+                         f"n_iter_={fitted['n_iter_']}, lower_bound_={fitted['lower_bound_']}")
+    cov_shape = covariance_shape(params["covariance_type"], k, d)
+    return {
+        "weights_": (k,), "means_": (k, d), "covariances_": cov_shape,
+        "precisions_": cov_shape, "precisions_cholesky_": cov_shape,
+        "weights_init": (k,), "means_init": (k, d), "precisions_init": cov_shape,
+    }
+
+
+model_files.register_model_format(model_files.ModelFormat(
+    name="fastem.GaussianMixture",
+    # 2: every constructor parameter is stored (1 left out a RandomState random_state).
+    version=2,
+    estimator=GaussianMixture,
+    fitted_arrays=("weights_", "means_", "covariances_", "precisions_",
+                   "precisions_cholesky_"),
+    fitted_lists=("lower_bounds_",),
+    fitted_scalars={"converged_": bool, "n_iter_": int, "lower_bound_": float,
+                    "n_features_in_": int},
+    array_params=("weights_init", "means_init", "precisions_init"),
+    array_shapes=_saved_array_shapes,
+))

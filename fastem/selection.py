@@ -33,10 +33,18 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._validation import check_sample_weight, precisions_from_cholesky
+from . import _threads, em
+from ._validation import check_sample_weight
+from .covariance import COVARIANCE_TYPES, n_free_parameters, precisions_from_cholesky
 from .initialization import Hierarchy, kmeans_plusplus, lloyd
-from .mixture import GaussianMixture, _numba_threads, n_free_parameters
-from .stats import COVARIANCE_TYPES, label_statistics_of, log_responsibilities, m_step
+from .mixture import GaussianMixture, fitted_mixture
+from .sources import InMemorySource
+from .stats import (
+    GaussianParameters,
+    MaximumLikelihood,
+    label_statistics_of,
+    log_responsibilities,
+)
 
 CRITERIA = ("bic", "aic", "icl")
 SELECTION_INITS = ("hierarchical", "kmeans", "k-means++")
@@ -126,9 +134,10 @@ def _loglik_and_entropy(model: GaussianMixture, X, sample_weight) -> tuple[float
     """log L of the final parameters (not the lower bound of the last E-step)
     and the entropy of the responsibilities, in one pass over row slabs of
     ``X`` (already validated, C-contiguous)."""
-    params = model._current_parameters()
+    params = GaussianParameters(*(np.asarray(a, dtype=np.float64) for a in (
+        model.weights_, model.means_, model.covariances_, model.precisions_cholesky_)))
     loglik = entropy = 0.0
-    with _numba_threads(model.n_threads):
+    with _threads.limit(model.n_threads):
         for start in range(0, X.shape[0], _SLAB):
             proba, log_norm = log_responsibilities(X[start:start + _SLAB], params,
                                                    model.covariance_type, probabilities=True)
@@ -178,14 +187,11 @@ def _shared_starts(X, sample_weight, n_components, init_params, n_init, random_s
     return starts
 
 
-def _initial_parameters(X, sample_weight, start, covariance_type, reg_covar):
-    """Initial parameters of a start, and the same as constructor arguments."""
+def _initial_parameters(X, sample_weight, start, m_step):
+    """Initial parameters of a start (labels and centres), by the cell's M-step."""
     labels, centers = start
-    stats = label_statistics_of(X, sample_weight, labels, centers, covariance_type)
-    params, _ = m_step(stats, reg_covar, covariance_type)
-    precisions = precisions_from_cholesky(params.precisions_cholesky, covariance_type)
-    return params, dict(weights_init=params.weights, means_init=params.means,
-                        precisions_init=precisions)
+    stats = label_statistics_of(X, sample_weight, labels, centers, m_step.covariance_type)
+    return m_step(stats)[0]
 
 
 def degeneracy(model: GaussianMixture, n_samples: float, data_variance: np.ndarray) -> str:
@@ -231,10 +237,20 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
     shared starts all degenerated) gave a degenerate fit, the best of which is
     returned with the reason.
     """
+    source = InMemorySource(X, sample_weight, covariance_type)
+    m_step = MaximumLikelihood(covariance_type, fit_kwargs["reg_covar"])
+    monitor = em.ConvergenceMonitor(fit_kwargs["tol"])
     best, best_degenerate, reason = None, None, ""
 
-    def consider(model):
+    def consider(params, result):
         nonlocal best, best_degenerate, reason
+        # The start is kept as the model's initial parameters: refitting the
+        # model reproduces the cell.
+        model = fitted_mixture(
+            result, X, n_components=n_components, covariance_type=covariance_type,
+            weights_init=params.weights, means_init=params.means,
+            precisions_init=precisions_from_cholesky(params.precisions_cholesky,
+                                                     covariance_type), **fit_kwargs)
         why = degeneracy(model, n_eff, data_variance)
         if why:
             if best_degenerate is None or model.lower_bound_ > best_degenerate.lower_bound_:
@@ -242,27 +258,18 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
         elif best is None or model.lower_bound_ > best.lower_bound_:
             best = model
 
-    def prepare(start):
-        params, init = _initial_parameters(X, sample_weight, start, covariance_type,
-                                           fit_kwargs["reg_covar"])
-        # The start is kept as the model's initial parameters: refitting the
-        # model reproduces the cell.
-        return params, GaussianMixture(n_components, covariance_type=covariance_type, **init,
-                                       **fit_kwargs)
-
-    prepared = [prepare(start) for start in starts]
-    with warnings.catch_warnings():
+    initial = [_initial_parameters(X, sample_weight, start, m_step) for start in starts]
+    with warnings.catch_warnings(), _threads.limit(fit_kwargs["n_threads"]):
         warnings.simplefilter("ignore")
         # The shared starts run together (in parallel on small data); fresh
         # ones only if every shared start degenerated, one at a time.
-        models = prepared[0][1]._fit_starts_prevalidated(
-            X, sample_weight, [params for params, _ in prepared],
-            [model for _, model in prepared])
-        for model in models:
-            consider(model)
+        for params, result in zip(initial, em.run_starts(source, m_step, initial, monitor,
+                                                         fit_kwargs["max_iter"])):
+            consider(params, result)
         while best is None and extra_starts:
-            params, model = prepare(extra_starts.pop()())
-            consider(model._fit_prevalidated(X, sample_weight, params))
+            params = _initial_parameters(X, sample_weight, extra_starts.pop()(), m_step)
+            consider(params, em.run_em(source, m_step, params, monitor,
+                                       fit_kwargs["max_iter"]))
     if best is not None:
         return best, ""
     return best_degenerate, reason

@@ -23,24 +23,24 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._kernels._blocks import n_chunks_for, pick
+from ._kernels import estep
+from ._kernels._blocks import n_chunks_for
 from ._kernels.blas import blas_routines, single_threaded_blas
-from ._kernels.estep import gaussian_log_resp, gaussian_operands, gaussian_statistics
-from ._kernels.labels import label_statistics
-from ._kernels.mstep import m_step_canonical
+from ._kernels.estep import finish_statistics, gaussian_operands, gaussian_pass
+from ._kernels.mstep import m_step_diag, m_step_full
+from ._threads import run_chunks
+from .covariance import (
+    COVARIANCE_KIND,
+    from_canonical,
+    precision_cholesky_of_covariance,
+    to_canonical,
+    uses_full_scatter,
+)
 
-COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
-# The kernels' code for each covariance type (see m_step_canonical).
-COVARIANCE_KIND = {"full": 0, "tied": 1, "diag": 2, "spherical": 3}
 _NO_WEIGHTS = np.empty(0)
-# From this width on, full-covariance E-steps use the BLAS engine (dtrmm +
-# dsyrk per block); below it the vectorised loops are faster.
+# From this width on, the fused pass runs the BLAS engines (dtrmm + dsyrk,
+# or matrix products for diagonal models); below it the vectorised loops are faster.
 BLAS_MIN_FEATURES = 24
-
-
-def uses_full_scatter(covariance_type: str) -> bool:
-    """'full' and 'tied' need the full scatter matrix; 'diag' and 'spherical' its diagonal."""
-    return covariance_type in ("full", "tied")
 
 
 class GaussianParameters(NamedTuple):
@@ -73,6 +73,9 @@ class GaussianStatistics:
     worst_loglik, worst_point : float, ndarray (D,)
         The row with the lowest :math:`\\log p(x_n)` (where a collapsed
         component is re-seeded).
+    count : float
+        Number of rows the statistics summarise (what "an average row's
+        weight", ``weight / count``, refers to).
     """
 
     nk: np.ndarray
@@ -83,6 +86,7 @@ class GaussianStatistics:
     weight: float
     worst_loglik: float = np.inf
     worst_point: np.ndarray | None = None
+    count: float = 0.0
 
     def __add__(self, other: GaussianStatistics) -> GaussianStatistics:
         if not isinstance(other, GaussianStatistics):
@@ -101,7 +105,15 @@ class GaussianStatistics:
             self.weight + other.weight,
             worst.worst_loglik,
             worst.worst_point,
+            self.count + other.count,
         )
+
+    def scaled(self, factor: float) -> GaussianStatistics:
+        """Every additive statistic times ``factor`` (stepwise EM blends
+        :math:`(1-\\rho)\\,s_{old} + \\rho\\,s_{new}`)."""
+        return GaussianStatistics(self.nk * factor, self.sx * factor, self.sxx * factor,
+                                  self.shift, self.loglik * factor, self.weight * factor,
+                                  self.worst_loglik, self.worst_point, self.count * factor)
 
     def recentre(self, shift: np.ndarray) -> GaussianStatistics:
         """The same statistics taken around another shift.
@@ -122,7 +134,7 @@ class GaussianStatistics:
         else:
             sxx = self.sxx + (2.0 * delta * self.sx + nk[:, None] * delta * delta)[:, :, None]
         return GaussianStatistics(nk, sx, sxx, shift, self.loglik, self.weight,
-                                  self.worst_loglik, self.worst_point)
+                                  self.worst_loglik, self.worst_point, self.count)
 
 
 def weights_operand(sample_weight):
@@ -148,8 +160,63 @@ def kernel_operands(params: GaussianParameters, covariance_type: str, dtype=np.f
 
 
 def uses_blas(n_features: int, covariance_type: str) -> bool:
-    """Whether the fused pass runs the BLAS engine for this model shape."""
+    """Whether the fused pass runs a BLAS engine for this model shape."""
     return n_features >= BLAS_MIN_FEATURES
+
+
+def engine_for(n_features: int, covariance_type: str) -> int:
+    """The block engine of the fused pass (``estep.ENGINE_*``) for this model shape.
+
+    The one rule every caller follows (the Python EM loop, the compiled one,
+    predictions and initial statistics): BLAS from ``BLAS_MIN_FEATURES``
+    features on, full scatter for 'full' and 'tied'.
+    """
+    full = uses_full_scatter(covariance_type)
+    if uses_blas(n_features, covariance_type):
+        return estep.ENGINE_BLAS_FULL if full else estep.ENGINE_BLAS_DIAG
+    return estep.ENGINE_LOOPS_FULL if full else estep.ENGINE_LOOPS_DIAG
+
+
+def operand_dtype(engine: int, data_dtype) -> np.dtype:
+    """Precision of the pass's operands: the data's for the loop engines, float64 for BLAS."""
+    if engine in (estep.ENGINE_BLAS_FULL, estep.ENGINE_BLAS_DIAG):
+        return np.dtype(np.float64)
+    return np.dtype(data_dtype)
+
+
+_NO_LABELS = np.empty(0, dtype=np.int32)
+_NO_OUTPUT = (np.empty((0, 0)), np.empty(0))
+
+
+def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_chunks,
+              out=_NO_OUTPUT[0], log_norm=_NO_OUTPUT[1]):
+    """Run :func:`~fastem._kernels.estep.gaussian_pass` over all chunks of X.
+
+    Returns the per-chunk slots (nk, sx, sxx, loglik, worst, worst_index).
+    """
+    n_components, n_features = means.shape
+    accumulates = mode in (estep.MODE_STATISTICS, estep.MODE_LABELS)
+    full = engine in (estep.ENGINE_LOOPS_FULL, estep.ENGINE_BLAS_FULL)
+    width = n_features if full else 1
+    slots = (n_chunks, n_components) if accumulates else (n_chunks, 0)
+    parts = (np.zeros(slots), np.zeros(slots + (n_features if accumulates else 0,)),
+             np.zeros(slots + ((n_features, width) if accumulates else (0, 0))),
+             np.zeros(n_chunks), np.full(n_chunks, np.inf), np.zeros(n_chunks, dtype=np.int64))
+    trmm, syrk = blas_routines()
+    work = X.shape[0] * n_components * (n_features + 1) ** 2
+    blas = engine in (estep.ENGINE_BLAS_FULL, estep.ENGINE_BLAS_DIAG)
+    with single_threaded_blas() if blas else contextlib.nullcontext():
+        run_chunks(gaussian_pass[engine], n_chunks, work, n_chunks, mode, X,
+                   weights_operand(sample_weight), labels, means, prec, log_const, trmm, syrk,
+                   *parts, out, log_norm)
+    return parts
+
+
+def statistics_chunks(n_samples: int, n_components: int, n_features: int,
+                      covariance_type: str) -> int:
+    """Chunks of a statistics pass (they fix its reduction order; see ``n_chunks_for``)."""
+    full = uses_full_scatter(covariance_type)
+    return n_chunks_for(n_samples, n_components * n_features * (n_features if full else 1))
 
 
 def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_type: str
@@ -157,40 +224,43 @@ def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_t
     """One fused pass over ``X``: E-step under ``params`` and its statistics.
 
     ``X`` must be C-contiguous float32/float64 and ``sample_weight`` None or a
-    float64 vector; validation happens at the estimator boundary. The loop
-    engine computes in X's precision (statistics are always accumulated in
-    float64); the BLAS engine in float64.
+    float64 vector; validation happens at the estimator boundary. The
+    operands are in the precision :func:`operand_dtype` gives (statistics are
+    always accumulated in float64).
     """
-    blas = uses_blas(X.shape[1], covariance_type)
-    dtype = np.float64 if blas else X.dtype
-    means, prec, log_const, full = kernel_operands(params, covariance_type, dtype)
-    n_components, n_features = means.shape
-    partial = n_components * n_features * (n_features if full else 1)
-    n_chunks = n_chunks_for(X.shape[0], partial)
-    trmm, syrk = blas_routines()
-    args = (X, weights_operand(sample_weight), means, prec, log_const, full, blas,
-            trmm, syrk, n_chunks)
-    with single_threaded_blas() if blas else contextlib.nullcontext():
-        nk, sx, sxx, loglik, worst_loglik, worst = gaussian_statistics(*args)
+    engine = engine_for(X.shape[1], covariance_type)
+    means, prec, log_const, _ = kernel_operands(params, covariance_type,
+                                                operand_dtype(engine, X.dtype))
+    n_chunks = statistics_chunks(X.shape[0], *means.shape, covariance_type)
+    parts = _run_pass(engine, estep.MODE_STATISTICS, X, sample_weight, _NO_LABELS, means, prec,
+                      log_const, n_chunks)
+    nk, sx, sxx, loglik, worst_loglik, worst = finish_statistics(engine, means, *parts)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, sx, sxx, means.astype(np.float64), float(loglik), weight,
-                              float(worst_loglik), np.asarray(X[worst], dtype=np.float64))
+                              float(worst_loglik), np.asarray(X[worst], dtype=np.float64),
+                              float(X.shape[0]))
 
 
 def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> GaussianStatistics:
-    """Statistics of a hard assignment of rows to components (label -1: none)."""
-    # The moments are taken around the shift as the kernel sees it (in X's
-    # precision), so that is the shift recorded.
-    shift = np.ascontiguousarray(shift, dtype=X.dtype)
+    """Statistics of a hard assignment of rows to components (label -1: none).
+
+    The same pass as the E-step, with one-hot responsibilities.
+    """
+    engine = engine_for(X.shape[1], covariance_type)
+    # The moments are taken around the shift as the kernel sees it (in the
+    # operands' precision), so that is the shift recorded.
+    shift = np.ascontiguousarray(shift, dtype=operand_dtype(engine, X.dtype))
     n_components, n_features = shift.shape
     full = uses_full_scatter(covariance_type)
-    n_chunks = n_chunks_for(X.shape[0], n_components * n_features * (n_features if full else 1))
-    nk, sx, sxx = pick(label_statistics, X.shape[0] * n_components * (n_features + 1) ** 2)(
-        X, weights_operand(sample_weight), np.asarray(labels, dtype=np.int32), shift,
-        full, n_chunks,
-    )
+    prec = np.zeros((n_components, n_features, n_features if full else 1), dtype=shift.dtype)
+    n_chunks = statistics_chunks(X.shape[0], n_components, n_features, covariance_type)
+    parts = _run_pass(engine, estep.MODE_LABELS, X, sample_weight,
+                      np.asarray(labels, dtype=np.int32), shift, prec, np.zeros(n_components),
+                      n_chunks)
+    nk, sx, sxx, _, _, _ = finish_statistics(engine, shift, *parts)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
-    return GaussianStatistics(nk, sx, sxx, shift.astype(np.float64), np.nan, weight)
+    return GaussianStatistics(nk, sx, sxx, shift.astype(np.float64), np.nan, weight,
+                              count=float(X.shape[0]))
 
 
 def m_step(stats: GaussianStatistics, reg_covar: float, covariance_type: str):
@@ -214,56 +284,84 @@ def m_step(stats: GaussianStatistics, reg_covar: float, covariance_type: str):
         Extra diagonal loading that was needed to make each covariance
         positive definite (0 where none was; -1 where it could not be made so).
     """
-    weights, means, cov, prec_chol, jitter = m_step_canonical(
+    kind = COVARIANCE_KIND[covariance_type]
+    family = m_step_full if uses_full_scatter(covariance_type) else m_step_diag
+    # tied (kind 1) pools the full scatter; spherical (kind 3) averages the diagonal.
+    weights, means, cov, prec_chol, jitter = family(
         stats.nk, np.ascontiguousarray(stats.sx), np.ascontiguousarray(stats.sxx),
-        np.ascontiguousarray(stats.shift), float(reg_covar), COVARIANCE_KIND[covariance_type])
-    return GaussianParameters(weights, means, *from_canonical(cov, prec_chol, covariance_type)
-                              ), jitter
+        np.ascontiguousarray(stats.shift), float(reg_covar), kind in (1, 3))
+    return GaussianParameters(weights, means, from_canonical(cov, covariance_type),
+                              from_canonical(prec_chol, covariance_type)), jitter
 
 
-def to_canonical(array, covariance_type: str) -> np.ndarray:
-    """scikit-learn's covariance-shaped array as the kernels' 3-D form."""
-    array = np.asarray(array, dtype=np.float64)
-    if covariance_type == "full":
-        return np.ascontiguousarray(array)
-    if covariance_type == "tied":
-        return np.ascontiguousarray(array[None])
-    if covariance_type == "diag":
-        return np.ascontiguousarray(array[:, :, None])
-    return np.ascontiguousarray(array[:, None, None])
+class MaximumLikelihood:
+    """The maximum-likelihood M-step of a Gaussian mixture, for the EM driver.
 
+    Calling it is :func:`m_step`; its objective is the average log-likelihood
+    :math:`\\sum_n w_n \\log p(x_n) / \\sum_n w_n` of the statistics (the
+    lower bound scikit-learn reports).
 
-def from_canonical(cov, prec_chol, covariance_type: str):
-    """The kernels' 3-D covariances and factors in scikit-learn's shapes."""
-    if covariance_type == "full":
-        return cov, prec_chol
-    if covariance_type == "tied":
-        return cov[0], prec_chol[0]
-    if covariance_type == "diag":
-        return cov[:, :, 0], prec_chol[:, :, 0]
-    return cov[:, 0, 0], prec_chol[:, 0, 0]
+    Parameters
+    ----------
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    reg_covar : float
+        Added to the diagonal of every covariance.
+    """
+
+    def __init__(self, covariance_type: str, reg_covar: float):
+        self.covariance_type = covariance_type
+        self.reg_covar = float(reg_covar)
+
+    def __call__(self, stats: GaussianStatistics):
+        return m_step(stats, self.reg_covar, self.covariance_type)
+
+    def objective(self, stats: GaussianStatistics) -> float:
+        return stats.loglik / stats.weight
+
+    @property
+    def compiled_form(self) -> tuple[int, float]:
+        """``(kind, reg_covar)``: what the compiled EM loop needs to run this M-step."""
+        return COVARIANCE_KIND[self.covariance_type], self.reg_covar
+
+    def reseed(self, params: GaussianParameters, components, point, weight
+               ) -> GaussianParameters:
+        """Move ``components`` (a boolean mask) to ``point``, with the weight
+        ``weight`` (then renormalised) and the average covariance of the others."""
+        weights, means, cov, prec_chol = (np.array(p, dtype=np.float64) for p in params)
+        live = ~components
+        means[components] = point
+        if self.covariance_type != "tied":
+            typical = np.average(cov[live], axis=0, weights=weights[live])
+            cov[components] = typical
+            prec_chol[components] = precision_cholesky_of_covariance(typical,
+                                                                     self.covariance_type)
+        weights[components] = weight
+        weights /= weights.sum()
+        return GaussianParameters(weights, means, cov, prec_chol)
 
 
 def log_responsibilities(X, params: GaussianParameters, covariance_type: str, *,
                          probabilities: bool = False):
     r"""Per-row log p(x) and (N, K) log-responsibilities (for predictions).
 
+    The fitting pass's engines and operand precision (float32 data: float32
+    log-densities, as in scikit-learn); ``log_norm`` is summed in float64.
+
     Returns
     -------
     log_resp : ndarray (N, K), float64
         :math:`\log r_{nk}`; with ``probabilities``, :math:`r_{nk}` itself
-        (responsibilities below :math:`e^{-708}` of a row's largest are 0).
+        (responsibilities below :math:`e^{-708}` of a row's largest, or
+        :math:`e^{-87}` for float32 data, are 0).
     log_norm : ndarray (N,), float64
         :math:`\log p(x_n)`.
     """
-    blas = uses_blas(X.shape[1], covariance_type)
-    means, prec, log_const, full = kernel_operands(params, covariance_type,
-                                                   np.float64 if blas else X.dtype)
+    engine = engine_for(X.shape[1], covariance_type)
+    means, prec, log_const, _ = kernel_operands(params, covariance_type,
+                                                operand_dtype(engine, X.dtype))
     log_resp = np.empty((X.shape[0], means.shape[0]))
     log_norm = np.empty(X.shape[0])
-    work = X.shape[0] * means.shape[0] * (X.shape[1] + 1) ** 2
-    args = (X, means, prec, log_const, full, blas, blas_routines()[0], n_chunks_for(X.shape[0], 1),
-            probabilities, log_resp, log_norm)
-    with single_threaded_blas() if blas else contextlib.nullcontext():
-        pick(gaussian_log_resp, work)(*args)
+    mode = estep.MODE_PROBA if probabilities else estep.MODE_LOG_RESP
+    _run_pass(engine, mode, X, None, _NO_LABELS, means, prec, log_const,
+              n_chunks_for(X.shape[0], 1), log_resp, log_norm)
     return log_resp, log_norm

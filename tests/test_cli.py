@@ -19,8 +19,9 @@ import pytest
 import fastem.cli
 from fastem import __version__
 from fastem.cli import main
-from fastem.io import load_demo_data, load_model, save_model
+from fastem.io import load_model, save_model
 from fastem.selection import select_model
+from fastem.tables import load_demo_data
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TABLE_ROW = re.compile(r"^\s*(\d+) (full|tied|diag|spherical)\s.*\s(\*?)(ok|failed.*)$")

@@ -197,59 +197,34 @@ def test_statistics_recentre_and_add():
                  m_step(whole, 1e-6, "full")[0].covariances)
 
 
-def test_serial_and_parallel_compilations_agree():
-    """Every kernel compiled twice returns the same results either way.
+def test_chunk_ranges_split_differently_give_the_same_bits():
+    """A pass run as one call or split at every chunk boundary writes the same slots:
+    splitting work among threads changes who computes a chunk, never what."""
+    from fastem import _threads
+    from fastem.stats import GaussianParameters, e_step_statistics, log_responsibilities
 
-    Integer outputs (labels, assignments) are identical; floating-point ones
-    agree to a few ulps: LLVM may inline a fastmath helper into one
-    compilation and not the other (not one Numba loaded from its on-disk
-    cache) and vectorise its sums differently.
-    """
-    from fastem._kernels import estep, kmeans, labels
-    from fastem._kernels.blas import blas_routines, single_threaded_blas
-
-    X = make_mixture(3000, 3, 3, seed=12)
-    centers = X[:3].copy()
-    X30 = make_mixture(3000, 30, 3, seed=13)
-    w30, means30, _, pc30 = random_parameters(X30, 3, "full")
-    trmm = blas_routines()[0]
     outs = []
-    for member in (0, 1):
-        lab = np.full(X.shape[0], -1, dtype=np.int32)
-        dist = np.empty(X.shape[0])
-        kmeans.sq_distances[member](X, centers[0], dist)
-        assign = kmeans.lloyd_assign[member](X, np.empty(0), centers, lab, 8)
-        pot = kmeans.candidate_potentials[member](X, np.empty(0), centers, dist, 8)
-        stats = labels.label_statistics[member](X, np.empty(0), lab, centers, True, 8)
-        w, means, _, pc = random_parameters(X, 3, "full")
-        from fastem.stats import GaussianParameters, kernel_operands
-
-        m, prec, lc, full = kernel_operands(GaussianParameters(w, means, None, pc), "full")
-        log_resp = np.empty((3000, 3))
-        log_norm = np.empty(3000)
-        estep.gaussian_log_resp[member](X, m, prec, lc, full, False, trmm, 8, False, log_resp,
-                                        log_norm)
-        # and the BLAS engine, on wide data
-        m30, prec30, lc30, _ = kernel_operands(GaussianParameters(w30, means30, None, pc30),
-                                               "full")
-        log_resp30 = np.empty((3000, 3))
-        log_norm30 = np.empty(3000)
-        with single_threaded_blas():
-            estep.gaussian_log_resp[member](X30, m30, prec30, lc30, True, True, trmm, 8, True,
-                                            log_resp30, log_norm30)
-        outs.append((dist, lab, assign, pot, stats, log_resp, log_norm, log_resp30, log_norm30))
-    def same(u, v):
-        if u.dtype.kind in "iub":
-            np.testing.assert_array_equal(u, v)
-        else:
-            finite = np.isfinite(v)
-            np.testing.assert_array_equal(np.isfinite(u), finite)
-            scale = np.abs(v[finite]).max() if finite.any() else 1.0
-            np.testing.assert_allclose(u[finite], v[finite], rtol=0, atol=1e-14 * scale)
-
-    for a, b in zip(*outs):
-        for u, v in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
-            same(np.asarray(u), np.asarray(v))
+    for X, covariance_type in ((make_mixture(3000, 3, 3, seed=12), "full"),
+                               (make_mixture(3000, 30, 3, seed=13), "diag")):
+        w, means, _, pc = random_parameters(X, 3, covariance_type)
+        params = GaussianParameters(w, means, None, pc)
+        runs = []
+        for threads in (1, 2, 5):
+            with _threads.limit(threads):
+                saved = _threads.SERIAL_WORK
+                _threads.SERIAL_WORK = 0  # split even this small problem
+                try:
+                    stats = e_step_statistics(X, None, params, covariance_type)
+                    resp, norm = log_responsibilities(X, params, covariance_type,
+                                                      probabilities=True)
+                finally:
+                    _threads.SERIAL_WORK = saved
+            runs.append((stats.nk, stats.sx, stats.sxx, np.array(stats.loglik), resp, norm))
+        outs.append(runs)
+    for runs in outs:
+        for other in runs[1:]:
+            for u, v in zip(runs[0], other):
+                np.testing.assert_array_equal(u, v)
 
 
 def test_vectorised_exp_matches_numpy():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import numba
 import numpy as np
 import pytest
 from conftest import (
@@ -80,37 +79,41 @@ def test_row_order_does_not_change_the_fit(problem):
 @pytest.fixture
 def python_driven_em(monkeypatch):
     """Force the Python EM driver (parallel kernels) even on small data."""
-    import fastem.mixture
+    import fastem.sources
 
-    monkeypatch.setattr(fastem.mixture, "_COMPILED_LOOP_WORK", -1)
+    monkeypatch.setattr(fastem.sources, "COMPILED_LOOP_WORK", -1)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_compiled_and_python_em_loops_agree_to_rounding(covariance_type, monkeypatch):
-    # Same kernel bodies, same chunks, same reduction order, but two
-    # compilations: LLVM may inline a fastmath helper into one and not the
-    # other (it cannot inline a helper Numba loaded from its on-disk cache),
-    # and vectorise its sums differently. So the two agree to a few ulps, not
-    # always to the bit; one compilation under any thread count is bit-exact
-    # (test_one_and_two_threads_are_bit_identical).
-    import fastem.mixture
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n_features", [3, 26])  # the loop and the BLAS engines
+def test_compiled_and_python_em_loops_agree(covariance_type, dtype, n_features, monkeypatch):
+    # The same pass body, engine, operand precision, chunks and reduction
+    # order on both sides of the size threshold. The Python driver's pass
+    # vectorises its sums over rows (reassociation), the compiled loop adds
+    # them in order (see fastem._kernels._blocks), so they agree to rounding.
+    import fastem.sources
 
-    X = make_mixture(3000, 3, 3, seed=8)
+    n_samples = 3000 if n_features < 10 else 600
+    X = make_mixture(n_samples, n_features, 3, seed=8).astype(dtype)
     start = _fixed_start(X, 3, covariance_type, 4)
-    compiled = _fit(X, 3, covariance_type, tol=1e-8, max_iter=50, **start)
-    monkeypatch.setattr(fastem.mixture, "_COMPILED_LOOP_WORK", -1)
-    driven = _fit(X, 3, covariance_type, tol=1e-8, max_iter=50, **start)
-    assert compiled.n_iter_ == driven.n_iter_
-    np.testing.assert_allclose(compiled.lower_bounds_, driven.lower_bounds_, rtol=1e-13)
+    assert fastem.sources.InMemorySource(X, None, covariance_type).compiled_loop_applies(3), \
+        "the first fit must run the compiled loop"
+    # float32 lower bounds carry ~1e-7 of rounding: converge well above it.
+    tol, rtol = (1e-8, 1e-9) if dtype == np.float64 else (1e-4, 1e-4)
+    compiled = _fit(X, 3, covariance_type, tol=tol, max_iter=50, **start)
+    monkeypatch.setattr(fastem.sources, "COMPILED_LOOP_WORK", -1)
+    driven = _fit(X, 3, covariance_type, tol=tol, max_iter=50, **start)
+    assert abs(compiled.n_iter_ - driven.n_iter_) <= 1
+    np.testing.assert_allclose(compiled.lower_bound_, driven.lower_bound_, rtol=rtol)
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         a, b = getattr(compiled, name), getattr(driven, name)
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-11 * np.abs(b).max(), err_msg=name)
+        np.testing.assert_allclose(a, b, rtol=0, atol=rtol * 10 * np.abs(b).max(),
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_one_and_two_threads_are_bit_identical(covariance_type, python_driven_em):
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs two Numba threads")
     X = make_mixture(5000, 4, 3, seed=2)  # 20 blocks: both threads get work
     fits = [_fit(X, 3, covariance_type, n_threads=t, random_state=0, max_iter=30)
             for t in (1, 2)]

@@ -2,22 +2,44 @@
 
 Every kernel walks X in fixed blocks of ``BLOCK_ROWS`` rows. Blocks are grouped
 into ``n_chunks`` contiguous chunks that depend only on the data's shape,
-never on the number of threads; each chunk's partial sums are kept apart and
-reduced in chunk order at the end. That is what makes the results
-bit-identical for 1, 2 or 64 threads.
+never on the number of threads; a kernel call handles a range of chunks
+(:mod:`fastem._threads` hands the ranges to threads), each chunk's partial
+sums are kept apart and they are reduced in chunk order at the end. That is
+what makes the results bit-identical for 1, 2 or 64 threads.
 
-Block workspaces are stored transposed, ``(n_features, rows)`` and
-``(n_components, rows)``, so that the innermost loops run over rows with unit
-stride and LLVM can vectorise them.
+Same bits in every process. Sums over rows are vectorised by letting LLVM
+reassociate them (``FAST_MATH``), and reassociated code rounds differently
+depending on what LLVM inlined into it. Two rules keep every compiled copy
+the same, whether a kernel was compiled in this process or loaded from
+Numba's cache:
+
+* only kernels called from Python are cached; their helpers are compiled
+  afresh with them (``helper``), so a kernel always sees the same helpers;
+  the helpers that hold reassociated sums are inlined by Numba into the
+  kernel (``helper_inline``) and take its flags;
+* a kernel compiled with ``FAST_MATH`` calls no other cached kernel: LLVM can
+  inline a callee (under the caller's unsafe-math attributes) only when the
+  callee was compiled in the same process, not when it was loaded. The
+  compiled EM loops, which call the M-step kernels, therefore do exact IEEE
+  arithmetic (no ``fastmath``), inlined pass included.
 """
 
 from __future__ import annotations
 
 import math
-import types
+import types as pytypes
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
+
+# Flags of the kernels that reassociate (see the module docstring); NaN and
+# infinity stay allowed (log-weights of empty components are -inf).
+FAST_MATH = {"reassoc", "contract", "nsz", "arcp"}
+# Helpers: never called from Python by the package, compiled with their caller.
+helper = njit(cache=False, error_model="numpy")
+helper_inline = njit(cache=False, error_model="numpy", inline="always")
+helper_contract = njit(cache=False, error_model="numpy", fastmath={"contract"})
 
 BLOCK_ROWS = 256
 # Partial sums are cheap for small K*D*D but not for K=20, D=100; cap the
@@ -40,30 +62,22 @@ _LOG2E32 = np.float32(_LOG2E)
 _EXP_FLOOR32 = np.float32(-87.0)
 
 
-def compile_twice(body, name):
-    """``(parallel, serial)`` compilations of one kernel body.
+def specialise(body, name: str, **bindings):
+    """A copy of the Python function ``body`` named ``name``, with some of its
+    globals rebound (to be compiled as a kernel of its own).
 
-    Numba's on-disk cache keys entries by the function's name and bytecode,
-    not by the ``parallel`` flag, so the serial compilation is made from a
-    renamed copy of the body: otherwise a process could load the serial code
-    into the parallel dispatcher, or the reverse.
+    One body then yields a kernel per engine, each compiling only what it
+    calls. The copy is renamed because Numba's on-disk cache keys kernels by
+    their qualified name (and bytecode), not by the globals they see.
     """
-    twin = types.FunctionType(body.__code__, body.__globals__, name, body.__defaults__,
-                              body.__closure__)
+    namespace = dict(body.__globals__)
+    namespace.update(bindings)
+    twin = pytypes.FunctionType(body.__code__, namespace, name, body.__defaults__,
+                                body.__closure__)
     twin.__qualname__ = name
     twin.__module__ = body.__module__
     twin.__doc__ = body.__doc__
-    return njit(parallel=True, cache=True)(body), njit(cache=True)(twin)
-
-
-# Below this much work (rows x the per-row cost) a call runs the serial
-# compilation: starting threads would cost more than it saves.
-SERIAL_WORK = 1_000_000
-
-
-def pick(pair, work):
-    """The parallel or the serial member of a ``compile_twice`` pair for ``work``."""
-    return pair[1] if work < SERIAL_WORK else pair[0]
+    return twin
 
 
 def n_chunks_for(n_samples: int, partial_size: int) -> int:
@@ -77,7 +91,7 @@ def n_chunks_for(n_samples: int, partial_size: int) -> int:
     return int(min(n_blocks, _MAX_CHUNKS, by_memory))
 
 
-@njit(cache=True)
+@helper
 def chunk_rows(chunk, n_chunks, n_samples):
     """First and one-past-last row of a chunk, aligned to whole blocks."""
     n_blocks = (n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS
@@ -86,7 +100,7 @@ def chunk_rows(chunk, n_chunks, n_samples):
     return first * BLOCK_ROWS, min(n_samples, last * BLOCK_ROWS)
 
 
-@njit(cache=True)
+@helper
 def transpose_block(X, start, n_rows, out):
     """out[d, r] = X[start + r, d]: one strided read of the block per pass."""
     n_features = X.shape[1]
@@ -95,7 +109,7 @@ def transpose_block(X, start, n_rows, out):
             out[d, r] = X[start + r, d]
 
 
-@njit(cache=True, fastmath={"contract"})
+@helper_contract
 def exp_nonpositive(values, offsets, out, bits, n):
     r"""out[r] = exp(values[r] - offsets[r]) for arguments <= 0, vectorisable.
 
@@ -131,7 +145,7 @@ def exp_nonpositive(values, offsets, out, bits, n):
         out[r] *= scale[r]
 
 
-@njit(cache=True, fastmath={"contract"})
+@helper_contract
 def exp_nonpositive32(values, offsets, out, bits, n):
     r"""Single-precision :func:`exp_nonpositive`: degree-7 polynomial (error
     below 1e-8 relative, under float32's epsilon), twice the lanes per vector.
@@ -157,81 +171,18 @@ def exp_nonpositive32(values, offsets, out, bits, n):
         out[r] *= scale[r]
 
 
-@njit(cache=True)
-def log_sum_exp_block(log_prob, n_rows, log_norm, row_max, row_sum, bits, expo, keep_exp):
-    r"""Per-row :math:`\log\sum_k e^{\ell_{kr}}` of a block of log-densities.
+def exp_block(values, offsets, out, bits, n):
+    """:func:`exp_nonpositive` or :func:`exp_nonpositive32`, by the values' dtype.
 
-    Writes ``log_norm[r]`` (float64) and leaves ``row_max[r]`` = the row's
-    largest :math:`\ell_{kr}` and ``row_sum[r]`` = :math:`\sum_k e^{\ell_{kr}
-    - \max_k \ell_{kr}}` (the max shift keeps far outliers from underflowing
-    to NaN). With ``keep_exp``, ``log_prob[k, r]`` is replaced by
-    :math:`e^{\ell_{kr} - \max_k\ell_{kr}}`. The work runs in ``log_prob``'s
-    precision; ``row_max``, ``row_sum`` and ``expo`` (of ``log_prob``'s
-    dtype) and ``bits`` (int64) are row-sized scratch.
+    ``bits`` is int64 scratch of at least ``n`` entries.
     """
-    n_components = log_prob.shape[0]
-    single = log_prob.itemsize == 4
-    for r in range(n_rows):
-        row_max[r] = log_prob[0, r]
-    for k in range(1, n_components):
-        for r in range(n_rows):
-            row_max[r] = max(row_max[r], log_prob[k, r])
-    for r in range(n_rows):
-        row_sum[r] = 0.0
-    for k in range(n_components):
-        # Separate output buffer: in place, LLVM must assume aliasing and
-        # gives up vectorising.
-        if single:
-            exp_nonpositive32(log_prob[k], row_max, expo, bits.view(np.int32), n_rows)
-        else:
-            exp_nonpositive(log_prob[k], row_max, expo, bits, n_rows)
-        for r in range(n_rows):
-            row_sum[r] += expo[r]
-        if keep_exp:
-            for r in range(n_rows):
-                log_prob[k, r] = expo[r]
-    for r in range(n_rows):
-        log_norm[r] = np.float64(row_max[r]) + math.log(np.float64(row_sum[r]))
+    raise NotImplementedError("compiled only (see the overload)")
 
 
-@njit(cache=True)
-def normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, row_sum, bits,
-                    expo):
-    r"""Turn a block of weighted log-densities into weighted responsibilities.
-
-    In place: ``log_prob[k, r]`` becomes :math:`w_r\, r_{rk}`, and the per-row
-    :math:`\log p(x_r)` is written to ``log_norm`` (float64). The work runs in
-    ``log_prob``'s precision: float32 data gets float32 responsibilities (as
-    in scikit-learn), float64 data float64 ones. Scratch as in
-    :func:`log_sum_exp_block`.
-    """
-    log_sum_exp_block(log_prob, n_rows, log_norm, row_max, row_sum, bits, expo, True)
-    weighted = sample_weight.shape[0] > 0
-    for r in range(n_rows):
-        scale = 1.0 / np.float64(row_sum[r])
-        if weighted:
-            scale *= sample_weight[start + r]
-        row_sum[r] = scale
-    for k in range(log_prob.shape[0]):
-        for r in range(n_rows):
-            log_prob[k, r] *= row_sum[r]
-
-
-@njit(cache=True)
-def reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance):
-    """Sum per-chunk statistics in chunk order (deterministic) and mirror the
-    upper triangle of full scatter matrices into the lower one."""
-    _, n_components, n_features, width = sxx_parts.shape
-    nk = np.zeros(n_components)
-    sx = np.zeros((n_components, n_features))
-    sxx = np.zeros((n_components, n_features, width))
-    for c in range(nk_parts.shape[0]):
-        nk += nk_parts[c]
-        sx += sx_parts[c]
-        sxx += sxx_parts[c]
-    if full_covariance:
-        for k in range(sxx.shape[0]):
-            for i in range(sxx.shape[1]):
-                for j in range(i):
-                    sxx[k, i, j] = sxx[k, j, i]
-    return nk, sx, sxx
+@overload(exp_block, jit_options={"cache": False, "error_model": "numpy"})
+def _exp_block_precision(values, offsets, out, bits, n):
+    # Chosen by dtype at compile time, so a float64 pass compiles one exponential.
+    if values.dtype == types.float32:
+        return lambda values, offsets, out, bits, n: exp_nonpositive32(
+            values, offsets, out, bits.view(np.int32), n)
+    return lambda values, offsets, out, bits, n: exp_nonpositive(values, offsets, out, bits, n)

@@ -11,8 +11,10 @@ was seen here to oversubscribe the cores and run 10-100x slower.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import threading
 
 
 @functools.cache
@@ -34,6 +36,30 @@ def _controller():
     return ThreadpoolController()
 
 
+_limit_lock = threading.Lock()
+_limit_depth = 0
+_limit_context = None
+
+
+@contextlib.contextmanager
 def single_threaded_blas():
-    """Context manager limiting every loaded BLAS to one thread."""
-    return _controller().limit(limits=1, user_api="blas")
+    """Hold every loaded BLAS to one thread while any caller is inside.
+
+    Reference-counted across threads: the first caller to enter sets the
+    limit and the last to leave restores it, so concurrent fits (several
+    starts at once, or estimators in other threads) never restore it under
+    one another.
+    """
+    global _limit_depth, _limit_context
+    with _limit_lock:
+        if _limit_depth == 0:
+            _limit_context = _controller().limit(limits=1, user_api="blas")
+        _limit_depth += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_depth -= 1
+            if _limit_depth == 0:
+                _limit_context.restore_original_limits()
+                _limit_context = None

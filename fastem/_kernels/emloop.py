@@ -2,12 +2,14 @@
 dominates (a few hundred rows cost microseconds per iteration, not the tenths
 of a millisecond a Python-driven iteration costs).
 
-The loop is the same EM as the Python driver's: the serial compilation of the
-statistics kernel (same chunks and reduction order as the parallel one, so the
-same sums up to a few ulps of code generation) and the same M-step. It
-stops *before* applying an M-step that needed repair (a collapsed component
-or a covariance that was not positive definite) and hands over to the Python
-driver, which owns those policies and their warnings.
+The loop is an optimisation of the in-memory statistics source, not another
+EM: each iteration is the same pass kernel over the same chunks, reduced in
+the same order, with the same engine and operand precision as the Python
+driver's, and the same M-step, so both give the same bits (no kernel allows
+reassociation, see :mod:`fastem._kernels._blocks`). It stops *before*
+applying an M-step that needed repair (a collapsed component or a covariance
+that was not positive definite) and hands over to the driver, which owns those
+policies and their warnings.
 """
 
 from __future__ import annotations
@@ -15,38 +17,86 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .estep import gaussian_operands, gaussian_statistics_serial
-from .mstep import m_step_canonical
+from ._blocks import helper, specialise
+from .estep import (
+    ENGINE_BLAS_FULL,
+    ENGINE_LOOPS_FULL,
+    MODE_STATISTICS,
+    finish_statistics,
+    gaussian_operands,
+    gaussian_pass_inline,
+)
+from .mstep import m_step_diag, m_step_full
 
 
-# nogil: model selection runs the loops of several starts at once from Python
-# threads (the loop is serial and touches only its own arrays).
-@njit(cache=True, nogil=True)
-def em_loop(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_covar, tol,
-            max_iter, lower_bound, collapse_below, n_chunks, trmm, syrk):
+@helper
+def _as_dtype_of(values, like):
+    """``values`` copied into an array of ``like``'s dtype."""
+    out = np.empty(values.shape, dtype=like.dtype)
+    flat_out = out.reshape(-1)
+    flat_in = values.reshape(-1)
+    for i in range(flat_in.shape[0]):
+        flat_out[i] = flat_in[i]
+    return out
+
+
+# Placeholders the per-engine copies rebind (see em_loop below).
+_engine_pass = _engine_m_step = None
+_ENGINE = ENGINE_LOOPS_FULL
+
+
+def _em_loop(X, sample_weight, operand_like, weights, means, covariances, prec_chol, kind,
+             reg_covar, tol, max_iter, lower_bound, collapse_below, n_chunks, trmm, syrk):
     """Run up to ``max_iter`` EM iterations (E-step statistics, M-step, test).
+
+    ``em_loop[engine]`` runs the pass of that engine; it and ``operand_like``
+    (an empty array of the operands' dtype) are the driver's choices for this
+    data (``fastem.stats.engine_for`` and ``operand_dtype``). The parameters
+    are float64 in the canonical 3-D shapes of the M-step kernels.
 
     Returns
     -------
     weights, means, covariances, prec_chol : the parameters after the last
-        applied M-step (canonical 3-D shapes, see ``m_step_canonical``)
+        applied M-step
     lower_bounds : ndarray (n_iter,)
     converged : bool
     handed_over : bool
         True when iteration ``n_iter + 1`` needed a repair and was not applied.
     """
-    n_features = X.shape[1]
-    total_weight = X.shape[0] * 1.0 if sample_weight.shape[0] == 0 else sample_weight.sum()
+    n_samples, n_features = X.shape
+    n_components = means.shape[0]
+    total_weight = n_samples * 1.0 if sample_weight.shape[0] == 0 else sample_weight.sum()
+    full = kind <= 1
+    width = n_features if full else 1
+    nk_parts = np.empty((n_chunks, n_components))
+    sx_parts = np.empty((n_chunks, n_components, n_features))
+    sxx_parts = np.empty((n_chunks, n_components, n_features, width))
+    ll_parts = np.empty(n_chunks)
+    worst = np.empty(n_chunks)
+    worst_index = np.empty(n_chunks, dtype=np.int64)
+    labels = np.empty(0, dtype=np.int32)
+    out = np.empty((0, 0))
+    log_norm = np.empty(0)
     lower_bounds = np.empty(max_iter)
     n_iter = 0
     converged = False
     handed_over = False
-    full = kind <= 1
     while n_iter < max_iter:
-        prec, log_const = gaussian_operands(weights, prec_chol, kind, n_features)
-        nk, sx, sxx, loglik, _, _ = gaussian_statistics_serial(
-            X, sample_weight, means, prec, log_const, full, False, trmm, syrk, n_chunks)
-        new = m_step_canonical(nk, sx, sxx, means, reg_covar, kind)
+        prec64, log_const = gaussian_operands(weights, prec_chol, kind, n_features)
+        shift = _as_dtype_of(means, operand_like)
+        prec = _as_dtype_of(prec64, operand_like)
+        nk_parts.fill(0.0)
+        sx_parts.fill(0.0)
+        sxx_parts.fill(0.0)
+        worst.fill(np.inf)
+        _engine_pass(0, n_chunks, n_chunks, MODE_STATISTICS, X, sample_weight, labels, shift,
+                     prec, log_const, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
+                     worst_index, out, log_norm)
+        nk, sx, sxx, loglik, _, _ = finish_statistics(_ENGINE, shift, nk_parts, sx_parts,
+                                                      sxx_parts, ll_parts, worst, worst_index)
+        # tied (kind 1) pools the full scatter; spherical (kind 3) averages the diagonal.
+        new = _engine_m_step(nk, sx, sxx, _as_dtype_of(shift, log_const), reg_covar,
+                             kind == 1 or kind == 3)
         if np.any(new[4] != 0.0) or np.any(nk < collapse_below):
             handed_over = True
             break
@@ -60,3 +110,16 @@ def em_loop(X, sample_weight, weights, means, covariances, prec_chol, kind, reg_
             break
     return (weights, means, covariances, prec_chol, lower_bounds[:n_iter], converged,
             handed_over)
+
+
+def _loop_for(engine):
+    full = engine in (ENGINE_LOOPS_FULL, ENGINE_BLAS_FULL)
+    return njit(cache=True, error_model="numpy", nogil=True)(specialise(
+        _em_loop, f"_em_loop_{engine}", _ENGINE=engine, _engine_pass=gaussian_pass_inline[engine],
+        _engine_m_step=m_step_full if full else m_step_diag))
+
+
+# One compiled loop per engine. nogil: model selection runs the loops of
+# several starts at once from Python threads (each loop is serial and touches
+# only its own arrays).
+em_loop = {engine: _loop_for(engine) for engine in gaussian_pass_inline}

@@ -35,21 +35,19 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ._blocks import (
     BLOCK_ROWS,
+    FAST_MATH,
     chunk_rows,
-    compile_twice,
-    log_sum_exp_block,
-    normalise_block,
-    reduce_statistics,
+    exp_block,
+    helper,
+    helper_inline,
+    specialise,
     transpose_block,
 )
 
-# Reassociation lets LLVM vectorise the dot-product reductions over rows. NaN
-# and infinity stay allowed: log-weights of empty components are -inf.
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
 # The BLAS engine for full covariances works on this many blocks of rows at a
 # time (dtrmm and dsyrk run closer to peak on them; the diagonal one does not).
 BLAS_BLOCKS = 4
@@ -61,8 +59,18 @@ SPARSE_DENSITY = 0.35
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
+# The four block engines (see gaussian_pass) and what a pass computes.
+ENGINE_LOOPS_FULL = 0
+ENGINE_LOOPS_DIAG = 1
+ENGINE_BLAS_FULL = 2
+ENGINE_BLAS_DIAG = 3
+MODE_STATISTICS = 0
+MODE_LABELS = 1
+MODE_LOG_RESP = 2
+MODE_PROBA = 3
 
-@njit(cache=True)
+
+@njit(cache=True, error_model="numpy")
 def gaussian_operands(weights, prec_chol, kind, n_features):
     r"""Kernel operands from canonical 3-D precision Cholesky factors.
 
@@ -81,7 +89,9 @@ def gaussian_operands(weights, prec_chol, kind, n_features):
         source = 0 if kind == 1 else k
         log_det = 0.0
         if full:
-            prec[k] = prec_chol[source]
+            for i in range(n_features):
+                for j in range(n_features):
+                    prec[k, i, j] = prec_chol[source, i, j]
             for d in range(n_features):
                 log_det += math.log(prec_chol[source, d, d])
         else:
@@ -93,7 +103,7 @@ def gaussian_operands(weights, prec_chol, kind, n_features):
     return prec, log_const
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _centre(xT, n_rows, mean, diff):
     """diff[d, r] = xT[d, r] - mean[d]."""
     for d in range(xT.shape[0]):
@@ -102,7 +112,7 @@ def _centre(xT, n_rows, mean, diff):
             diff[d, r] = xT[d, r] - m
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diffs, y, quad, log_prob):
     """log_prob[k, r] = log_const[k] - ||(x_r - mu_k) U_k||^2 / 2 (U upper).
 
@@ -152,7 +162,7 @@ def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diffs, y, quad
             log_prob[k, r] = log_const[k] - 0.5 * quad[r]
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _log_prob_diag_loops(xT, n_rows, means, precisions, log_const, log_prob):
     """log_prob[k, r] = log_const[k] - sum_d p_kd (x_rd - mu_kd)^2 / 2.
 
@@ -172,7 +182,7 @@ def _log_prob_diag_loops(xT, n_rows, means, precisions, log_const, log_prob):
             log_prob[k, r] = log_const[k] - 0.5 * log_prob[k, r]
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _scatter_upper(wdiff, diff, n_rows, out, zero):
     """out[i, j] += sum_r wdiff[i, r] diff[j, r] for j >= i, in 2 x 2 tiles.
 
@@ -216,7 +226,7 @@ def _scatter_upper(wdiff, diff, n_rows, out, zero):
             out[i + 1, j + 1] += a11
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, nk, sx, sxx, full):
     """Add the block's weighted first and second moments around the means.
 
@@ -251,7 +261,7 @@ def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, nk, sx, sx
                 sxx[k, i, 0] += acc
 
 
-@njit(cache=True)
+@helper
 def _blas_scalars(n_features, n_rows):
     """Fortran-style by-reference arguments: chars L, N and sizes."""
     chars = np.array([ord("L"), ord("N")], dtype=np.uint8)
@@ -260,7 +270,7 @@ def _blas_scalars(n_features, n_rows):
     return chars, sizes, ones
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _centre_rows(X, start, n_rows, mean, rows):
     """rows[r, d] = X[start + r, d] - mean[d] (row-major, as BLAS wants it)."""
     for r in range(n_rows):
@@ -268,7 +278,7 @@ def _centre_rows(X, start, n_rows, mean, rows):
             rows[r, d] = X[start + r, d] - mean[d]
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _log_prob_full_blas(X, start, n_rows, means, prec_chol, log_const, rows, log_prob, trmm):
     """As the loop engine, with (x - mu_k) U_k computed by one dtrmm per component.
 
@@ -292,7 +302,7 @@ def _log_prob_full_blas(X, start, n_rows, means, prec_chol, log_const, rows, log
             log_prob[k, r] = log_const[k] - 0.5 * q
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk):
     """S_k += (sqrt(r) (x - mu_k))^T (sqrt(r) (x - mu_k)) by one dsyrk per component.
 
@@ -326,7 +336,20 @@ def _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk
              rows.ctypes, sizes[0:1].ctypes, ones.ctypes, sxx[k].ctypes, sizes[0:1].ctypes)
 
 
-@njit(cache=True)
+@helper
+def _mean_of_means(means):
+    """c = the average of the component means (where the diagonal GEMM engine expands)."""
+    n_components, n_features = means.shape
+    centre = np.zeros(n_features)
+    for k in range(n_components):
+        for d in range(n_features):
+            centre[d] += means[k, d]
+    for d in range(n_features):
+        centre[d] /= n_components
+    return centre
+
+
+@helper
 def _diag_gemm_operands(means, precisions, log_const):
     r"""Operands of the diagonal GEMM engine.
 
@@ -343,10 +366,7 @@ def _diag_gemm_operands(means, precisions, log_const):
     offset in the data would cause.
     """
     n_components, n_features = means.shape
-    centre = np.zeros(n_features)
-    for k in range(n_components):
-        centre += means[k]
-    centre /= n_components
+    centre = _mean_of_means(means)
     W = np.empty((2 * n_features, n_components))
     const = log_const.copy()
     for k in range(n_components):
@@ -359,7 +379,7 @@ def _diag_gemm_operands(means, precisions, log_const):
     return centre, W, const
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _centred_powers(X, start, n_rows, centre, Z):
     """Z[r] = [x_r - c, (x_r - c)^2] (row-major, float64)."""
     n_features = X.shape[1]
@@ -370,7 +390,7 @@ def _centred_powers(X, start, n_rows, centre, Z):
             Z[r, n_features + d] = z * z
 
 
-@njit(cache=True)
+@helper
 def _log_prob_diag_gemm(Z, n_rows, W, const, L, log_prob):
     """log_prob[k, r] = const_k + (Z W)[r, k] by one matrix product (into scratch ``L``)."""
     np.dot(Z[:n_rows], W, L[:n_rows])
@@ -379,7 +399,7 @@ def _log_prob_diag_gemm(Z, n_rows, W, const, L, log_prob):
             log_prob[k, r] = const[k] + L[r, k]
 
 
-@njit(cache=True, fastmath=_FAST)
+@helper_inline
 def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, moments):
     """The moments of ``_accumulate_diag_moments``, visiting only non-zero responsibilities.
 
@@ -422,7 +442,7 @@ def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, moments
             sxx[k, d, 0] += acc[n_features + d]
 
 
-@njit(cache=True)
+@helper_inline
 def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, dense_resp,
                              moments):
     """[sum r z, sum r z^2] of every component (around c) into nk, sx, sxx.
@@ -443,7 +463,9 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, de
         return
     # Contiguous operands and output, as np.dot needs.
     R = dense_resp[:n_components * n_rows].reshape((n_components, n_rows))
-    R[:, :] = resp[:, :n_rows]
+    for k in range(n_components):
+        for r in range(n_rows):
+            R[k, r] = resp[k, r]
     np.dot(R, Z[:n_rows], moments)
     for k in range(n_components):
         total = 0.0
@@ -455,237 +477,342 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, de
             sxx[k, d, 0] += moments[k, n_features + d]
 
 
-@njit(cache=True)
-def _recentre_diag(nk, sx, sxx, means, centre):
-    """Moments around c turned into moments around each component's mean."""
-    for k in range(means.shape[0]):
-        for d in range(means.shape[1]):
-            delta = means[k, d] - centre[d]
-            sxx[k, d, 0] += -2.0 * delta * sx[k, d] + nk[k] * delta * delta
-            sx[k, d] -= nk[k] * delta
+# Block engines. Each engine is three functions with one signature per role, so
+# that one pass body (``_gaussian_pass``) serves every engine: it is compiled
+# once per engine with these names bound to that engine's functions (see
+# ``specialise``), and a fit compiles only its own engine's code.
+#
+#   log_prob(X, start, n_rows, means, prec, log_const, trmm, W, const, centre,
+#            xT, diffs, y, quad, rows, products, log_prob)
+#   accumulate(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
+#              gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx)
+#   prepare_labels(X, start, n_rows, centre, xT, rows)
 
 
-@njit(cache=True)
-def _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, c):
-    """Weighted sum of log p(x) over the block; tracks the worst-explained row."""
-    total = 0.0
-    weighted = sample_weight.shape[0] > 0
-    for r in range(n_rows):
-        w = sample_weight[start + r] if weighted else 1.0
-        total += w * log_norm[r]
-        if w > 0.0 and log_norm[r] < worst[c]:
-            worst[c] = log_norm[r]
-            worst_index[c] = start + r
-    return total
+@helper_inline
+def _log_prob_loops_full(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
+                         diffs, y, quad, rows, products, log_prob):
+    transpose_block(X, start, n_rows, xT)
+    _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
 
 
-@njit(cache=True)
-def _block_scratch(X, means, full_covariance, use_blas, log_prob_like):
-    """Scratch of one chunk's walk over its blocks, allocated once per chunk.
-
-    Returns ``(block, xT, diffs, y, quad, rows, products, log_prob)``: the
-    block length and the buffers of :func:`_block_log_prob` (each engine's
-    own are allocated, the others' are empty). ``log_prob`` has the dtype
-    of ``log_prob_like``.
-    """
-    n_features = X.shape[1]
-    n_components = means.shape[0]
-    block = BLOCK_ROWS * (BLAS_BLOCKS if use_blas and full_covariance else 1)
-    loops = 0 if use_blas else block
-    xT = np.empty((n_features, loops), dtype=X.dtype)
-    diffs = np.empty((n_components if full_covariance else 1, n_features, loops), dtype=X.dtype)
-    y = np.empty(2 * loops, dtype=X.dtype)
-    quad = np.empty(loops, dtype=X.dtype)
-    rows = np.empty((block if use_blas else 0, n_features * (1 if full_covariance else 2)))
-    products = np.empty((block if use_blas and not full_covariance else 0, n_components))
-    log_prob = np.empty((n_components, block), dtype=log_prob_like.dtype)
-    return block, xT, diffs, y, quad, rows, products, log_prob
+@helper_inline
+def _log_prob_loops_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
+                         diffs, y, quad, rows, products, log_prob):
+    transpose_block(X, start, n_rows, xT)
+    _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
 
 
-@njit(cache=True)
-def _row_scratch(block, log_prob):
-    """``row_max, row_sum, expo, bits, log_norm`` of :func:`log_sum_exp_block`."""
-    dtype = log_prob.dtype
-    return (np.empty(block, dtype=dtype), np.empty(block, dtype=dtype),
-            np.empty(block, dtype=dtype), np.empty(block, dtype=np.int64), np.empty(block))
+@helper_inline
+def _log_prob_blas_full(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
+                        diffs, y, quad, rows, products, log_prob):
+    _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
 
 
-@njit(cache=True)
-def _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
-                    centre, W, const, xT, diffs, y, quad, rows, products, log_prob):
-    """log_prob[k, r] = log pi_k N(x_{start+r} | k) by the engine for this shape.
-
-    Leaves what the same engine's accumulation reuses in the scratch: the
-    transposed block and the centred differences (loops), the centred rows
-    or ``[z, z^2]`` (BLAS).
-    """
-    if use_blas and full_covariance:
-        _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
-    elif use_blas:
-        _centred_powers(X, start, n_rows, centre, rows)
-        _log_prob_diag_gemm(rows, n_rows, W, const, products, log_prob)
-    else:
-        transpose_block(X, start, n_rows, xT)
-        if full_covariance:
-            _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
-        else:
-            _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
+@helper_inline
+def _log_prob_blas_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
+                        diffs, y, quad, rows, products, log_prob):
+    _centred_powers(X, start, n_rows, centre, rows)
+    _log_prob_diag_gemm(rows, n_rows, W, const, products, log_prob)
 
 
-@njit(cache=True)
-def _statistics_chunk(X, sample_weight, first, last, means, prec, log_const, full_covariance,
-                      use_blas, trmm, syrk, centre, W, const, nk, sx, sxx):
-    """Statistics of rows [first, last) into nk, sx, sxx; returns (loglik, worst, index)."""
-    n_features = X.shape[1]
-    # Responsibilities in the operands' precision (X's for the loop engine,
-    # float64 for BLAS): float32 data gets float32 ones, as in scikit-learn.
-    block, xT, diffs, y, quad, rows, products, log_prob = _block_scratch(
-        X, means, full_covariance, use_blas, means)
-    wdiff = np.empty((n_features, 0 if use_blas else block), dtype=X.dtype)
-    row_max, row_sum, expo, bits, log_norm = _row_scratch(block, log_prob)
-    diag_blas = block if use_blas and not full_covariance else 0
-    gathered = np.empty(diag_blas, dtype=np.int64)
-    gathered_weights = np.empty(diag_blas)
-    dense_resp = np.empty(means.shape[0] * diag_blas)
-    moments = np.empty((means.shape[0], 2 * n_features if diag_blas else 0))
-    worst = np.full(1, np.inf)
-    worst_index = np.zeros(1, dtype=np.int64)
-    loglik = 0.0
-    for start in range(first, last, block):
-        n_rows = min(block, last - start)
-        _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
-                        centre, W, const, xT, diffs, y, quad, rows, products, log_prob)
-        normalise_block(log_prob, n_rows, sample_weight, start, log_norm, row_max, row_sum, bits,
-                        expo)
-        loglik += _block_loglik(log_norm, n_rows, sample_weight, start, worst, worst_index, 0)
-        if use_blas and full_covariance:
-            _accumulate_full_blas(X, start, n_rows, means, log_prob, rows, nk, sx, sxx, syrk)
-        elif use_blas:
-            _accumulate_diag_moments(rows, n_rows, log_prob, nk, sx, sxx, gathered,
-                                     gathered_weights, dense_resp, moments)
-        else:
-            _accumulate_loops(xT, n_rows, means, log_prob, diffs, full_covariance, wdiff, nk,
-                              sx, sxx, full_covariance)
-    return loglik, worst[0], worst_index[0]
+@helper_inline
+def _accumulate_loops_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
+                           gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
+    _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, nk, sx, sxx, True)
 
 
-def _gaussian_statistics(X, sample_weight, means, prec, log_const, full_covariance, use_blas,
-                         trmm, syrk, n_chunks):
-    r"""Fused E-step and sufficient statistics for a Gaussian mixture.
+@helper_inline
+def _accumulate_loops_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
+                           gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
+    # The diagonal loops leave no centred block behind.
+    _accumulate_loops(xT, n_rows, means, resp, diffs, False, wdiff, nk, sx, sxx, False)
+
+
+@helper_inline
+def _accumulate_blas_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
+                          gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
+    _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk)
+
+
+@helper_inline
+def _accumulate_blas_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
+                          gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
+    _accumulate_diag_moments(rows, n_rows, resp, nk, sx, sxx, gathered, gathered_weights,
+                             dense_resp, moments)
+
+
+@helper_inline
+def _prepare_labels_loops(X, start, n_rows, centre, xT, rows):
+    transpose_block(X, start, n_rows, xT)
+
+
+@helper_inline
+def _prepare_labels_blas_full(X, start, n_rows, centre, xT, rows):
+    pass  # the accumulation reads X itself
+
+
+@helper_inline
+def _prepare_labels_blas_diag(X, start, n_rows, centre, xT, rows):
+    _centred_powers(X, start, n_rows, centre, rows)
+
+
+# What each engine's pass is compiled with (bound as the body's globals).
+_ENGINES = {
+    ENGINE_LOOPS_FULL: dict(_engine_log_prob=_log_prob_loops_full,
+                            _engine_accumulate=_accumulate_loops_full,
+                            _engine_prepare_labels=_prepare_labels_loops,
+                            _ENGINE_BLOCK=BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=True,
+                            _ENGINE_DIAG_BLAS=False),
+    ENGINE_LOOPS_DIAG: dict(_engine_log_prob=_log_prob_loops_diag,
+                            _engine_accumulate=_accumulate_loops_diag,
+                            _engine_prepare_labels=_prepare_labels_loops,
+                            _ENGINE_BLOCK=BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=False,
+                            _ENGINE_DIAG_BLAS=False),
+    ENGINE_BLAS_FULL: dict(_engine_log_prob=_log_prob_blas_full,
+                           _engine_accumulate=_accumulate_blas_full,
+                           _engine_prepare_labels=_prepare_labels_blas_full,
+                           _ENGINE_BLOCK=BLOCK_ROWS * BLAS_BLOCKS, _ENGINE_LOOPS=False,
+                           _ENGINE_FULL=True, _ENGINE_DIAG_BLAS=False),
+    ENGINE_BLAS_DIAG: dict(_engine_log_prob=_log_prob_blas_diag,
+                           _engine_accumulate=_accumulate_blas_diag,
+                           _engine_prepare_labels=_prepare_labels_blas_diag,
+                           _ENGINE_BLOCK=BLOCK_ROWS, _ENGINE_LOOPS=False, _ENGINE_FULL=False,
+                           _ENGINE_DIAG_BLAS=True),
+}
+_ENGINE_NAMES = {ENGINE_LOOPS_FULL: "loops_full", ENGINE_LOOPS_DIAG: "loops_diag",
+                 ENGINE_BLAS_FULL: "blas_full", ENGINE_BLAS_DIAG: "blas_diag"}
+# Placeholders the specialised copies rebind (the generic body is never compiled).
+_engine_log_prob = _engine_accumulate = _engine_prepare_labels = None
+_ENGINE_BLOCK = BLOCK_ROWS
+_ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = False
+
+
+def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, labels, means,
+                   prec, log_const, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
+                   worst_index, out, log_norm):
+    r"""Chunks ``[chunk_first, chunk_last)`` of one pass over X: the fused kernel.
+
+    ``mode`` says what the pass computes for each row block:
+
+    * ``MODE_STATISTICS``: the E-step and its statistics. With
+      :math:`\ell_{nk} = \log\pi_k + \log\det U_k - \tfrac D2\log 2\pi -
+      \tfrac12\lVert U_k^T(x_n-\mu_k)\rVert^2`, the responsibilities
+      :math:`r_{nk} = e^{\ell_{nk}}/\sum_j e^{\ell_{nj}}` and the weighted sums
+
+      .. math::
+
+          N_k = \sum_n w_n r_{nk},\quad s_k = \sum_n w_n r_{nk}(x_n-\mu_k),\quad
+          S_k = \sum_n w_n r_{nk}(x_n-\mu_k)(x_n-\mu_k)^T
+
+      (or the diagonal of :math:`S_k`) go to chunk ``c``'s slots
+      ``nk_parts[c], sx_parts[c], sxx_parts[c]``, and
+      :math:`\sum_n w_n\log p(x_n)` and the worst-explained row of the chunk to
+      ``ll_parts[c], worst[c], worst_index[c]`` (reduced by
+      :func:`finish_statistics`);
+    * ``MODE_LABELS``: the same sums for one-hot responsibilities of
+      ``labels`` (-1: the row belongs to no component) around ``means``;
+    * ``MODE_LOG_RESP`` / ``MODE_PROBA``: :math:`\log r_{nk}` (or
+      :math:`r_{nk}`) into ``out`` (N, K) and :math:`\log p(x_n)` into
+      ``log_norm`` (N,).
+
+    One compilation per engine (``gaussian_pass[engine]``): vectorised loops
+    for D < 24 (``ENGINE_LOOPS_*``), BLAS for wide data (``ENGINE_BLAS_FULL``:
+    dtrmm + dsyrk; ``ENGINE_BLAS_DIAG``: matrix products, or gathered sums
+    when most responsibilities are exactly zero).
 
     Parameters
     ----------
+    chunk_first, chunk_last, n_chunks : int
+        The chunk range of this call, out of ``n_chunks`` (from
+        :func:`fastem._kernels._blocks.n_chunks_for`).
     X : ndarray (N, D), float64 or float32, C-contiguous
     sample_weight : ndarray (N,) or (0,) for unit weights
-    means : ndarray (K, D), X's dtype
+    labels : ndarray (N,) int32, or (0,) outside ``MODE_LABELS``
+    means : ndarray (K, D), the operands' precision (X's for the loop
+        engines, float64 for BLAS)
     prec : ndarray
-        (K, D, D) upper Cholesky factors of the precisions when
-        ``full_covariance``, else (K, D, 1) diagonal precisions
-        :math:`1/\sigma^2`; X's dtype (float64 for the BLAS engine).
+        (K, D, D) upper Cholesky factors of the precisions (full engines) or
+        (K, D, 1) diagonal precisions :math:`1/\sigma^2`, means' dtype.
     log_const : ndarray (K,)
         :math:`\log\pi_k + \log\det U_k - \tfrac D2\log 2\pi`.
-    full_covariance : bool
-        Accumulate the full scatter (K, D, D) instead of its diagonal.
-    use_blas : bool
-        BLAS engine (dtrmm + dsyrk for full covariances, matrix products or
-        gathered sums for diagonal ones), else the loop engine.
     trmm, syrk : ctypes functions
-        ``dtrmm`` and ``dsyrk`` from ``scipy.linalg.cython_blas``.
-    n_chunks : int
-        From :func:`fastem._kernels._blocks.n_chunks_for`.
+        ``dtrmm`` and ``dsyrk`` from ``scipy.linalg.cython_blas``, passed in so
+        the compiled kernel holds no process-specific address.
 
-    Returns
-    -------
-    nk : (K,), sx : (K, D), sxx : (K, D, D) or (K, D, 1),
-    loglik : float (:math:`\sum_n w_n \log p(x_n)`),
-    worst_loglik, worst_index : the lowest :math:`\log p(x_n)` and its row
+    Twins: :func:`fastem.reference.sufficient_statistics`,
+    :func:`fastem.reference.statistics_from_labels` and
+    :func:`fastem.reference.log_responsibilities`.
     """
     n_samples, n_features = X.shape
     n_components = means.shape[0]
-    width = n_features if full_covariance else 1
-    nk_parts = np.zeros((n_chunks, n_components))
-    sx_parts = np.zeros((n_chunks, n_components, n_features))
-    sxx_parts = np.zeros((n_chunks, n_components, n_features, width))
-    ll_parts = np.zeros(n_chunks)
-    worst = np.full(n_chunks, np.inf)
-    worst_index = np.zeros(n_chunks, dtype=np.int64)
-    centre, W, const = _diag_gemm_operands(means, prec, log_const)
-    for c in prange(n_chunks):
+    block = _ENGINE_BLOCK
+    loops = block if _ENGINE_LOOPS else 0
+    wide = 0 if _ENGINE_LOOPS else block
+    diag_blas = block if _ENGINE_DIAG_BLAS else 0
+    if _ENGINE_DIAG_BLAS:
+        centre, W, const = _diag_gemm_operands(means, prec, log_const)
+    else:
+        centre, W, const = np.empty(0), np.empty((0, 0)), np.empty(0)
+    accumulates = mode == MODE_STATISTICS or mode == MODE_LABELS
+    predicts = mode == MODE_LOG_RESP or mode == MODE_PROBA
+    # Scratch of one call, reused chunk after chunk (each engine allocates its own).
+    xT = np.empty((n_features, loops), dtype=X.dtype)
+    diffs = np.empty((n_components if _ENGINE_FULL else 1, n_features, loops), dtype=X.dtype)
+    y = np.empty(2 * loops, dtype=X.dtype)
+    quad = np.empty(loops, dtype=X.dtype)
+    wdiff = np.empty((n_features, loops), dtype=X.dtype)
+    rows = np.empty((wide, n_features * (1 if _ENGINE_FULL else 2)))
+    products = np.empty((diag_blas, n_components))
+    gathered = np.empty(diag_blas, dtype=np.int64)
+    gathered_weights = np.empty(diag_blas)
+    dense_resp = np.empty(n_components * diag_blas)
+    moments = np.empty((n_components, 2 * n_features if diag_blas else 0))
+    # Responsibilities in the operands' precision: float32 data gets float32
+    # ones (as in scikit-learn), and twice the lanes per vector.
+    log_prob = np.empty((n_components, block), dtype=means.dtype)
+    row_max = np.empty(block, dtype=means.dtype)
+    row_sum = np.empty(block, dtype=means.dtype)
+    expo = np.empty(block, dtype=means.dtype)
+    bits = np.empty(block, dtype=np.int64)
+    norms = np.empty(block)
+    weighted = sample_weight.shape[0] > 0
+    for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, n_samples)
-        ll_parts[c], worst[c], worst_index[c] = _statistics_chunk(
-            X, sample_weight, first, last, means, prec, log_const, full_covariance, use_blas,
-            trmm, syrk, centre, W, const, nk_parts[c], sx_parts[c], sxx_parts[c])
-    nk, sx, sxx = reduce_statistics(nk_parts, sx_parts, sxx_parts, full_covariance)
-    if use_blas and not full_covariance:
-        _recentre_diag(nk, sx, sxx, means, centre)
+        nk, sx, sxx = nk_parts[c], sx_parts[c], sxx_parts[c]
+        loglik = 0.0
+        worst_c = np.inf
+        worst_i = 0
+        for start in range(first, last, block):
+            n_rows = min(block, last - start)
+            if mode == MODE_LABELS:
+                for k in range(n_components):
+                    for r in range(n_rows):
+                        log_prob[k, r] = 0.0
+                for r in range(n_rows):
+                    label = labels[start + r]
+                    if label >= 0:
+                        log_prob[label, r] = sample_weight[start + r] if weighted else 1.0
+                _engine_prepare_labels(X, start, n_rows, centre, xT, rows)
+            else:
+                _engine_log_prob(X, start, n_rows, means, prec, log_const, trmm, W, const,
+                                 centre, xT, diffs, y, quad, rows, products, log_prob)
+                # log-sum-exp per row, shifted by the row's largest term so far
+                # outliers do not underflow to NaN; e^(l - max) replaces l.
+                for r in range(n_rows):
+                    row_max[r] = log_prob[0, r]
+                for k in range(1, n_components):
+                    for r in range(n_rows):
+                        row_max[r] = max(row_max[r], log_prob[k, r])
+                for r in range(n_rows):
+                    row_sum[r] = 0.0
+                keep_log = mode == MODE_LOG_RESP
+                for k in range(n_components):
+                    # A separate output buffer: in place, LLVM must assume
+                    # aliasing and gives up vectorising.
+                    exp_block(log_prob[k], row_max, expo, bits, n_rows)
+                    for r in range(n_rows):
+                        row_sum[r] += expo[r]
+                    if not keep_log:
+                        for r in range(n_rows):
+                            log_prob[k, r] = expo[r]
+                for r in range(n_rows):
+                    norms[r] = np.float64(row_max[r]) + math.log(np.float64(row_sum[r]))
+            if mode == MODE_STATISTICS:
+                # w_r / sum_k e^(l - max): responsibilities times the row weight.
+                for r in range(n_rows):
+                    scale = 1.0 / np.float64(row_sum[r])
+                    if weighted:
+                        scale *= sample_weight[start + r]
+                    row_sum[r] = scale
+                for k in range(n_components):
+                    for r in range(n_rows):
+                        log_prob[k, r] *= row_sum[r]
+                block_loglik = 0.0
+                for r in range(n_rows):
+                    w = sample_weight[start + r] if weighted else 1.0
+                    block_loglik += w * norms[r]
+                    if w > 0.0 and norms[r] < worst_c:
+                        worst_c = norms[r]
+                        worst_i = start + r
+                loglik += block_loglik
+            elif predicts:
+                for r in range(n_rows):
+                    log_norm[start + r] = norms[r]
+                if mode == MODE_PROBA:
+                    for r in range(n_rows):
+                        scale = 1.0 / np.float64(row_sum[r])
+                        for k in range(n_components):
+                            out[start + r, k] = log_prob[k, r] * scale
+                else:
+                    for r in range(n_rows):
+                        for k in range(n_components):
+                            out[start + r, k] = log_prob[k, r] - norms[r]
+            if accumulates:
+                _engine_accumulate(X, start, n_rows, means, log_prob, mode == MODE_STATISTICS,
+                                   xT, diffs, wdiff, rows, gathered, gathered_weights,
+                                   dense_resp, moments, syrk, nk, sx, sxx)
+        ll_parts[c] = loglik
+        worst[c] = worst_c
+        worst_index[c] = worst_i
+
+
+def _specialised_pass(engine, suffix=""):
+    return specialise(_gaussian_pass, f"_gaussian_pass_{_ENGINE_NAMES[engine]}{suffix}",
+                      **_ENGINES[engine])
+
+
+# The pass of each engine as a kernel (called from Python), and as an inlined
+# body for the compiled EM loops, which are kernels of their own (see
+# fastem._kernels._blocks: code that reassociates is never called across
+# kernels).
+gaussian_pass = {engine: njit(cache=True, error_model="numpy", nogil=True,
+                              fastmath=FAST_MATH)(_specialised_pass(engine))
+                 for engine in _ENGINES}
+gaussian_pass_inline = {engine: helper_inline(_specialised_pass(engine, "_inline"))
+                        for engine in _ENGINES}
+
+
+@njit(cache=True, error_model="numpy")
+def finish_statistics(engine, means, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
+                      worst_index):
+    """Reduce a pass's per-chunk statistics in chunk order (deterministic).
+
+    Returns ``nk, sx, sxx`` around ``means`` (the upper triangle of full
+    scatter matrices mirrored into the lower one) and the total
+    log-likelihood, the lowest :math:`\\log p(x_n)` and its row. One flat
+    function of element loops: less to compile than array expressions.
+    """
+    n_chunks, n_components, n_features, width = sxx_parts.shape
+    nk = np.zeros(n_components)
+    sx = np.zeros((n_components, n_features))
+    sxx = np.zeros((n_components, n_features, width))
     loglik = 0.0
     best = np.inf
     best_index = 0
     for c in range(n_chunks):
+        for k in range(n_components):
+            nk[k] += nk_parts[c, k]
+            for i in range(n_features):
+                sx[k, i] += sx_parts[c, k, i]
+                for j in range(width):
+                    sxx[k, i, j] += sxx_parts[c, k, i, j]
         loglik += ll_parts[c]
         if worst[c] < best:
             best = worst[c]
             best_index = worst_index[c]
+    if width > 1:
+        for k in range(n_components):
+            for i in range(n_features):
+                for j in range(i):
+                    sxx[k, i, j] = sxx[k, j, i]
+    if engine == ENGINE_BLAS_DIAG:
+        # The diagonal GEMM engine's moments are around c (see
+        # _diag_gemm_operands): move them to each component's mean.
+        centre = _mean_of_means(means)
+        for k in range(n_components):
+            for d in range(n_features):
+                delta = means[k, d] - centre[d]
+                sxx[k, d, 0] += -2.0 * delta * sx[k, d] + nk[k] * delta * delta
+                sx[k, d] -= nk[k] * delta
     return nk, sx, sxx, loglik, best, best_index
-
-
-# One body, two compilations: the parallel kernel for the fitting loop and a
-# serial one for EM loops that run entirely in compiled code on small data.
-# Both walk the same chunks and reduce them in the same order. Each is
-# bit-exact under any thread count; the two agree to a few ulps (LLVM may
-# inline and vectorise a fastmath helper differently in each, e.g. when one
-# was loaded from Numba's cache).
-gaussian_statistics, gaussian_statistics_serial = compile_twice(
-    _gaussian_statistics, "_gaussian_statistics_serial")
-
-
-@njit(cache=True)
-def _log_resp_chunk(X, first, last, means, prec, log_const, full_covariance, use_blas, trmm,
-                    centre, W, const, probabilities, out, log_norm):
-    """Rows [first, last) of ``out`` and ``log_norm`` (log-sum-exp per row)."""
-    n_components = means.shape[0]
-    # Predictions keep the log-densities in float64 whatever X's precision.
-    block, xT, diffs, y, quad, rows, products, log_prob = _block_scratch(
-        X, means, full_covariance, use_blas, log_norm)
-    row_max, row_sum, expo, bits, norms = _row_scratch(block, log_prob)
-    for start in range(first, last, block):
-        n_rows = min(block, last - start)
-        _block_log_prob(X, start, n_rows, means, prec, log_const, full_covariance, use_blas, trmm,
-                        centre, W, const, xT, diffs, y, quad, rows, products, log_prob)
-        log_sum_exp_block(log_prob, n_rows, norms, row_max, row_sum, bits, expo, probabilities)
-        for r in range(n_rows):
-            log_norm[start + r] = norms[r]
-        if probabilities:
-            for r in range(n_rows):
-                scale = 1.0 / np.float64(row_sum[r])
-                for k in range(n_components):
-                    out[start + r, k] = log_prob[k, r] * scale
-        else:
-            for r in range(n_rows):
-                for k in range(n_components):
-                    out[start + r, k] = log_prob[k, r] - norms[r]
-
-
-def _gaussian_log_resp(X, means, prec, log_const, full_covariance, use_blas, trmm, n_chunks,
-                       probabilities, out, log_norm):
-    r"""Per-row log-responsibilities and log p(x) (for predict_proba / score_samples).
-
-    .. math::
-
-        \log p(x_n) = \log\sum_k \pi_k\,\mathcal N(x_n\mid\mu_k,\Sigma_k), \qquad
-        \log r_{nk} = \log\pi_k\,\mathcal N(x_n\mid\mu_k,\Sigma_k) - \log p(x_n)
-
-    Fills ``out`` (N, K) with :math:`\log r_{nk}`, or with :math:`r_{nk}`
-    itself when ``probabilities``, and ``log_norm`` (N,) in place, chunk by
-    chunk, with the same block engines as the fitting pass (other arguments
-    as in :func:`_gaussian_statistics`).
-    """
-    n_samples = X.shape[0]
-    centre, W, const = _diag_gemm_operands(means, prec, log_const)
-    for c in prange(n_chunks):
-        first, last = chunk_rows(c, n_chunks, n_samples)
-        _log_resp_chunk(X, first, last, means, prec, log_const, full_covariance, use_blas, trmm,
-                        centre, W, const, probabilities, out, log_norm)
-
-
-gaussian_log_resp = compile_twice(_gaussian_log_resp, "_gaussian_log_resp_serial")

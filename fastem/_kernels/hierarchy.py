@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _log_det_ridge(n, W, omega, work):
     """log det(W / n + omega I) by Cholesky (W symmetric PSD, so always defined)."""
     d = W.shape[0]
@@ -47,7 +47,7 @@ def _log_det_ridge(n, W, omega, work):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _merged_scatter(na, ma, Wa, nb, mb, Wb, out):
     """Scatter of the union: W_a + W_b + n_a n_b / (n_a + n_b) (m_a - m_b)(m_a - m_b)^T."""
     c = na * nb / (na + nb)
@@ -58,14 +58,14 @@ def _merged_scatter(na, ma, Wa, nb, mb, Wb, out):
             out[i, j] = Wa[i, j] + Wb[i, j] + c * di * (ma[j] - mb[j])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _merge_cost(a, b, counts, means, scatter, own, omega, merged, work):
     _merged_scatter(counts[a], means[a], scatter[a], counts[b], means[b], scatter[b], merged)
     n = counts[a] + counts[b]
     return n * _log_det_ridge(n, merged, omega, work) - own[a] - own[b]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rescan(a, active, counts, means, scatter, own, omega, merged, work, best_cost,
             best_partner):
     """Cheapest partner of cluster ``a`` among the active ones (ties: lowest index)."""
@@ -79,7 +79,7 @@ def _rescan(a, active, counts, means, scatter, own, omega, merged, work, best_co
                 best_partner[a] = b
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def hierarchical_merges(X, weights, omega):
     """Merge sequence of the model-based hierarchy of the rows of ``X``.
 

@@ -1,7 +1,9 @@
 """M-step kernels: Gaussian parameters from sufficient statistics alone.
 
 Tiny (K x D x D) work, compiled so that a whole EM iteration on small data
-costs microseconds, not the milliseconds of NumPy call overhead. Twin:
+costs microseconds, not the milliseconds of NumPy call overhead. Both return
+the canonical 3-D shapes: (K, D, D) or (1, D, D) for full and tied, (K, D, 1)
+or (K, 1, 1) for diag and spherical. Twin:
 :func:`fastem.reference.m_step`.
 
 The Cholesky factorisation is written out here (rather than calling LAPACK)
@@ -17,13 +19,15 @@ import math
 import numpy as np
 from numba import njit
 
+from ._blocks import helper
+
 # sklearn's guard against empty components, kept for parity.
 _NK_EPS = 10.0 * np.finfo(np.float64).eps
 _JITTER_START = 1e-10
 _JITTER_STEPS = 12
 
 
-@njit(cache=True)
+@helper
 def cholesky_lower(A, L):
     """Lower Cholesky factor of ``A`` into ``L``; False if not positive definite."""
     n = A.shape[0]
@@ -45,11 +49,13 @@ def cholesky_lower(A, L):
     return True
 
 
-@njit(cache=True)
+@helper
 def precision_cholesky_from_lower(L, U):
     """U = (L^{-1})^T, upper triangular, by forward substitution."""
     n = L.shape[0]
-    U[:, :] = 0.0
+    for i in range(n):
+        for j in range(n):
+            U[i, j] = 0.0
     for c in range(n):
         # Solve L z = e_c; z is column c of L^{-1}, i.e. row c of U.
         for i in range(c, n):
@@ -59,7 +65,7 @@ def precision_cholesky_from_lower(L, U):
             U[c, i] = t / L[i, i]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def factor_covariance(cov, L, U):
     """Factor ``cov`` (repairing it in place with jitter if needed).
 
@@ -87,21 +93,26 @@ def factor_covariance(cov, L, U):
     return -1.0
 
 
-@njit(cache=True)
+@helper
 def _weights_and_means(nk, sx, shift):
-    n_components = nk.shape[0]
-    nk_reg = nk + _NK_EPS
-    total = nk_reg.sum()
-    weights = nk_reg / total
+    n_components, n_features = sx.shape
+    nk_reg = np.empty(n_components)
+    total = 0.0
+    for k in range(n_components):
+        nk_reg[k] = nk[k] + _NK_EPS
+        total += nk_reg[k]
+    weights = np.empty(n_components)
     d = np.empty_like(sx)
     means = np.empty_like(sx)
     for k in range(n_components):
-        d[k] = sx[k] / nk_reg[k]
-        means[k] = shift[k] + d[k]
-    return nk_reg, weights, d, means
+        weights[k] = nk_reg[k] / total
+        for i in range(n_features):
+            d[k, i] = sx[k, i] / nk_reg[k]
+            means[k, i] = shift[k, i] + d[k, i]
+    return nk_reg, total, weights, d, means
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def m_step_full(nk, sx, sxx, shift, reg_covar, tied):
     r"""M-step for 'full' (and, pooled, 'tied') covariances.
 
@@ -116,7 +127,7 @@ def m_step_full(nk, sx, sxx, shift, reg_covar, tied):
     (K', D, D), jitter (K',) — with K' = 1 when ``tied``.
     """
     n_components, n_features = sx.shape
-    nk_reg, weights, d, means = _weights_and_means(nk, sx, shift)
+    nk_reg, total, weights, d, means = _weights_and_means(nk, sx, shift)
     n_cov = 1 if tied else n_components
     cov = np.zeros((n_cov, n_features, n_features))
     for k in range(n_components):
@@ -125,19 +136,21 @@ def m_step_full(nk, sx, sxx, shift, reg_covar, tied):
             for j in range(n_features):
                 cov[target, i, j] += (sxx[k, i, j] - d[k, i] * sx[k, j] - sx[k, i] * d[k, j]
                                       + nk[k] * d[k, i] * d[k, j])
-    denominators = np.full(1, nk_reg.sum()) if tied else nk_reg
     L = np.empty((n_features, n_features))
     prec_chol = np.empty((n_cov, n_features, n_features))
     jitter = np.zeros(n_cov)
     for c in range(n_cov):
-        cov[c] /= denominators[c]
+        denominator = total if tied else nk_reg[c]
+        for i in range(n_features):
+            for j in range(n_features):
+                cov[c, i, j] /= denominator
         for i in range(n_features):
             cov[c, i, i] += reg_covar
         jitter[c] = factor_covariance(cov[c], L, prec_chol[c])
     return weights, means, cov, prec_chol, jitter
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def m_step_diag(nk, sx, sxx, shift, reg_covar, spherical):
     r"""M-step for 'diag' (and, averaged over features, 'spherical') variances.
 
@@ -146,43 +159,31 @@ def m_step_diag(nk, sx, sxx, shift, reg_covar, spherical):
         \sigma^2_{kd} = \big(S_{kd} - 2 d_{kd} s_{kd} + N_k d_{kd}^2\big)
         / \tilde N_k + \lambda
 
-    ``sxx`` is (K, D, 1). Returns weights, means, variances (K, D') and
-    precision Cholesky factors 1/sigma (K, D'), D' = 1 when ``spherical``,
-    and jitter (K,).
+    ``sxx`` is (K, D, 1). Returns weights, means, variances and precision
+    Cholesky factors :math:`1/\sigma` in the canonical (K, D', 1) shape,
+    D' = 1 when ``spherical``, and jitter (K,).
     """
     n_components, n_features = sx.shape
-    nk_reg, weights, d, means = _weights_and_means(nk, sx, shift)
+    nk_reg, _, weights, d, means = _weights_and_means(nk, sx, shift)
     width = 1 if spherical else n_features
-    var = np.zeros((n_components, width))
+    var = np.zeros((n_components, width, 1))
     for k in range(n_components):
         for i in range(n_features):
             v = (sxx[k, i, 0] - 2.0 * d[k, i] * sx[k, i] + nk[k] * d[k, i] * d[k, i]) / nk_reg[k]
-            var[k, 0 if spherical else i] += v + reg_covar
+            var[k, 0 if spherical else i, 0] += v + reg_covar
     if spherical:
-        var /= n_features
+        for k in range(n_components):
+            var[k, 0, 0] /= n_features
     jitter = np.zeros(n_components)
     prec_chol = np.empty_like(var)
     for k in range(n_components):
+        total = 0.0
         for i in range(width):
-            if not var[k, i] > 0.0:
-                bump = _JITTER_START * max(1.0, abs(var[k].sum()))
-                var[k, i] = max(var[k, i], 0.0) + bump
+            total += var[k, i, 0]
+        for i in range(width):
+            if not var[k, i, 0] > 0.0:
+                bump = _JITTER_START * max(1.0, abs(total))
+                var[k, i, 0] = max(var[k, i, 0], 0.0) + bump
                 jitter[k] = bump
-            prec_chol[k, i] = 1.0 / math.sqrt(var[k, i])
+            prec_chol[k, i, 0] = 1.0 / math.sqrt(var[k, i, 0])
     return weights, means, var, prec_chol, jitter
-
-
-@njit(cache=True)
-def m_step_canonical(nk, sx, sxx, shift, reg_covar, kind):
-    """M-step returning covariances and precision Cholesky factors as 3-D arrays.
-
-    ``kind``: 0 full (K, D, D), 1 tied (1, D, D), 2 diag (K, D, 1),
-    3 spherical (K, 1, 1). One array type for every covariance type lets
-    compiled EM loops hold any of them in the same variables.
-    """
-    if kind <= 1:
-        return m_step_full(nk, sx, sxx, shift, reg_covar, kind == 1)
-    weights, means, var, prec_chol, jitter = m_step_diag(nk, sx, sxx, shift, reg_covar,
-                                                         kind == 3)
-    shape = (var.shape[0], var.shape[1], 1)
-    return weights, means, var.reshape(shape), prec_chol.reshape(shape), jitter

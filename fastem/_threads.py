@@ -1,0 +1,111 @@
+"""Run a kernel's chunk ranges on a pool of Python threads.
+
+Every kernel over X takes a range of row chunks (see
+:mod:`fastem._kernels._blocks`) and writes each chunk's partial sums to that
+chunk's own slot; the caller reduces the slots in chunk order. Splitting the
+chunks among threads therefore changes who computes a chunk, never what is
+computed, and results are bit-identical for any thread count.
+
+The kernels are serial Numba functions compiled with ``nogil=True``, and the
+parallelism is this module's: a few threads that each call the kernel once on
+a contiguous range of chunks. Numba's own ``parallel=True`` would compile a
+second, larger version of every kernel (measured: 65 of the 140 s a cold first
+session spent compiling), and its default threading layer here, GNU OpenMP,
+is not safe in a child process forked after a parallel kernel ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+# Below this much work (rows x the per-row cost) a call runs in the calling
+# thread: handing ranges to other threads costs tens of microseconds.
+SERIAL_WORK = 1_000_000
+
+_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastem_threads",
+                                                                    default=None)
+
+
+def default_threads() -> int:
+    """Threads used when nothing caps them: ``FASTEM_NUM_THREADS``, else the
+    number of CPUs this process may run on."""
+    configured = os.environ.get("FASTEM_NUM_THREADS", "").strip()
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def n_threads() -> int:
+    """Threads the kernels may use here (the innermost :func:`limit`, else the
+    default; 1 inside this module's own pool threads, which never wait on the pool)."""
+    if threading.current_thread().name.startswith(_PREFIX):
+        return 1
+    capped = _limit.get()
+    return default_threads() if capped is None else capped
+
+
+@contextlib.contextmanager
+def limit(threads: int | None):
+    """Run the enclosed kernels on at most ``threads`` threads (None: no cap).
+
+    A context variable, so concurrent estimators in other threads keep their own caps.
+    """
+    if threads is None:
+        yield
+        return
+    token = _limit.set(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        _limit.reset(token)
+
+
+_PREFIX = "fastem-worker"
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix=_PREFIX)
+
+
+# A forked child inherits the pools but not their threads: give it fresh ones.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def run_chunks(kernel, n_chunks: int, work: float, *args) -> None:
+    """``kernel(first, last, *args)`` over contiguous ranges covering ``[0, n_chunks)``.
+
+    The calling thread runs the last range itself. Small work (below
+    ``SERIAL_WORK``) runs as one call in the calling thread.
+    """
+    threads = min(n_threads(), n_chunks)
+    if threads < 2 or work < SERIAL_WORK:
+        kernel(0, n_chunks, *args)
+        return
+    bounds = [(t * n_chunks) // threads for t in range(threads + 1)]
+    pool = _pool(threads - 1)
+    futures = [pool.submit(kernel, bounds[t], bounds[t + 1], *args) for t in range(threads - 1)]
+    try:
+        kernel(bounds[-2], bounds[-1], *args)
+    finally:
+        for future in futures:
+            future.result()
+
+
+def map_threads(function, items: list) -> list:
+    """``[function(item) for item in items]``, the items shared among the threads."""
+    threads = min(n_threads(), len(items))
+    if threads < 2:
+        return [function(item) for item in items]
+    return list(_pool(threads).map(function, items))

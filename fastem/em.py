@@ -1,0 +1,262 @@
+"""The one EM driver: starts, convergence, repairs, history.
+
+EM is sufficient statistics. A *statistics source* turns the current
+parameters into additive statistics and the objective's contribution (one
+pass over the data, wherever the data lives); an *M-step* turns statistics
+into parameters. This module is the only place that iterates::
+
+    params ──► source.statistics(params) ──► stats ──► m_step(stats) ──► params
+                        ▲                                                  │
+                        └──────────── until the objective settles ◄────────┘
+
+A source provides ``statistics(params) -> GaussianStatistics`` and may provide
+``compiled_em(params, m_step, lower_bound, tol, max_iter)``, a whole loop in
+compiled code that stops before any M-step needing repair (see
+:class:`fastem.sources.InMemorySource`). An M-step provides ``__call__(stats)
+-> (params, jitter)``, ``objective(stats)`` and ``reseed(params, components,
+point, weight)`` (see :class:`fastem.stats.MaximumLikelihood`). Everything
+else here knows nothing of Gaussians.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from time import perf_counter
+
+import numpy as np
+
+from . import _threads
+
+# A component whose responsibility mass falls below this fraction of an
+# average row's weight is treated as collapsed (see ``_repair``).
+COLLAPSE_FRACTION = 1e-8
+
+
+class DegenerateDataWarning(UserWarning):
+    """A component collapsed or a covariance needed extra diagonal loading."""
+
+
+@dataclass
+class EMResult:
+    """Outcome of EM from one start.
+
+    Attributes
+    ----------
+    params
+        Parameters after the last M-step.
+    lower_bound : float
+        Objective of the last iteration (under the parameters entering it,
+        scikit-learn's convention); -inf if no iteration ran.
+    lower_bounds : list of float
+        Objective per iteration.
+    n_iter : int
+    converged : bool
+    """
+
+    params: object
+    lower_bound: float
+    lower_bounds: list = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+
+
+class ConvergenceMonitor:
+    """Convergence test and progress report shared by every estimator.
+
+    EM has converged when the objective changes by less than ``tol`` between
+    iterations. With ``verbose`` >= 1 the monitor prints scikit-learn's
+    progress lines (start, every ``verbose_interval`` iterations, end); with
+    ``verbose`` >= 2 also the time per iteration and the change.
+    """
+
+    def __init__(self, tol: float, verbose: int = 0, verbose_interval: int = 10,
+                 stream=None):
+        self.tol = tol
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.stream = stream
+        self._start_time = self._iter_time = perf_counter()
+
+    @property
+    def quiet(self) -> bool:
+        return self.verbose < 1
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def begin_start(self, index: int) -> None:
+        if not self.quiet:
+            self._print(f"Initialization {index}")
+            self._start_time = self._iter_time = perf_counter()
+
+    def converged(self, n_iter: int, change: float) -> bool:
+        """Report iteration ``n_iter`` and say whether EM has converged."""
+        if not self.quiet and n_iter % self.verbose_interval == 0:
+            if self.verbose == 1:
+                self._print(f"  Iteration {n_iter}")
+            else:
+                now = perf_counter()
+                self._print(f"  Iteration {n_iter}\t time lapse {now - self._iter_time:.5f}s\t "
+                            f"ll change {change:.5f}")
+                self._iter_time = now
+        return abs(change) < self.tol
+
+    def end_start(self, result: EMResult) -> None:
+        if self.quiet:
+            return
+        msg = "converged" if result.converged else "did not converge"
+        if self.verbose == 1:
+            self._print(f"Initialization {msg}.")
+        else:
+            self._print(f"Initialization {msg}. time lapse "
+                        f"{perf_counter() - self._start_time:.5f}s\t lower bound "
+                        f"{result.lower_bound:.5f}.")
+
+
+def run_em(source, m_step, params, monitor: ConvergenceMonitor, max_iter: int,
+           lower_bound: float = -np.inf) -> EMResult:
+    """EM from ``params``: statistics, M-step, until the objective settles.
+
+    The objective of iteration ``t`` is the M-step's objective of the
+    statistics taken under the parameters entering it. When the source has a
+    compiled loop (and the monitor is quiet), it runs first and hands over
+    here at the first iteration that needs a repair.
+    """
+    lower_bounds: list[float] = []
+    if max_iter == 0:
+        return EMResult(params, lower_bound)
+    compiled = getattr(source, "compiled_em", None)
+    if compiled is not None and monitor.quiet:
+        outcome = compiled(params, m_step, lower_bound, monitor.tol, max_iter)
+        if outcome is not None:
+            params, lower_bounds, converged, handed_over = outcome
+            if lower_bounds:
+                lower_bound = lower_bounds[-1]
+            if not handed_over:
+                return EMResult(params, lower_bound, lower_bounds, len(lower_bounds), converged)
+    return _python_em(source, m_step, params, monitor, max_iter, lower_bound, lower_bounds)
+
+
+def _python_em(source, m_step, params, monitor, max_iter, lower_bound, lower_bounds):
+    """The Python-driven loop (it owns the repairs), continuing ``lower_bounds``."""
+    converged = False
+    reseeded = None
+    n_iter = len(lower_bounds)
+    while n_iter < max_iter:
+        n_iter += 1
+        previous = lower_bound
+        stats = source.statistics(params)
+        lower_bound = m_step.objective(stats)
+        params, reseeded = _m_step_with_repairs(m_step, stats, reseeded)
+        lower_bounds.append(lower_bound)
+        if monitor.converged(n_iter, lower_bound - previous):
+            converged = True
+            break
+    return EMResult(params, lower_bound, lower_bounds, n_iter, converged)
+
+
+def _m_step_with_repairs(m_step, stats, reseeded):
+    """The M-step, and the policy for what it could not do cleanly.
+
+    A covariance that needed diagonal loading warns; one that could not be
+    made positive definite (non-finite statistics) is an error. A component
+    that no row is responsible for any more is re-seeded once per start at
+    the worst-explained row, with the weight of one average row; if it
+    collapses again it is left empty (weight ~0), as scikit-learn does. Both
+    warn with :class:`DegenerateDataWarning`.
+    """
+    params, jitter = m_step(stats)
+    if np.any(jitter < 0):
+        raise ValueError(
+            "A covariance could not be made positive definite; the data or the "
+            "initial parameters contain non-finite values."
+        )
+    if np.any(jitter > 0):
+        warnings.warn(
+            f"covariance of component(s) {np.flatnonzero(jitter > 0).tolist()} was not "
+            f"positive definite; added up to {jitter.max():.3g} to its diagonal. "
+            "Increase reg_covar or check for duplicated or constant data.",
+            DegenerateDataWarning, stacklevel=4,
+        )
+    if reseeded is None:
+        reseeded = np.zeros(stats.nk.shape[0], dtype=bool)
+    collapsed = stats.nk < COLLAPSE_FRACTION * stats.weight / max(stats.count, 1.0)
+    if np.any(collapsed):
+        reseed = collapsed & ~reseeded
+        if np.any(reseed) and np.any(~collapsed) and stats.worst_point is not None:
+            params = m_step.reseed(params, reseed, stats.worst_point,
+                                   1.0 / max(stats.count, 1.0))
+            reseeded = reseeded | reseed
+            action = "re-seeded at the worst-explained point"
+        else:
+            action = "left empty"
+        warnings.warn(
+            f"component(s) {np.flatnonzero(collapsed).tolist()} collapsed (no responsibility "
+            f"mass) and were {action}. Consider fewer components.",
+            DegenerateDataWarning, stacklevel=4,
+        )
+    return params, reseeded
+
+
+def run_starts(source, m_step, starts: Sequence, monitor: ConvergenceMonitor,
+               max_iter: int) -> list[EMResult]:
+    """:func:`run_em` from each of ``starts``, in order.
+
+    When the source has a compiled loop, the starts' loops run at once on the
+    threads of :mod:`fastem._threads` (each is serial, so every result is the
+    one the start gives alone); hand-overs then continue here, one by one.
+    """
+    compiled = getattr(source, "compiled_em", None)
+    if (compiled is None or not monitor.quiet or max_iter == 0 or len(starts) < 2
+            or _threads.n_threads() < 2):
+        return [run_em(source, m_step, params, monitor, max_iter) for params in starts]
+    outcomes = _threads.map_threads(
+        lambda params: compiled(params, m_step, -np.inf, monitor.tol, max_iter), starts)
+    results = []
+    for params, outcome in zip(starts, outcomes):
+        if outcome is None:
+            results.append(run_em(source, m_step, params, monitor, max_iter))
+            continue
+        params, lower_bounds, converged, handed_over = outcome
+        lower_bound = lower_bounds[-1] if lower_bounds else -np.inf
+        if handed_over:
+            results.append(_python_em(source, m_step, params, monitor, max_iter, lower_bound,
+                                      lower_bounds))
+        else:
+            results.append(EMResult(params, lower_bound, lower_bounds, len(lower_bounds),
+                                    converged))
+    return results
+
+
+def best_result(results: Sequence[EMResult]) -> int:
+    """Index of the start with the highest objective: the first of equals, and
+    the last start while every objective is -inf (scikit-learn's rule)."""
+    best = 0
+    for i, result in enumerate(results):
+        incumbent = results[best].lower_bound
+        if result.lower_bound > incumbent or incumbent == -np.inf:
+            best = i
+    return best
+
+
+def fit_em(source, m_step, start: Callable[[int], object], n_init: int,
+           monitor: ConvergenceMonitor, max_iter: int,
+           lower_bound: float = -np.inf) -> tuple[EMResult, list[EMResult]]:
+    """EM from ``n_init`` starts; returns the best result and every start's.
+
+    ``start(i)`` makes the i-th initial parameters. Starts are made in order
+    from one random stream, so the first m starts of ``n_init = m + 1`` are
+    those of ``n_init = m`` and more starts never give a worse fit.
+    ``lower_bound`` is the objective entering the first start (a warm start
+    continues from its previous value).
+    """
+    results = []
+    for index in range(n_init):
+        monitor.begin_start(index)
+        result = run_em(source, m_step, start(index), monitor, max_iter,
+                        lower_bound if index == 0 else -np.inf)
+        monitor.end_start(result)
+        results.append(result)
+    return results[best_result(results)], results

@@ -1,0 +1,105 @@
+"""Statistics sources: current parameters in, additive statistics out.
+
+A source is the data as the EM driver (:mod:`fastem.em`) sees it: it offers
+``statistics(params)``, one pass over the data under ``params`` that returns
+:class:`~fastem.stats.GaussianStatistics` (which add, so a source may
+produce them block by block, chunk by chunk or worker by worker). Sources for
+memory-mapped blocks, Dask chunks, rows with missing values or the
+forward–backward pass of an HMM plug into the same driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ._kernels import estep
+from ._kernels.blas import blas_routines, single_threaded_blas
+from ._kernels.emloop import em_loop
+from .covariance import from_canonical, to_canonical
+from .em import COLLAPSE_FRACTION
+from .stats import (
+    GaussianParameters,
+    GaussianStatistics,
+    e_step_statistics,
+    engine_for,
+    operand_dtype,
+    statistics_chunks,
+    weights_operand,
+)
+
+# Below this much work per iteration (rows x K x (D+1)^2) the in-memory
+# source runs the whole EM loop in compiled code: per-call overhead would
+# otherwise dominate.
+COMPILED_LOOP_WORK = 2_000_000
+
+
+class InMemorySource:
+    """An in-memory array (validated, C-contiguous float32/float64) and its weights.
+
+    Parameters
+    ----------
+    X : ndarray (N, D)
+    sample_weight : ndarray (N,) or None
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+        The model family the parameters belong to.
+    """
+
+    def __init__(self, X, sample_weight, covariance_type: str):
+        self.X = X
+        self.sample_weight = sample_weight
+        self.covariance_type = covariance_type
+        self.n_samples, self.n_features = X.shape
+        self.weight = float(self.n_samples if sample_weight is None else sample_weight.sum())
+
+    def statistics(self, params: GaussianParameters) -> GaussianStatistics:
+        """One fused pass: E-step under ``params`` and its statistics."""
+        return e_step_statistics(self.X, self.sample_weight, params, self.covariance_type)
+
+    def compiled_loop_applies(self, n_components: int) -> bool:
+        """Whether per-iteration work is small enough for the compiled loop."""
+        work = self.n_samples * n_components * (self.n_features + 1) ** 2
+        return work <= COMPILED_LOOP_WORK
+
+    def compiled_em(self, params: GaussianParameters, m_step, lower_bound: float, tol: float,
+                    max_iter: int):
+        """The whole EM loop in compiled code, on small data and a known M-step.
+
+        The same pass kernel, engine, operand precision, chunks and M-step as
+        ``statistics`` followed by ``m_step``, so the same bits as the Python
+        driver (tested). Returns ``(params, lower_bounds, converged,
+        handed_over)``, or None when it does not apply (large data, or an
+        M-step without a compiled form).
+        """
+        compiled_form = getattr(m_step, "compiled_form", None)
+        n_components = params.means.shape[0]
+        if compiled_form is None or not self.compiled_loop_applies(n_components):
+            return None
+        kind, reg_covar = compiled_form
+        covariance_type = self.covariance_type
+        X = self.X
+        engine = engine_for(self.n_features, covariance_type)
+        covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
+                       else params.covariances)
+        trmm, syrk = blas_routines()
+        blas = engine in (estep.ENGINE_BLAS_FULL, estep.ENGINE_BLAS_DIAG)
+        with single_threaded_blas() if blas else contextlib.nullcontext():
+            outcome = em_loop[engine](
+                X, weights_operand(self.sample_weight),
+                np.empty(0, dtype=operand_dtype(engine, X.dtype)),
+                np.asarray(params.weights, dtype=np.float64),
+                np.ascontiguousarray(params.means, dtype=np.float64),
+                to_canonical(covariances, covariance_type),
+                to_canonical(params.precisions_cholesky, covariance_type),
+                kind, reg_covar, float(tol), int(max_iter), float(lower_bound),
+                # the driver's collapse test (fastem.em), which hands over
+                COLLAPSE_FRACTION * self.weight / max(self.n_samples, 1),
+                statistics_chunks(self.n_samples, n_components, self.n_features,
+                                  covariance_type),
+                trmm, syrk)
+        weights, means, cov, prec_chol, lower_bounds, converged, handed_over = outcome
+        params = GaussianParameters(weights, means, from_canonical(cov, covariance_type),
+                                    from_canonical(prec_chol, covariance_type))
+        return params, lower_bounds.tolist(), bool(converged), bool(handed_over)
+
