@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -39,9 +40,9 @@ from typing import TextIO
 import numpy as np
 
 from . import __version__
+from .covariance import COVARIANCE_TYPES
 from .io import load_model, save_model
 from .selection import CRITERIA, SelectionResult, select_model
-from .stats import COVARIANCE_TYPES
 from .tables import load_demo_data, read_table
 
 PROG = "fastem"
@@ -172,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_columns(score)
     score.set_defaults(run=_score)
 
+    compile_ = commands.add_parser(
+        "compile", help="compile and cache every kernel (for images and CI caches)",
+        description="Compile every Numba kernel for float64 and float32 data and cache it on "
+                    "disk (next to the package, or in NUMBA_CACHE_DIR), printing what was "
+                    "compiled and how long it took. Run it when building a Docker image, a CI "
+                    "cache or a cluster worker, so that first use compiles nothing.",
+    )
+    compile_.add_argument("--dtype", choices=("float64", "float32", "both"), default="both",
+                          help="data precision to compile for (default: both)")
+    compile_.set_defaults(run=_compile)
+
     # Listed for --help only: main() hands 'bench ...' to fastem.bench first.
     commands.add_parser("bench", help="benchmarks (arguments go to fastem.bench)",
                         add_help=False)
@@ -299,6 +311,23 @@ def _score(args) -> int:
     for name, value in rows:
         print(f"{name:<{width}}{value}")
     return 0
+
+
+def _compile(args) -> int:
+    from .compilation import compile_kernels
+
+    dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
+    start = time.perf_counter()
+    seconds = compile_kernels(dtypes, report=print)
+    print(f"{len(seconds)} kernels compiled in {sum(seconds.values()):.1f} s "
+          f"({time.perf_counter() - start:.1f} s in all); cache: {_numba_cache_dir()}")
+    return 0
+
+
+def _numba_cache_dir() -> str:
+    import numba
+
+    return numba.config.CACHE_DIR or "next to the installed package (__pycache__)"
 
 
 def _run_bench(argv: list[str]) -> int:

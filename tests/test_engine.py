@@ -1,0 +1,146 @@
+"""The EM engine: one driver, its sources and M-steps, and the same bits in every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+from conftest import COVARIANCE_TYPES, make_mixture
+
+from fastem import GaussianMixture, em
+from fastem.sources import InMemorySource
+from fastem.stats import GaussianStatistics, MaximumLikelihood, e_step_statistics
+
+# Fits, predictions and scores of every covariance type, float32 and float64,
+# on both engines (D = 3: loops; D = 26: BLAS), small data (the compiled loop)
+# and larger data (the Python driver). Prints a digest of every result's bytes.
+_SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys, warnings
+    import numpy as np
+    from fastem import GaussianMixture
+    from fastem.compilation import compile_times
+    digests = {}
+    with compile_times() as seconds, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rng = np.random.default_rng(1)
+        for n_features, n_samples in ((3, 300), (3, 60000), (26, 200), (26, 6000)):
+            X = rng.normal(size=(n_samples, n_features))
+            X[: n_samples // 3] += 3.0
+            for dtype in (np.float64, np.float32):
+                Xd = X.astype(dtype)
+                for cov in ("full", "tied", "diag", "spherical"):
+                    gm = GaussianMixture(3, covariance_type=cov, max_iter=8, tol=0.0,
+                                         random_state=0).fit(Xd)
+                    parts = [gm.means_, gm.covariances_, gm.predict_proba(Xd[:500]),
+                             gm.score_samples(Xd[:500]), np.array(gm.lower_bounds_)]
+                    digest = hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes()
+                                                     for p in parts)).hexdigest()
+                    digests[f"{n_features}/{n_samples}/{np.dtype(dtype).name}/{cov}"] = digest
+    print(json.dumps({"digests": digests, "compiled": sorted(seconds)}))
+""")
+
+
+def _run(args, cache_dir):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fresh_and_cached_compilations_give_the_same_bits_and_compile_warms_everything(
+        tmp_path):
+    """A process that compiled the kernels and one that loaded them agree to the bit;
+    after ``fastem compile`` a first script compiles nothing."""
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT)
+    fresh = json.loads(_run([str(script)], tmp_path / "fresh").splitlines()[-1])
+    assert fresh["compiled"], "the first process should have compiled the kernels"
+    cached = json.loads(_run([str(script)], tmp_path / "fresh").splitlines()[-1])
+    assert cached["compiled"] == [], f"compiled again: {cached['compiled']}"
+    differ = [k for k in fresh["digests"] if fresh["digests"][k] != cached["digests"][k]]
+    assert not differ, f"fresh and cached compilations differ for {differ}"
+
+    report = _run(["-m", "fastem", "compile"], tmp_path / "warmed")
+    assert "float32" in report and "float64" in report
+    warmed = json.loads(_run([str(script)], tmp_path / "warmed").splitlines()[-1])
+    assert warmed["compiled"] == [], f"not compiled by fastem compile: {warmed['compiled']}"
+    assert warmed["digests"] == fresh["digests"]
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_starts_are_nested(covariance_type):
+    """The first m starts of n_init = m + 1 are those of n_init = m."""
+    X = make_mixture(400, 2, 3, seed=3)
+    fits = [GaussianMixture(3, covariance_type=covariance_type, n_init=n, random_state=7,
+                            max_iter=20).fit(X) for n in (2, 3)]
+    assert fits[1].init_lower_bounds_[:2] == fits[0].init_lower_bounds_
+    assert fits[1].lower_bound_ >= fits[0].lower_bound_
+
+
+def test_statistics_add_scale_and_count_rows():
+    X = make_mixture(1000, 3, 2, seed=4)
+    gm = GaussianMixture(2, max_iter=0, random_state=0).fit(X)
+    params = gm._current_parameters()
+    whole = e_step_statistics(X, None, params, "full")
+    halves = (e_step_statistics(X[:400], None, params, "full")
+              + e_step_statistics(X[400:], None, params, "full"))
+    assert whole.count == halves.count == 1000
+    np.testing.assert_allclose(halves.sxx, whole.sxx, rtol=1e-12)
+    np.testing.assert_allclose(halves.loglik, whole.loglik, rtol=1e-12)
+    half = whole.scaled(0.5)
+    assert isinstance(half, GaussianStatistics)
+    np.testing.assert_array_equal(half.nk, whole.nk * 0.5)
+    assert half.count == 500 and half.weight == 500
+
+
+class _RecordingSource:
+    """A source over an in-memory array that counts its passes (no compiled loop)."""
+
+    def __init__(self, X):
+        self.inner = InMemorySource(X, None, "full")
+        self.passes = 0
+
+    def statistics(self, params):
+        self.passes += 1
+        return self.inner.statistics(params)
+
+
+def test_driver_runs_any_source_and_matches_the_estimator():
+    X = make_mixture(2000, 2, 3, seed=5)
+    start = GaussianMixture(3, max_iter=0, random_state=0).fit(X)
+    source = _RecordingSource(X)
+    result = em.run_em(source, MaximumLikelihood("full", 1e-6), start._current_parameters(),
+                       em.ConvergenceMonitor(1e-8), 200)
+    assert result.converged and source.passes == result.n_iter
+    fitted = GaussianMixture(3, tol=1e-8, max_iter=200, weights_init=start.weights_,
+                             means_init=start.means_, precisions_init=start.precisions_).fit(X)
+    np.testing.assert_allclose(result.params.means, fitted.means_, rtol=1e-9)
+    assert result.n_iter == fitted.n_iter_
+
+
+def test_driver_reseeds_a_collapsed_component_once():
+    X = make_mixture(300, 2, 2, seed=6)
+    start = GaussianMixture(3, max_iter=0, random_state=0).fit(X)
+    params = start._current_parameters()
+    params.means[2] = 1e4  # no row near it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = em.run_em(_RecordingSource(X), MaximumLikelihood("full", 1e-6), params,
+                           em.ConvergenceMonitor(1e-6), 50)
+    assert any(issubclass(w.category, em.DegenerateDataWarning) for w in caught)
+    assert np.all(np.abs(result.params.means) < 100), result.params.means
+
+
+def test_verbose_progress_is_printed(capsys):
+    X = make_mixture(500, 2, 2, seed=7)
+    GaussianMixture(2, verbose=2, verbose_interval=1, max_iter=3, tol=0.0,
+                    random_state=0).fit(X)
+    out = capsys.readouterr().out
+    assert "Initialization 0" in out and "Iteration 3" in out and "lower bound" in out
