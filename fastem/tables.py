@@ -2,19 +2,23 @@
 
 :func:`read_table` reads a numeric matrix from CSV, TSV, whitespace-separated
 text, ``.npy``, ``.npz`` or Parquet files, choosing the format by the file's
-extension, and :func:`load_demo_data` returns the Old Faithful data shipped
-with fastem. NumPy files are opened with ``allow_pickle=False``.
+extension; :func:`load_table` does the same and also says whether the column
+names came from the file; :func:`load_demo_data` returns the Old Faithful
+data shipped with fastem. NumPy files are opened with ``allow_pickle=False``;
+text files must be UTF-8 (a byte-order mark is allowed).
 
 Every problem with a file's existence or content is reported as a
 ``ValueError`` whose message names the file, so a caller such as the command
-line can report all bad input the same way. Missing values are read as NaN and
-left for the estimator (or the caller) to reject.
+line can report all bad input the same way; columns asked for by a name the
+file does not have raise its subclass :class:`MissingColumnsError`. Missing
+values are read as NaN and left for the estimator (or the caller) to reject.
 
 Model files are a different matter and live in :mod:`fastem.io`.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import zipfile
@@ -22,13 +26,51 @@ import zlib
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["load_demo_data", "read_table"]
+__all__ = ["MissingColumnsError", "Table", "load_demo_data", "load_table", "read_table"]
 
 # Fields read as missing values (NaN) in text tables.
 _MISSING_TOKENS = frozenset({"", "NA"})
+
+
+class Table(NamedTuple):
+    """A numeric table read by :func:`load_table`."""
+
+    X: np.ndarray
+    """The data, of shape (n_samples, n_columns), dtype float64."""
+    names: list[str]
+    """The names of the columns of ``X``."""
+    named: bool
+    """Whether the file names its columns (a header row, a Parquet schema);
+    False when the names are made up (``x0``, ``x1``, ...)."""
+
+
+class MissingColumnsError(ValueError):
+    """Columns asked for by name that the file does not have.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The file.
+    missing : list of str
+        The names asked for that it lacks.
+    available : list of str
+        The names of its columns.
+    named : bool
+        Whether those names come from the file (see :attr:`Table.named`).
+    """
+
+    def __init__(self, path: Path, missing: list, available: list[str], named: bool):
+        super().__init__(
+            f"{path}: unknown columns: {_quoted(missing)}; available: {_quoted(available)}"
+        )
+        self.path = path
+        self.missing = missing
+        self.available = available
+        self.named = named
 
 
 def read_table(
@@ -51,6 +93,8 @@ def read_table(
             Comma-separated if the first non-blank line contains a comma,
             otherwise separated by runs of spaces and tabs; header detected as
             for ``.csv``.
+
+        Text files must be UTF-8 (with or without a byte-order mark).
         ``.npy``
             A 1-D array (read as one column) or a 2-D array.
         ``.npz``
@@ -77,16 +121,42 @@ def read_table(
     Raises
     ------
     ValueError
-        If the file does not exist (a ``ValueError`` rather than
-        ``FileNotFoundError``, like every other input problem here), has an
-        unsupported extension, is empty or has no data rows, has a row with
-        the wrong number of fields (the message gives its line number), if
-        ``columns`` names unknown columns (the message lists the available
-        ones), or if a selected column is not numeric (the message names all
-        such columns).
+        If the file does not exist or is a folder (a ``ValueError`` rather
+        than ``FileNotFoundError``, like every other input problem here), has
+        an unsupported extension, is text but not UTF-8 (the message gives the
+        offset of the first invalid byte), is empty or has no data rows, has a
+        row with the wrong number of fields (the message gives its line
+        number), if ``columns`` names unknown columns
+        (:class:`MissingColumnsError`; the message lists the available ones),
+        or if a selected column is not numeric (the message names all such
+        columns).
+
+    See Also
+    --------
+    load_table : The same, and whether the names came from the file.
+    """
+    table = load_table(path, columns)
+    return table.X, table.names
+
+
+def load_table(path: str | os.PathLike, columns: Sequence[str | int] | None = None) -> Table:
+    """Read a numeric data matrix from a file, and whether the file names its columns.
+
+    Parameters and errors are those of :func:`read_table`.
+
+    Returns
+    -------
+    Table
+        ``X`` and ``names`` as :func:`read_table` returns them, and ``named``:
+        True for a text table with a header row and for Parquet, False for a
+        text table without one and for NumPy files (whose names are made up).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a data file")
     if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{path}: not a regular file")
         raise ValueError(f"{path}: no such data file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv", ".tab", ".txt"):
@@ -94,10 +164,11 @@ def read_table(
     if suffix in (".npy", ".npz"):
         array = _read_numpy_array(path, suffix)
         names = [f"x{j}" for j in range(array.shape[1])]
-        selected = _select_columns(path, names, columns)
-        return (
+        selected = _select_columns(path, names, columns, named=False)
+        return Table(
             np.ascontiguousarray(array[:, selected], dtype=np.float64),
             [names[j] for j in selected],
+            False,
         )
     if suffix == ".parquet":
         return _read_parquet(path, columns)
@@ -125,23 +196,61 @@ def load_demo_data() -> tuple[np.ndarray, list[str]]:
 
 def _text_rows(path: Path, suffix: str) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line_number, fields)`` for each non-blank line of a text table."""
-    # utf-8-sig drops the byte-order mark spreadsheet programs put in front.
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        if suffix == ".txt":
-            first = next((line for line in handle if line.strip()), "")
-            handle.seek(0)
-            if "," not in first:
-                for line_number, line in enumerate(handle, start=1):
-                    fields = line.split()
-                    if fields:
-                        yield line_number, fields
-                return
-        delimiter = "\t" if suffix in (".tsv", ".tab") else ","
-        reader = csv.reader(handle, delimiter=delimiter)
-        for row in reader:
-            if row:
-                # line_num counts physical lines, so it is right after quoted newlines.
-                yield reader.line_num, [field.strip() for field in row]
+    try:
+        # utf-8-sig drops the byte-order mark spreadsheet programs put in front.
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            yield from _split_lines(path, handle, suffix)
+    except UnicodeDecodeError:
+        # The decoder's position is within its buffer, not the file: find the byte again.
+        raise ValueError(_not_utf8(path)) from None
+
+
+def _split_lines(path: Path, handle, suffix: str) -> Iterator[tuple[int, list[str]]]:
+    if suffix == ".txt":
+        first = next((line for line in handle if line.strip()), "")
+        handle.seek(0)
+        if "," not in first:
+            for line_number, line in enumerate(handle, start=1):
+                fields = line.split()
+                if fields:
+                    yield line_number, fields
+            return
+    delimiter = "\t" if suffix in (".tsv", ".tab") else ","
+    reader = csv.reader(handle, delimiter=delimiter)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a field over csv's size limit, for one
+            raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
+        if row:
+            # line_num counts physical lines, so it is right after quoted newlines.
+            yield reader.line_num, [field.strip() for field in row]
+
+
+def _not_utf8(path: Path) -> str:
+    """Say that a text table is not UTF-8, and where (called once decoding has failed)."""
+    fix = "save it as UTF-8"
+    with open(path, "rb") as handle:
+        if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            return f"{path}: the file is UTF-16 text, not UTF-8; {fix}"
+        handle.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        while True:
+            chunk = handle.read(1 << 20)
+            # Bytes of a character split across chunks wait in the decoder.
+            waiting = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                byte = exc.object[exc.start]
+                return (f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset "
+                        f"{offset - waiting + exc.start} is invalid); {fix}")
+            if not chunk:
+                return f"{path}: not UTF-8 text; {fix}"
+            offset += len(chunk)
 
 
 def _is_number(field: str) -> bool:
@@ -156,19 +265,20 @@ def _is_number(field: str) -> bool:
 
 def _read_text_table(
     path: Path, suffix: str, columns: Sequence[str | int] | None
-) -> tuple[np.ndarray, list[str]]:
+) -> Table:
     rows = _text_rows(path, suffix)
     first = next(rows, None)
     if first is None:
         raise ValueError(f"{path}: the file is empty")
     first_line, first_fields = first
     n_fields = len(first_fields)
-    if all(_is_number(field) for field in first_fields):
-        names = [f"x{j}" for j in range(n_fields)]
-        data = [first_fields]
-    else:
+    named = not all(_is_number(field) for field in first_fields)
+    if named:
         names = first_fields
         data = []
+    else:
+        names = [f"x{j}" for j in range(n_fields)]
+        data = [first_fields]
     for line_number, fields in rows:
         if len(fields) != n_fields:
             raise ValueError(
@@ -179,7 +289,7 @@ def _read_text_table(
     if not data:
         raise ValueError(f"{path}: no data rows after the header")
 
-    selected = _select_columns(path, names, columns)
+    selected = _select_columns(path, names, columns, named)
     X = np.empty((len(data), len(selected)), dtype=np.float64)
     non_numeric = []
     for out, j in enumerate(selected):
@@ -193,7 +303,7 @@ def _read_text_table(
             f"{path}: non-numeric columns: {_quoted(non_numeric)} "
             "(select numeric columns with columns= or --columns)"
         )
-    return X, [names[j] for j in selected]
+    return Table(X, [names[j] for j in selected], named)
 
 
 def _read_numpy_array(path: Path, suffix: str) -> np.ndarray:
@@ -235,9 +345,7 @@ def _read_numpy_array(path: Path, suffix: str) -> np.ndarray:
     return loaded
 
 
-def _read_parquet(
-    path: Path, columns: Sequence[str | int] | None
-) -> tuple[np.ndarray, list[str]]:
+def _read_parquet(path: Path, columns: Sequence[str | int] | None) -> Table:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -252,7 +360,7 @@ def _read_parquet(
     if table.num_rows == 0:
         raise ValueError(f"{path}: no data rows")
     names = list(table.column_names)
-    selected = _select_columns(path, names, columns)
+    selected = _select_columns(path, names, columns, named=True)
 
     def is_numeric(arrow_type) -> bool:
         return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
@@ -271,11 +379,11 @@ def _read_parquet(
         X[:, out] = column.to_numpy().astype(np.float64)
         # Nulls come back as NaN from a float column, but say so rather than rely on it.
         X[np.asarray(column.is_null()), out] = np.nan
-    return X, [names[j] for j in selected]
+    return Table(X, [names[j] for j in selected], True)
 
 
 def _select_columns(
-    path: Path, names: list[str], columns: Sequence[str | int] | None
+    path: Path, names: list[str], columns: Sequence[str | int] | None, named: bool
 ) -> list[int]:
     """Resolve ``columns`` (names or 0-based indices) to indices into ``names``."""
     if columns is None:
@@ -306,9 +414,7 @@ def _select_columns(
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(
-            f"{path}: unknown columns: {_quoted(unknown)}; available: {_quoted(names)}"
-        )
+        raise MissingColumnsError(path, unknown, names, named)
     repeated = sorted({names[j] for j in selected if selected.count(j) > 1})
     if repeated:
         raise ValueError(

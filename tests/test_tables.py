@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastem.tables
-from fastem.tables import load_demo_data, read_table
+from fastem.tables import MissingColumnsError, load_demo_data, load_table, read_table
 
 
 def test_never_loads_with_pickle(monkeypatch, tmp_path):
@@ -235,3 +235,96 @@ def test_demo_data_matches_the_shipped_csv():
     # An independent parse of the same file as the oracle.
     csv_path = Path(fastem.tables.__file__).parent / "data" / "faithful.csv"
     np.testing.assert_array_equal(X, np.loadtxt(csv_path, delimiter=",", skiprows=1))
+
+
+# ---------------------------------------------------------------------------
+# Where names come from; folders; encodings; csv's own errors
+# ---------------------------------------------------------------------------
+
+
+def test_load_table_says_whether_the_file_names_its_columns(tmp_path):
+    named = load_table(write(tmp_path, "a.csv", "b,a\n1,2\n"), columns=["a"])
+    assert named.names == ["a"] and named.named
+    np.testing.assert_array_equal(named.X, [[2.0]])
+    assert not load_table(write(tmp_path, "b.csv", "1,2\n3,4\n")).named
+    assert not load_table(write(tmp_path, "c.txt", "1 2\n3 4\n")).named
+    np.save(tmp_path / "d.npy", np.ones((2, 2)))
+    assert not load_table(tmp_path / "d.npy").named
+
+
+def test_unknown_columns_raise_a_value_error_that_lists_them(tmp_path):
+    path = write(tmp_path, "d.csv", "a,b\n1,2\n")
+    with pytest.raises(MissingColumnsError) as info:
+        read_table(path, columns=["b", "z"])
+    assert isinstance(info.value, ValueError)
+    assert (info.value.missing, info.value.available, info.value.named) == (["z"], ["a", "b"],
+                                                                            True)
+    with pytest.raises(MissingColumnsError) as info:
+        read_table(write(tmp_path, "e.csv", "1,2\n"), columns=["a"])
+    assert info.value.named is False
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    folder = tmp_path / "data.csv"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="data.csv: is a folder, not a data file"):
+        read_table(folder)
+
+
+def test_utf8_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"\xef\xbb\xbfa,b\n1,2\n")
+    X, names = read_table(path)
+    assert names == ["a", "b"]
+    np.testing.assert_array_equal(X, [[1, 2]])
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_is_named_with_the_file(tmp_path, encoding):
+    path = tmp_path / "d.csv"
+    # utf-16 writes a byte-order mark; the explicit-endian codecs do not, so add one.
+    text = "a,b\n1,2\n"
+    path.write_bytes(text.encode(encoding) if encoding == "utf-16"
+                     else ("\ufeff" + text).encode(encoding))
+    with pytest.raises(ValueError) as info:
+        read_table(path)
+    assert str(info.value) == f"{path}: the file is UTF-16 text, not UTF-8; save it as UTF-8"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".txt"])
+def test_latin1_is_named_with_the_file_and_the_offset_of_the_bad_byte(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    sep = "\t" if suffix == ".tsv" else ","
+    data = f"a{sep}b\n1{sep}2\nna\u00efve{sep}3\n".encode("latin-1")
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as info:
+        read_table(path)
+    offset = data.index(b"\xef")
+    assert str(info.value) == (f"{path}: not UTF-8 text (byte 0xef at offset {offset} is "
+                               "invalid); save it as UTF-8")
+
+
+def test_the_offset_is_exact_past_a_character_split_between_reads(tmp_path):
+    # A two-byte character straddling the 1 MiB read boundary, then a bad byte.
+    head = b"ab\n" + b"1\n" * ((2**20 - 4) // 2)
+    assert len(head) == 2**20 - 1
+    data = head + "\u00e9".encode() + b"\n" * 10 + b"\xff\n"
+    path = tmp_path / "d.csv"
+    path.write_bytes(data)
+    offset = data.index(b"\xff")
+    with pytest.raises(ValueError, match=rf"byte 0xff at offset {offset} "):
+        read_table(path)
+
+
+def test_a_truncated_character_at_the_end_is_reported(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"a\n1\n\xc3")
+    with pytest.raises(ValueError, match=r"d.csv: not UTF-8 text \(byte 0xc3 at offset 4 "):
+        read_table(path)
+
+
+def test_csv_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b\n1,2\n3," + "9" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"d.csv: line 3: field larger than field limit"):
+        read_table(path)
