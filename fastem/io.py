@@ -1,18 +1,22 @@
 """Model files: fitted estimators written to ``.npz`` and read back without pickle.
 
 :func:`save_model` writes a fitted estimator to a NumPy ``.npz`` archive
-(``numpy.savez_compressed``) and :func:`load_model` reads it back with
-``allow_pickle=False``, so opening a model file can never run code.
+(``numpy.savez_compressed``) and :func:`load_model` reads it back. Loading
+never unpickles and never calls ``numpy.load``: the archive is read with
+:mod:`zipfile` and each ``.npy`` entry by a reader that knows only float32,
+float64 and unicode arrays, so opening a model file can never run code.
 
 Model formats
 -------------
-The code here knows no estimator. What a file of one estimator class holds is
-described by a :class:`ModelFormat` (its name and version, the class, its
-fitted arrays, lists and scalars, which constructor parameters may be arrays,
-and a hook giving the shapes the arrays must have), registered with
-:func:`register_model_format`. :func:`save_model` finds the format from the
-model's exact class, :func:`load_model` from the ``"format"`` field of the
-file. Importing fastem registers ``"fastem.GaussianMixture"``, version 2.
+What a file of one estimator class holds is described by a
+:class:`ModelFormat` (its name and version, the class, its fitted arrays,
+lists and scalars, which constructor parameters may be arrays, a hook giving
+the shapes the arrays must have and one checking their values), registered
+with :func:`register_model_format`. :func:`save_model` finds the format from
+the model's exact class, :func:`load_model` from the ``"format"`` field of the
+file. Importing fastem registers ``"fastem.GaussianMixture"``, version 2. The
+code here imports no estimator; it holds only the value check of that one
+format (see below).
 
 File layout
 -----------
@@ -27,7 +31,8 @@ The archive holds only plain numeric or unicode arrays:
     Floats are written with ``repr``, so they read back bit-identical; an
     infinity is written as Python's JSON extension ``Infinity``/``-Infinity``.
 one entry per fitted array of the format
-    With the array's own dtype (a model fitted on float32 data keeps float32).
+    With the array's own dtype, float32 or float64 (a model fitted on float32
+    data keeps float32).
 one entry per fitted list of the format
     A 1-D float64 array, restored as a list of floats.
 ``feature_names_in_``
@@ -50,6 +55,23 @@ parameter of the estimator. A file of an older version may lack some (version 1
 of ``"fastem.GaussianMixture"`` left out those JSON cannot hold); they are
 loaded with the class default.
 
+Reading a file
+--------------
+A model file is untrusted input, read in this order:
+
+1. the zip directory, and the ``.npy`` header of every entry: a dtype a model
+   file holds and a shape whose size is the size of the entry, all entries of
+   one byte order (that of the machine that wrote them);
+2. the metadata: format and version, the constructor parameters (checked by
+   the estimator's own parameter validation, as ``fit`` checks them) and the
+   fitted scalars (checked against the types the format declares);
+3. the name, dtype and shape of every entry against the format; only then is
+   any array's data read, so no header can make the reader allocate more than
+   the file holds;
+4. the data: every entry read to its end, which checks its CRC-32, and every
+   float finite;
+5. the values, by the format's ``check_fitted``.
+
 The ``"fastem.GaussianMixture"`` format
 ---------------------------------------
 Fitted arrays ``weights_``, ``means_``, ``covariances_``, ``precisions_`` and
@@ -59,30 +81,55 @@ scalars ``converged_``, ``n_iter_``, ``lower_bound_`` (``-inf`` for a model
 fitted with ``max_iter=0``) and ``n_features_in_``; array parameters
 ``weights_init``, ``means_init`` and ``precisions_init``.
 
+Its values are checked as those of a Gaussian mixture, within the rounding of
+the arrays' dtype: the fitted arrays share one dtype; the weights are
+non-negative and sum to one; every covariance is symmetric and positive
+definite (the variances of 'diag' and 'spherical' positive); every precision
+factor :math:`U` is upper triangular with a positive diagonal and
+:math:`U^T \\Sigma U = I`; ``precisions_`` is :math:`U U^T`; ``lower_bounds_``
+has ``n_iter_`` values, the last of them ``lower_bound_``; and the initial
+arrays are values ``fit`` accepts. A file failing any of these would load a
+model that predicts garbage.
+
 Errors
 ------
-Every problem with a file's existence or content is reported as a
-``ValueError`` whose message names the file, so a caller such as the command
-line can report all bad input the same way.
+Every problem with a file's existence or content is reported by
+:func:`load_model` as one ``ValueError`` whose message names the file and the
+problem, whatever the low-level error was (a damaged zip directory, a failed
+decompression, a CRC mismatch), so a caller such as the command line can
+report all bad input the same way. :func:`save_model` reports a folder that
+does not exist, or another failure to write, as an ``OSError`` naming the
+path it was given.
 
 Data tables (the matrices a model is fitted to) are read by :mod:`fastem.tables`.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import errno
 import json
 import math
 import os
+import re
+import reprlib
+import struct
+import sys
 import uuid
 import zipfile
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
+
+from ._validation import check_means, check_precisions, check_weights
+from .covariance import to_canonical
 
 __all__ = [
     "META_KEY",
@@ -143,11 +190,18 @@ class ModelFormat:
         number, which go to the JSON metadata like every other parameter.
     array_shapes : callable, optional
         ``array_shapes(params, fitted) -> dict``: the shape each fitted array
-        and each array parameter must have, given all constructor parameters
-        (already checked by the estimator's own parameter validation, with
-        array parameters as arrays) and the fitted scalars (already
-        type-checked). It may raise ``ValueError`` for values the estimator
-        cannot have. Without it, shapes are not checked.
+        and each array parameter must have, given the constructor parameters
+        but the array parameters (which are read only once their shapes are
+        known to be right), already checked by the estimator's own parameter
+        validation, and the fitted scalars (already type-checked). It may
+        raise ``ValueError`` for values the estimator cannot have. Without it,
+        shapes are not checked.
+    check_fitted : callable, optional
+        ``check_fitted(model)``: called with the rebuilt model, every
+        parameter and attribute set (arrays finite, of the right shapes);
+        raises ``ValueError`` saying which values no fitted model has (weights
+        that do not sum to one, a covariance that is not positive definite).
+        :func:`save_model` calls it too, so a model failing it is not saved.
     """
 
     name: str
@@ -158,6 +212,7 @@ class ModelFormat:
     fitted_lists: tuple[str, ...] = ()
     array_params: tuple[str, ...] = ()
     array_shapes: Callable[[Mapping, Mapping], Mapping[str, tuple[int, ...]]] | None = None
+    check_fitted: Callable[[object], None] | None = None
 
     def __post_init__(self):
         # Frozen, so that a registered format cannot change under saved files.
@@ -278,6 +333,11 @@ def save_model(model, path: str | os.PathLike) -> None:
         instance a ``numpy.random.RandomState`` as ``random_state``; the
         message names the parameter), or if the file would not load (say, a
         non-finite fitted array). Nothing is written then.
+    OSError
+        If the file cannot be written: ``FileNotFoundError`` if the folder of
+        ``path`` does not exist, ``IsADirectoryError`` if ``path`` is a
+        directory, and so on. The message names ``path`` and the folder, never
+        the temporary file.
 
     See Also
     --------
@@ -323,7 +383,9 @@ def save_model(model, path: str | os.PathLike) -> None:
     # Check what is about to be written as load_model would: a file that does
     # not load is worse than no file.
     try:
-        _rebuild(fmt, fmt.version, params, fitted, arrays)
+        _rebuild(fmt, fmt.version, params, fitted,
+                 {name: _Layout(a.dtype, a.shape) for name, a in arrays.items()},
+                 arrays.__getitem__)
     except ValueError as exc:
         raise ValueError(f"{cannot}: {exc}") from exc
 
@@ -338,17 +400,42 @@ def save_model(model, path: str | os.PathLike) -> None:
     # infinities as Infinity/-Infinity, which it reads back.
     arrays[META_KEY] = np.array(json.dumps(meta))
 
+    if path.is_dir() or not path.parent.is_dir():
+        raise _save_error(path)
     # A sibling temporary file makes the final rename atomic; opening it with
-    # open() rather than mkstemp keeps the usual umask-based permissions.
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # open() rather than mkstemp keeps the usual umask-based permissions. The
+    # name is cut so that the temporary name is not too long where ``path`` is not.
+    tmp_path = path.with_name(f".{path.name[:50]}.{uuid.uuid4().hex}.tmp")
     try:
         # Passing an open file rather than a name stops NumPy from appending ".npz".
         with open(tmp_path, "xb") as handle:
             np.savez_compressed(handle, **arrays)
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            # Its message names the temporary file, which the caller never heard of.
+            raise _save_error(path, exc) from None
         raise
+
+
+def _save_error(path: Path, exc: OSError | None = None) -> OSError:
+    """The error of a save to ``path`` that cannot write, naming ``path``."""
+    folder = path.parent
+    if not folder.exists():
+        code, reason = errno.ENOENT, f"the folder {folder} does not exist"
+    elif not folder.is_dir():
+        code, reason = errno.ENOTDIR, f"{folder} is not a folder"
+    elif path.is_dir():
+        code, reason = errno.EISDIR, "it is a directory"
+    elif exc is not None and exc.errno is not None:
+        code, reason = exc.errno, exc.strerror
+    else:
+        return OSError(f"cannot save the model to {path}: {exc}")
+    # OSError(errno, ...) is the subclass of that errno, such as FileNotFoundError;
+    # str() shows it as "[Errno 2] cannot save the model: ...: 'path'".
+    return OSError(code, f"cannot save the model: {reason}", str(path))
 
 
 def _unstorable(fmt: ModelFormat, name: str, value) -> str:
@@ -397,8 +484,10 @@ def _fastem_version() -> str:
 def load_model(path: str | os.PathLike):
     """Read an estimator written by :func:`save_model`.
 
-    The file is opened with ``numpy.load(..., allow_pickle=False)``: no Python
-    object is ever unpickled, so loading an untrusted file cannot run code.
+    Nothing in the file is ever unpickled, so loading an untrusted file cannot
+    run code; and no array is allocated before its shape has been checked
+    against the entry's size and the format, so a damaged or hostile header
+    cannot exhaust memory.
 
     Parameters
     ----------
@@ -417,103 +506,268 @@ def load_model(path: str | os.PathLike):
     Raises
     ------
     ValueError
-        If the file does not exist, is not an ``.npz`` archive, was not written
-        by fastem, is of a format no registered :class:`ModelFormat` describes
-        or of a newer version than this fastem reads, holds pickled objects,
-        lacks a constructor parameter (unless its format version is older),
-        has parameters the estimator refuses, or has missing, unexpected,
-        misshapen or non-finite arrays. The message names the file and the
-        problem.
+        If the file does not exist or is a directory, is not an ``.npz``
+        archive or is damaged (a bad zip directory, a failed decompression, a
+        CRC mismatch, an ``.npy`` header that disagrees with its entry), was
+        not written by fastem, is of a format no registered
+        :class:`ModelFormat` describes or of a newer version than this fastem
+        reads, holds pickled objects, lacks a constructor parameter (unless
+        its format version is older), has parameters the estimator refuses,
+        has missing, unexpected, misshapen or non-finite arrays, or values no
+        fitted model has (see the module docstring). One ``ValueError``
+        whatever the cause; the message names the file and the problem.
     """
     path = Path(path)
-    entries = _read_npz_entries(path)
-    if META_KEY not in entries:
-        raise ValueError(
-            f"{path} is not a fastem model file: it has no '{META_KEY}' entry "
-            f"(entries: {_quoted(sorted(entries))})"
-        )
-    meta = _parse_meta(path, entries.pop(META_KEY))
-    fmt = _FORMATS.get(meta.get("format"))
-    if fmt is None:
-        raise ValueError(
-            f"{path} is not a model file this fastem reads: format is "
-            f"{meta.get('format')!r}, expected one of {_quoted(sorted(_FORMATS))}"
-        )
-    version = meta.get("format_version")
-    if not _is_int(version) or version < 1:
-        raise ValueError(f"{path}: invalid format_version {version!r}")
-    if version > fmt.version:
-        raise ValueError(
-            f"{path} has model format version {version}, newer than the version "
-            f"{fmt.version} of {fmt.name!r} this fastem reads; upgrade fastem to load it"
-        )
+    with _open_archive(path) as archive:
+        entries = _npy_entries(path, archive)
+        meta = _read_meta(path, archive, entries)
+        fmt, version = _file_format(path, meta)
+        layouts = {name: entry.layout for name, entry in entries.items() if name != META_KEY}
+        try:
+            return _rebuild(fmt, version, meta.get("params"), meta.get("fitted"), layouts,
+                            lambda name: _read_array(path, archive, entries[name]))
+        except _FileError:
+            raise
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
+class _FileError(ValueError):
+    """A ``ValueError`` whose message already names the file."""
+
+
+def _not_ours(path: Path, problem: str) -> _FileError:
+    return _FileError(f"{path} is not a fastem model file: {problem}")
+
+
+def _zip_call(problem: str, call, *args):
+    """``call(*args)``, a :mod:`zipfile` call on the file's bytes.
+
+    zipfile, and the decompressor it picks by the file's (untrusted)
+    compression field, raise a zoo of exceptions on damaged input:
+    ``BadZipFile``, ``zlib.error``, ``lzma.LZMAError``, ``OSError`` from bz2,
+    ``EOFError``, ``NotImplementedError`` (an unknown compression method),
+    ``RuntimeError`` (an "encrypted" flag), ``struct.error``, ``ValueError``
+    (a negative seek)... Each means the same: the bytes are not a readable
+    archive. Only library calls go through here, so that a bug in this
+    module is not reported as a damaged file.
+    """
     try:
-        return _rebuild(fmt, version, meta.get("params"), meta.get("fitted"), entries)
+        return call(*args)
+    except Exception as exc:
+        raise ValueError(f"{problem} ({type(exc).__name__}: {exc})") from exc
+
+
+def _open_archive(path: Path) -> zipfile.ZipFile:
+    """The zip archive of a model file, read into memory."""
+    try:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not a model file")
+        if not path.exists():
+            raise ValueError(f"{path}: no such model file")
+        if not path.is_file():
+            raise ValueError(f"{path} is not a regular file, so not a model file")
+        data = path.read_bytes()
+    except OSError as exc:
+        # Permission denied on the file or a folder above it, an I/O error...
+        raise ValueError(f"{path}: cannot read the model file: {exc.strerror or exc}") from exc
+    # From memory, a size field that lies cannot make a read wait for, or
+    # allocate, more than the file holds.
+    try:
+        return _zip_call("not a readable .npz (zip) archive", zipfile.ZipFile, BytesIO(data))
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise _not_ours(path, str(exc)) from exc
 
 
-def _read_npz_entries(path: Path) -> dict[str, np.ndarray]:
-    """Load every entry of an ``.npz`` file, refusing anything pickled."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no such model file")
-    not_ours = f"{path} is not a fastem model file"
-    # numpy.load falls back to unpickling for content it does not recognise,
-    # so anything that is not a zip archive is rejected before it gets there.
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{not_ours}: not an .npz (zip) archive")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{not_ours}: {exc}") from exc
+# .npy files: magic string, then the version, then the header length in bytes.
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER_LENGTH = {(1, 0): "<H", (2, 0): "<I", (3, 0): "<I"}
+# numpy.lib.format refuses longer headers too (its max_header_size).
+_NPY_MAX_HEADER = 10_000
+# The dtypes a model file holds: float32, float64 and unicode, as numpy writes them.
+_NPY_DESCR = re.compile(r"[<>](f4|f8|U[1-9][0-9]{0,9})")
+
+
+class _Layout(NamedTuple):
+    """What an array is, known before its data is read."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """An ``.npy`` entry of a model file whose header agrees with its size."""
+
+    name: str
+    info: zipfile.ZipInfo
+    header_size: int
+    layout: _Layout
+    fortran_order: bool
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.layout.shape) * self.layout.dtype.itemsize
+
+
+def _npy_entries(path: Path, archive: zipfile.ZipFile) -> dict[str, _Entry]:
+    """The ``.npy`` header of every entry, by entry name (``numpy.savez``'s keys)."""
     entries = {}
-    with archive:
-        for name in archive.files:
-            try:
-                entry = archive[name]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc):
-                    raise ValueError(
-                        f"{not_ours}: entry '{name}' holds pickled Python objects, "
-                        "which fastem never loads"
-                    ) from None
-                raise ValueError(f"{not_ours}: entry '{name}': {exc}") from exc
-            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                raise ValueError(
-                    f"{not_ours}: entry '{name}' is unreadable: {exc}"
-                ) from exc
-            # A zip member that is not an .npy comes back as bytes; as a bytes
-            # array it fails the dtype checks every entry goes through.
-            entries[name] = np.asarray(entry)
+    for info in archive.infolist():
+        try:
+            entry = _npy_entry(archive, info)
+        except ValueError as exc:
+            raise _not_ours(path, str(exc)) from exc
+        if entry.name in entries:
+            raise _not_ours(path, f"entry '{entry.name}' appears twice")
+        entries[entry.name] = entry
+    # Every array of a file is written in the byte order of one machine; a
+    # stray byte order is a damaged header, which would byte-swap the data.
+    orders = {_byte_order(e.layout.dtype) for e in entries.values()}
+    if len(orders) > 1:
+        raise _not_ours(path, "its entries have different byte orders")
     return entries
 
 
-def _parse_meta(path: Path, raw: np.ndarray) -> dict:
-    """Decode the JSON metadata entry; anything but a JSON object reads as ``{}``."""
-    if raw.ndim != 0 or raw.dtype.kind != "U":
-        raise ValueError(f"{path}: the '{META_KEY}' entry is not a unicode string")
-    try:
-        meta = json.loads(str(raw))
-    except json.JSONDecodeError as exc:
+def _byte_order(dtype: np.dtype) -> str:
+    return {"=": sys.byteorder, "<": "little", ">": "big"}[dtype.byteorder]
+
+
+def _npy_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Entry:
+    if not info.filename.endswith(".npy"):
+        raise ValueError(f"entry {reprlib.repr(info.filename)} is not an .npy array")
+    name = info.filename[: -len(".npy")]
+    with _zip_call(f"entry '{name}' is damaged", archive.open, info) as stream:
+        prefix = _read_exactly(stream, len(_NPY_MAGIC) + 2, name)
+        if prefix[: len(_NPY_MAGIC)] != _NPY_MAGIC:
+            raise ValueError(f"entry '{name}' is not an .npy array")
+        version = (prefix[-2], prefix[-1])
+        if version not in _NPY_HEADER_LENGTH:
+            raise ValueError(f"entry '{name}' has the unknown .npy version {version}")
+        length_format = _NPY_HEADER_LENGTH[version]
+        length_size = struct.calcsize(length_format)
+        (length,) = struct.unpack(length_format, _read_exactly(stream, length_size, name))
+        if length > _NPY_MAX_HEADER:
+            raise ValueError(f"entry '{name}' has an .npy header of {length} bytes, longer "
+                             f"than {_NPY_MAX_HEADER}")
+        text = _read_exactly(stream, length, name)
+    layout, fortran_order = _parse_npy_header(text, version, name)
+    entry = _Entry(name, info, len(prefix) + length_size + length, layout, fortran_order)
+    # The size in the zip directory is checked again as the data is read.
+    held = info.file_size - entry.header_size
+    if entry.nbytes != held:
         raise ValueError(
-            f"{path}: the '{META_KEY}' entry is not valid JSON: {exc}"
-        ) from exc
+            f"entry '{name}' is damaged: its header claims shape {reprlib.repr(layout.shape)} "
+            f"of {layout.dtype}, {entry.nbytes} bytes, but it holds {held}"
+        )
+    return entry
+
+
+def _read_exactly(stream, size: int, name: str) -> bytes:
+    data = _zip_call(f"entry '{name}' is damaged", stream.read, size)
+    if len(data) != size:
+        raise ValueError(f"entry '{name}' is damaged: it ends early")
+    return data
+
+
+def _parse_npy_header(text: bytes, version: tuple[int, int], name: str):
+    """``(layout, fortran_order)`` from an ``.npy`` header, a Python dict literal."""
+    invalid = f"entry '{name}' has an invalid .npy header"
+    try:
+        header = ast.literal_eval(text.decode("utf-8" if version >= (3, 0) else "latin-1"))
+    except (ValueError, SyntaxError, TypeError, OverflowError, MemoryError, RecursionError):
+        # Malformed, or nested too deeply for the parser (a few KB can be).
+        raise ValueError(invalid) from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise ValueError(invalid)
+    descr, fortran_order, shape = header["descr"], header["fortran_order"], header["shape"]
+    if not (isinstance(fortran_order, bool) and isinstance(shape, tuple)
+            and all(_is_int(n) and n >= 0 for n in shape)):
+        raise ValueError(invalid)
+    if isinstance(descr, str) and _NPY_DESCR.fullmatch(descr):
+        return _Layout(np.dtype(descr), shape), fortran_order
+    if isinstance(descr, str) and descr.lstrip("<>|=").startswith("O"):
+        raise ValueError(f"entry '{name}' holds pickled Python objects, which fastem never loads")
+    raise ValueError(f"entry '{name}' has the dtype {reprlib.repr(descr)}; model files hold "
+                     "only float32, float64 and unicode arrays")
+
+
+def _read_array(path: Path, archive: zipfile.ZipFile, entry: _Entry) -> np.ndarray:
+    """The data of an entry whose layout has been checked, as a native-endian array."""
+    damaged = f"entry '{entry.name}' is damaged"
+    try:
+        with _zip_call(damaged, archive.open, entry.info) as stream:
+            _read_exactly(stream, entry.header_size, entry.name)
+            data = _read_exactly(stream, entry.nbytes, entry.name)
+            # Reading to the end is what makes zipfile compare the CRC-32.
+            if _zip_call(damaged, stream.read, 1):
+                raise ValueError(f"{damaged}: it holds more than its header says")
+    except ValueError as exc:
+        raise _not_ours(path, str(exc)) from exc
+    dtype = entry.layout.dtype
+    if dtype.kind == "U":
+        # UTF-32 code units that are no Unicode scalar value.
+        codes = np.frombuffer(data, dtype=np.dtype(np.uint32).newbyteorder(dtype.byteorder))
+        if np.any((codes > 0x10FFFF) | ((codes >= 0xD800) & (codes <= 0xDFFF))):
+            raise _not_ours(path, f"entry '{entry.name}' holds invalid unicode")
+    array = np.frombuffer(data, dtype=dtype).reshape(
+        entry.layout.shape, order="F" if entry.fortran_order else "C")
+    # A writable copy in the machine's byte order.
+    return array.astype(dtype.newbyteorder("="), order="K")
+
+
+def _read_meta(path: Path, archive: zipfile.ZipFile, entries: Mapping[str, _Entry]) -> dict:
+    """Decode the JSON metadata entry; anything but a JSON object reads as ``{}``."""
+    if META_KEY not in entries:
+        raise _not_ours(path, f"it has no '{META_KEY}' entry "
+                              f"(entries: {_quoted(sorted(entries)) or 'none'})")
+    layout = entries[META_KEY].layout
+    if layout.shape != () or layout.dtype.kind != "U":
+        raise _FileError(f"{path}: the '{META_KEY}' entry is not a unicode string")
+    raw = str(_read_array(path, archive, entries[META_KEY])[()])
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError is a ValueError, as is an integer of too many digits.
+        raise _FileError(f"{path}: the '{META_KEY}' entry is not valid JSON: {exc}") from exc
     # An empty object is then rejected with a message about what is missing.
     return _json_object(meta)
 
 
-def _rebuild(fmt: ModelFormat, version: int, params, fitted, arrays: Mapping):
+def _file_format(path: Path, meta: Mapping) -> tuple[ModelFormat, int]:
+    name = meta.get("format")
+    fmt = _FORMATS.get(name) if isinstance(name, str) else None
+    if fmt is None:
+        raise _FileError(
+            f"{path} is not a model file this fastem reads: format is "
+            f"{reprlib.repr(name)}, expected one of {_quoted(sorted(_FORMATS))}"
+        )
+    version = meta.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise _FileError(f"{path}: invalid format_version {reprlib.repr(version)}")
+    if version > fmt.version:
+        raise _FileError(
+            f"{path} has model format version {version}, newer than the version "
+            f"{fmt.version} of {fmt.name!r} this fastem reads; upgrade fastem to load it"
+        )
+    return fmt, version
+
+
+def _rebuild(fmt: ModelFormat, version: int, params, fitted,
+             layouts: Mapping[str, _Layout], read: Callable[[str], np.ndarray]):
     """Build the fitted estimator a file describes, checking everything on the way.
 
     :func:`load_model` calls it on a file's contents and :func:`save_model` on
-    what it is about to write, so that both refuse the same things. The
+    what it is about to write, so that both refuse the same things.
+    ``layouts`` gives the dtype and shape of every array, ``read(name)`` its
+    data; no array is read before every layout and parameter is checked. The
     messages do not name the file; the callers add it. Nothing passed in is
     modified.
     """
     params, fitted = _json_object(params), _json_object(fitted)
     _check_fitted_scalars(fmt, fitted)
-    _check_entries(fmt, arrays)
-    array_params = {name: arrays[name] for name in fmt.array_params if name in arrays}
+    _check_layouts(fmt, layouts, fitted)
+    array_params = [name for name in fmt.array_params if name in layouts]
 
     defaults = fmt.estimator().get_params(deep=False)
     unknown = [name for name in params if name not in defaults]
@@ -541,26 +795,28 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted, arrays: Mapping):
         )
 
     model = fmt.estimator()
-    model.set_params(**params, **array_params)
-    # scikit-learn's validation from the class's declared constraints, which
-    # fit runs too, so that a loaded model has only parameters its class accepts.
-    if hasattr(model, "_parameter_constraints"):
-        try:
-            model._validate_params()
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"the saved parameters do not fit this fastem: {exc}") from exc
+    model.set_params(**params)
+    _validate_params(model)
 
     if fmt.array_shapes is not None:
-        shapes = fmt.array_shapes(model.get_params(deep=False), MappingProxyType(fitted))
+        given = {name: value for name, value in model.get_params(deep=False).items()
+                 if name not in fmt.array_params}
+        shapes = fmt.array_shapes(MappingProxyType(given), MappingProxyType(fitted))
         for name in (*fmt.fitted_arrays, *array_params):
             expected = tuple(shapes[name])
-            if arrays[name].shape != expected:
+            if layouts[name].shape != expected:
                 raise ValueError(
-                    f"array {name} has shape {arrays[name].shape}, expected {expected} "
-                    "for the saved parameters"
+                    f"array {name} has shape {reprlib.repr(layouts[name].shape)}, expected "
+                    f"{reprlib.repr(expected)} for the saved parameters"
                 )
-    if FEATURE_NAMES in arrays:
-        _check_feature_names(fmt, arrays[FEATURE_NAMES], fitted)
+
+    arrays = {name: read(name) for name in layouts}
+    for name, array in arrays.items():
+        if name != FEATURE_NAMES and not np.all(np.isfinite(array)):
+            raise ValueError(f"array {name} has non-finite values")
+    if array_params:
+        model.set_params(**{name: arrays[name] for name in array_params})
+        _validate_params(model)
 
     for name in fmt.fitted_arrays:
         setattr(model, name, arrays[name])
@@ -571,7 +827,20 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted, arrays: Mapping):
     for name, kind in fmt.fitted_scalars.items():
         value = fitted[name]
         setattr(model, name, np.float64(value) if kind is float else kind(value))
+    check = fmt.check_fitted or _BUILT_IN_CHECKS.get(fmt.name)
+    if check is not None:
+        check(model)
     return model
+
+
+def _validate_params(model) -> None:
+    # scikit-learn's validation from the class's declared constraints, which
+    # fit runs too, so that a loaded model has only parameters its class accepts.
+    if hasattr(model, "_parameter_constraints"):
+        try:
+            model._validate_params()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the saved parameters do not fit this fastem: {exc}") from exc
 
 
 def _check_fitted_scalars(fmt: ModelFormat, fitted: Mapping) -> None:
@@ -586,50 +855,48 @@ def _check_fitted_scalars(fmt: ModelFormat, fitted: Mapping) -> None:
             valid = _is_int(value)
         else:
             # NaN is no fitted value; infinities can be (the -inf lower bound of
-            # a mixture fitted without iterations).
-            valid = (isinstance(value, float) or _is_int(value)) and not math.isnan(value)
+            # a mixture fitted without iterations). An integer must fit a float.
+            valid = ((isinstance(value, float) and not math.isnan(value))
+                     or (_is_int(value) and abs(value) <= sys.float_info.max))
         if not valid:
             raise ValueError(
-                f"invalid fitted attribute {name}={value!r} (expected {kind.__name__})"
+                f"invalid fitted attribute {name}={reprlib.repr(value)} "
+                f"(expected {kind.__name__})"
             )
     unexpected = [name for name in fitted if name not in fmt.fitted_scalars]
     if unexpected:
         raise ValueError(f"unexpected fitted attributes {_quoted(unexpected)}")
 
 
-def _check_entries(fmt: ModelFormat, arrays: Mapping) -> None:
-    """Check that the arrays are exactly the format's, numeric where they must be and finite."""
+def _check_layouts(fmt: ModelFormat, layouts: Mapping[str, _Layout], fitted: Mapping) -> None:
+    """Check that the arrays are exactly the format's, with the dtypes they must have."""
     required = (*fmt.fitted_arrays, *fmt.fitted_lists)
-    missing = [name for name in required if name not in arrays]
+    missing = [name for name in required if name not in layouts]
     if missing:
         raise ValueError(f"missing arrays {_quoted(missing)}")
     known = {*required, *fmt.array_params, FEATURE_NAMES}
-    unexpected = [name for name in arrays if name not in known]
+    unexpected = [name for name in layouts if name not in known]
     if unexpected:
         raise ValueError(f"unexpected entries {_quoted(unexpected)}")
-    for name, array in arrays.items():
+    for name, (dtype, shape) in layouts.items():
         if name == FEATURE_NAMES:
-            continue
-        if array.dtype.kind != "f":
-            raise ValueError(f"array {name} has dtype {array.dtype}, expected floats")
-        if name in fmt.fitted_lists and array.ndim != 1:
-            raise ValueError(f"array {name} must be 1-D, got shape {array.shape}")
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"array {name} has non-finite values")
+            _check_feature_names(fmt, dtype, shape, fitted)
+        elif dtype.kind != "f" or dtype.itemsize not in (4, 8):
+            raise ValueError(f"array {name} has dtype {dtype}, expected float32 or float64")
+        elif name in fmt.fitted_lists and len(shape) != 1:
+            raise ValueError(f"array {name} must be 1-D, got shape {reprlib.repr(shape)}")
 
 
-def _check_feature_names(fmt: ModelFormat, names: np.ndarray, fitted: Mapping) -> None:
+def _check_feature_names(fmt: ModelFormat, dtype: np.dtype, shape: tuple, fitted: Mapping
+                         ) -> None:
     # scikit-learn's convention: one name per feature the model was fitted on.
     n_features = fitted.get("n_features_in_") if "n_features_in_" in fmt.fitted_scalars else None
-    if (
-        names.dtype.kind != "U"
-        or names.ndim != 1
-        or (n_features is not None and names.shape != (n_features,))
-    ):
+    if dtype.kind != "U" or len(shape) != 1 or (n_features is not None
+                                                and shape != (n_features,)):
         count = "" if n_features is None else f"{n_features} "
         raise ValueError(
             f"{FEATURE_NAMES} must be a 1-D array of {count}strings, "
-            f"got dtype {names.dtype} and shape {names.shape}"
+            f"got dtype {dtype} and shape {reprlib.repr(shape)}"
         )
 
 
@@ -644,3 +911,152 @@ def _is_int(value) -> bool:
 
 def _quoted(items) -> str:
     return ", ".join(repr(str(item)) for item in items)
+
+
+# ---------------------------------------------------------------------------
+# The values of the "fastem.GaussianMixture" format
+# ---------------------------------------------------------------------------
+#
+# fastem.mixture registers its format without a check_fitted, so the check of
+# its values is looked up here by the format's name. It uses nothing of the
+# estimator but its attributes.
+
+
+def _check_gaussian_mixture(model) -> None:
+    """Refuse fitted values that are no Gaussian mixture's, up to rounding.
+
+    Shapes and finiteness are checked before. All tolerances are multiples of
+    the unit roundoff of the arrays' dtype: a fitted model is computed in
+    float64 and stored in that dtype, so each stored value is off by at most
+    half a unit, and each check allows for that rounding of its terms.
+    """
+    names = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
+    dtypes = sorted({str(getattr(model, name).dtype) for name in names})
+    if len(dtypes) > 1:
+        raise ValueError(f"the fitted arrays mix the dtypes {', '.join(dtypes)}")
+    unit = np.finfo(model.weights_.dtype).eps / 2
+    _check_mixture_weights(model.weights_, unit)
+    covariances, factors, precisions = (
+        to_canonical(getattr(model, name), model.covariance_type)
+        for name in ("covariances_", "precisions_cholesky_", "precisions_"))
+    if model.covariance_type in ("full", "tied"):
+        _check_dense_covariances(covariances, factors, precisions, unit,
+                                 model.covariance_type == "tied")
+    else:
+        _check_diagonal_covariances(covariances[..., 0], factors[..., 0], precisions[..., 0],
+                                    unit)
+    _check_lower_bounds(model)
+    _check_initial_arrays(model)
+
+
+# The tolerance of fit for the sum of weights_init (which a model fitted with
+# max_iter=0 keeps as its weights_), by the itemsize of the weights.
+_WEIGHT_SUM_TOLERANCE = {4: 1e-6, 8: 1e-8}
+
+
+def _check_mixture_weights(weights: np.ndarray, unit: float) -> None:
+    # A component may have weight 0 (given so in weights_init, with max_iter=0).
+    if np.any(weights < 0):
+        k = int(np.argmin(weights))
+        raise ValueError(f"weights_ has the negative weight {float(weights[k])!r} "
+                         f"(component {k}); mixture weights are non-negative")
+    total = math.fsum(weights.tolist())
+    tolerance = max(_WEIGHT_SUM_TOLERANCE[weights.dtype.itemsize], 4 * weights.size * unit)
+    if not abs(total - 1.0) <= tolerance:
+        raise ValueError(f"weights_ sum to {total!r}, not 1")
+
+
+def _check_dense_covariances(covariances, factors, precisions, unit: float, tied: bool
+                             ) -> None:
+    """'full' and 'tied': (K, D, D) float64 stacks of covariances S, their
+    precision factors U and precisions."""
+    n_features = covariances.shape[-1]
+    eye = np.eye(n_features)
+    # Rounding bounds of D-term sums grow with D; fitted models stay below 3
+    # units at D = 2 to 30 in float32 and float64, whatever the conditioning.
+    slack = 8 * (n_features + 2) * unit
+    for k, (cov, factor, precision) in enumerate(zip(covariances, factors, precisions)):
+        what = "the tied covariance" if tied else f"component {k}"
+        variances = np.diag(cov)
+        if not np.all(variances > 0):
+            raise ValueError(f"covariances_ of {what} is not positive definite: its "
+                             f"diagonal has {float(variances.min())!r}")
+        deviations = np.sqrt(variances)
+        scale = np.outer(deviations, deviations)
+        if not np.all(np.abs(cov - cov.T) <= slack * scale):
+            raise ValueError(f"covariances_ of {what} is not symmetric")
+        # Positive definite up to rounding: rounding a nearly singular float64
+        # covariance to float32 can leave its correlation matrix a hair
+        # indefinite, while the precision factor, rounded too, is still right.
+        try:
+            np.linalg.cholesky(cov / scale + slack * eye)
+        except np.linalg.LinAlgError:
+            raise ValueError(f"covariances_ of {what} is not positive definite") from None
+        if np.any(np.tril(factor, -1) != 0) or not np.all(np.diag(factor) > 0):
+            raise ValueError(f"precisions_cholesky_ of {what} is not upper triangular with "
+                             "a positive diagonal")
+        # U U^T is the inverse of S exactly when U^T S U = I; each entry of the
+        # product may be off by the rounding of the terms summed into it.
+        residual = factor.T @ cov @ factor - eye
+        bound = slack * (np.abs(factor).T @ np.abs(cov) @ np.abs(factor))
+        if not (np.all(np.isfinite(bound)) and np.all(np.abs(residual) <= bound)):
+            raise ValueError(
+                f"precisions_cholesky_ of {what} is not the precision factor of its "
+                f"covariances_: U^T S U differs from the identity by up to "
+                f"{np.max(np.abs(residual)):.3g}"
+            )
+        product = factor @ factor.T
+        if not np.all(np.abs(precision - product) <= slack * (np.abs(factor) @ np.abs(factor).T)):
+            raise ValueError(f"precisions_ of {what} is not precisions_cholesky_ times its "
+                             "transpose")
+
+
+def _check_diagonal_covariances(variances, factors, precisions, unit: float) -> None:
+    """'diag' and 'spherical': (K, D) and (K, 1) float64 arrays of variances,
+    their precision factors 1/sqrt(variance) and precisions 1/variance."""
+    slack = 16 * unit
+    checks = (
+        (variances > 0, "covariances_ of component {} is not positive"),
+        (factors > 0, "precisions_cholesky_ of component {} is not positive"),
+        # (U v) U, so that neither product under- or overflows where the result does not.
+        (np.abs(factors * variances * factors - 1) <= slack,
+         "precisions_cholesky_ of component {} is not 1 / sqrt(covariances_)"),
+        (np.abs(precisions - factors * factors) <= slack * factors * factors,
+         "precisions_ of component {} is not precisions_cholesky_ squared"),
+    )
+    for valid, message in checks:
+        if not np.all(valid):
+            raise ValueError(message.format(int(np.flatnonzero(~np.all(valid, axis=1))[0])))
+
+
+def _check_lower_bounds(model) -> None:
+    # The EM driver records one lower bound per iteration and reports the last.
+    bounds, n_iter = model.lower_bounds_, model.n_iter_
+    if len(bounds) != n_iter:
+        raise ValueError(f"lower_bounds_ has {len(bounds)} values, but n_iter_ is {n_iter}")
+    if bounds and bounds[-1] != model.lower_bound_:
+        raise ValueError(f"lower_bound_ is {float(model.lower_bound_)!r}, but the last of "
+                         f"lower_bounds_ is {bounds[-1]!r}")
+
+
+def _check_initial_arrays(model) -> None:
+    """The initial arrays as fit checks them (fit would refuse them)."""
+    n_components, n_features = model.n_components, model.n_features_in_
+    checks = {
+        "weights_init": lambda value: check_weights(value, n_components),
+        "means_init": lambda value: check_means(value, n_components, n_features),
+        "precisions_init": lambda value: check_precisions(value, model.covariance_type,
+                                                          n_components, n_features),
+    }
+    for name, check in checks.items():
+        value = getattr(model, name)
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"the parameter {name} is not one fit accepts: {exc}") from exc
+
+
+_BUILT_IN_CHECKS: dict[str, Callable[[object], None]] = {
+    "fastem.GaussianMixture": _check_gaussian_mixture,
+}

@@ -2,8 +2,16 @@
 
 import ast
 import fractions
+import io
 import json
+import math
 import pickle
+import re
+import struct
+import time
+import tracemalloc
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -524,18 +532,470 @@ def test_load_feature_names_of_wrong_length(model_file):
         load_model(model_file)
 
 
-def test_never_loads_with_pickle(monkeypatch, model_file):
-    calls = []
-    real_load = np.load
+def test_never_unpickles(monkeypatch, model_file, fitted):
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model must not unpickle nor go through numpy.load")
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("allow_pickle"))
-        return real_load(*args, **kwargs)
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    monkeypatch.setattr(np.lib.format, "read_array", refuse)
+    loaded = load_model(model_file)
+    assert loaded.means_.tobytes() == fitted.means_.tobytes()
 
-    monkeypatch.setattr(np, "load", spy)
-    load_model(model_file)
-    assert calls == [False]
 
+# ---------------------------------------------------------------------------
+# Saved models: damaged files (edited here with zipfile and numpy.lib.format)
+# ---------------------------------------------------------------------------
+
+
+def zip_members(path):
+    """The raw (uncompressed) bytes of every member of a zip file, in order."""
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def write_zip(path, members, compression=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npy_array(data):
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def with_claimed_shape(data, shape):
+    """An .npy entry whose (version 1.0) header claims ``shape``; the data stays."""
+    length = struct.unpack_from("<H", data, 8)[0]
+    header = data[10 : 10 + length].decode("latin-1")
+    claimed = re.sub(r"'shape': \([^)]*\)", f"'shape': {shape!r}", header)
+    # Keep the header length, so only the claim changes.
+    claimed = claimed.rstrip().ljust(length - 1) + "\n"
+    assert len(claimed) == length
+    return data[:10] + claimed.encode("latin-1") + data[10 + length :]
+
+
+def replace_entries(path, **arrays):
+    members = zip_members(path)
+    for name, array in arrays.items():
+        members[f"{name}.npy"] = npy_bytes(array)
+    write_zip(path, members)
+
+
+def central_directory_entry(data, member):
+    """Offset of ``member``'s record in the zip central directory."""
+    at = data.index(b"PK\x01\x02")
+    while True:
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", data, at + 28)
+        if data[at + 46 : at + 46 + name_length] == member.encode():
+            return at
+        at += 46 + name_length + extra_length + comment_length
+
+
+def assert_refused(path, *fragments):
+    """load_model raises one ValueError naming the file and saying each fragment."""
+    with pytest.raises(ValueError) as info:
+        load_model(path)
+    message = str(info.value)
+    # Not a low-level error that also happens to be a ValueError.
+    assert type(info.value).__module__ in ("builtins", "fastem.io"), type(info.value)
+    assert str(path) in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# (field, offset in a central directory record, bit flipped, the low-level error)
+DIRECTORY_FLIPS = {
+    "compression method 8 -> 9 (deflate64)": (10, 0, "NotImplementedError"),
+    "compression method 8 -> 12 (bzip2)": (10, 2, "OSError"),
+    "encrypted flag": (8, 0, "RuntimeError"),
+    "CRC-32": (16, 5, "Bad CRC-32"),
+    "uncompressed size": (24, 3, "but it holds"),
+    "file name": (46, 1, "File name in directory"),
+    "local header offset": (42, 2, "BadZipFile"),
+    "file name length": (28, 0, "BadZipFile"),
+}
+
+
+@pytest.mark.parametrize("field", DIRECTORY_FLIPS, ids=list(DIRECTORY_FLIPS))
+def test_flipped_bit_in_zip_directory_is_one_value_error(model_file, field):
+    offset, bit, error = DIRECTORY_FLIPS[field]
+    data = bytearray(model_file.read_bytes())
+    data[central_directory_entry(data, "means_.npy") + offset] ^= 1 << bit
+    model_file.write_bytes(bytes(data))
+    assert_refused(model_file, "is not a fastem model file", error)
+
+
+def test_flipped_bit_in_stored_data_fails_the_crc(model_file):
+    # Stored (uncompressed) entries: the flip changes a float, and only the
+    # CRC-32, checked once the entry is read to its end, tells.
+    members = zip_members(model_file)
+    write_zip(model_file, members, zipfile.ZIP_STORED)
+    data = bytearray(model_file.read_bytes())
+    data[data.index(members["means_.npy"]) + len(members["means_.npy"]) - 3] ^= 0x10
+    model_file.write_bytes(bytes(data))
+    assert_refused(model_file, "entry 'means_' is damaged", "Bad CRC-32")
+
+
+def test_npy_followed_by_an_empty_zip(tmp_path):
+    path = tmp_path / "npy-then-zip.npz"
+    empty_zip = io.BytesIO()
+    zipfile.ZipFile(empty_zip, "w").close()
+    path.write_bytes(npy_bytes(np.arange(4.0)) + empty_zip.getvalue())
+    assert_refused(path, "is not a fastem model file", f"no '{META_KEY}' entry")
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("lower_bounds_", (10**12,)),
+    ("means_", (10**12, 2)),
+    ("weights_", (10**6, 10**6)),
+    (META_KEY, (10**12,)),
+])
+def test_header_claiming_an_enormous_shape_is_refused_without_allocating(model_file, name,
+                                                                         shape):
+    members = zip_members(model_file)
+    members[f"{name}.npy"] = with_claimed_shape(members[f"{name}.npy"], shape)
+    write_zip(model_file, members)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        assert_refused(model_file, f"entry '{name}' is damaged: its header claims shape")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 5e6, f"refusing the file allocated {peak} bytes"
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("name, fragment", [
+    # The format says what shape means_ has: refused before reading.
+    ("means_", "array means_ has shape (200000000, 2), expected (3, 2)"),
+    # lower_bounds_ has no shape in the format: reading stops where the data does.
+    ("lower_bounds_", "entry 'lower_bounds_' is damaged: it ends early"),
+])
+def test_enormous_shape_with_a_matching_zip_size_is_refused_without_allocating(
+        model_file, name, fragment):
+    shape = (200_000_000, 2) if name == "means_" else (400_000_000,)
+    members = zip_members(model_file)
+    entry = with_claimed_shape(members[f"{name}.npy"], shape)
+    members[f"{name}.npy"] = entry
+    write_zip(model_file, members)
+    data = bytearray(model_file.read_bytes())
+    header_size = 10 + struct.unpack_from("<H", entry, 8)[0]
+    claimed_size = header_size + 8 * math.prod(shape)
+    # The uncompressed size, in the central directory and the local header.
+    record = central_directory_entry(data, f"{name}.npy")
+    struct.pack_into("<I", data, record + 24, claimed_size)
+    (local,) = struct.unpack_from("<I", data, record + 42)
+    struct.pack_into("<I", data, local + 22, claimed_size)
+    model_file.write_bytes(bytes(data))
+    tracemalloc.start()
+    try:
+        assert_refused(model_file, fragment)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 5e6, f"refusing the file allocated {peak} bytes"
+
+
+def test_object_array_member_is_refused_before_unpickling(model_file):
+    members = zip_members(model_file)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    members["means_.npy"] = buffer.getvalue()
+    write_zip(model_file, members)
+    assert_refused(model_file, "entry 'means_' holds pickled Python objects")
+
+
+def test_member_that_is_not_npy_is_refused(model_file):
+    members = zip_members(model_file)
+    members["notes.txt"] = b"hello"
+    write_zip(model_file, members)
+    assert_refused(model_file, "entry 'notes.txt' is not an .npy array")
+
+
+def test_member_twice_is_refused(model_file):
+    data = zip_members(model_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name"
+        with zipfile.ZipFile(model_file, "a") as archive:
+            archive.writestr("weights_.npy", data["weights_.npy"])
+    assert_refused(model_file, "entry 'weights_' appears twice")
+
+
+@pytest.mark.parametrize("header_text", [
+    "{'descr': '<f8', 'fortran_order': False}",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': (-3,), }",
+    "{'descr': '<f8', 'fortran_order': 0, 'shape': (3,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': [3], }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': (3,), " + "(" * 500 + "}",
+    "__import__('os').system('false')",
+    "{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }",
+    "{'descr': [('a', '<f8')], 'fortran_order': False, 'shape': (3,), }",
+])
+def test_invalid_npy_header_is_refused(model_file, header_text):
+    members = zip_members(model_file)
+    text = header_text.ljust(len(header_text) + 63 - (len(header_text) + 10) % 64) + "\n"
+    data = members["weights_.npy"]
+    length = struct.unpack_from("<H", data, 8)[0]
+    members["weights_.npy"] = (data[:8] + struct.pack("<H", len(text)) + text.encode()
+                               + data[10 + length :])
+    write_zip(model_file, members)
+    assert_refused(model_file, "entry 'weights_'")
+
+
+def test_file_of_the_other_byte_order_loads(model_file, fitted, X):
+    members = {
+        name: npy_bytes(npy_array(data).astype(npy_array(data).dtype.newbyteorder("S")))
+        for name, data in zip_members(model_file).items()
+    }
+    write_zip(model_file, members)
+    loaded = load_model(model_file)
+    for name in FITTED_ARRAYS:
+        assert getattr(loaded, name).dtype == getattr(fitted, name).dtype, name
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(fitted, name))
+    np.testing.assert_array_equal(loaded.predict_proba(X), fitted.predict_proba(X))
+
+
+def test_entry_of_a_stray_byte_order_is_refused(model_file, fitted):
+    # A flipped bit turns '<f8' into '>f8': the data would be read byte-swapped.
+    replace_entries(model_file, means_=fitted.means_.astype(">f8"))
+    assert_refused(model_file, "its entries have different byte orders")
+
+
+def test_invalid_unicode_in_metadata_is_refused(model_file):
+    members = zip_members(model_file)
+    data = bytearray(members[f"{META_KEY}.npy"])
+    data[-2] = 0xFF  # the high byte of the last UTF-32 code unit
+    members[f"{META_KEY}.npy"] = bytes(data)
+    write_zip(model_file, members)
+    assert_refused(model_file, f"entry '{META_KEY}' holds invalid unicode")
+
+
+def test_load_directory_says_it_is_a_directory(tmp_path):
+    assert_refused(tmp_path, "is a directory")
+    with pytest.raises(ValueError) as info:
+        load_model(tmp_path)
+    assert "no such" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Saved models: values no fitted model has
+# ---------------------------------------------------------------------------
+
+
+def test_negative_weights_are_refused(model_file, fitted):
+    weights = fitted.weights_.copy()
+    weights[1] += weights[0] + 0.1
+    weights[0] = -0.1  # still summing to 1
+    replace_entries(model_file, weights_=weights)
+    assert_refused(model_file, "weights_ has the negative weight -0.1 (component 0)")
+
+
+def test_weights_not_summing_to_one_are_refused(model_file, fitted):
+    replace_entries(model_file, weights_=fitted.weights_ * 1.01)
+    assert_refused(model_file, "weights_ sum to 1.01")
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_negated_covariances_are_refused(tmp_path, X, covariance_type):
+    model = GaussianMixture(3, covariance_type=covariance_type, random_state=0).fit(X)
+    path = tmp_path / "negated.npz"
+    save_model(model, path)
+    replace_entries(path, covariances_=-model.covariances_, precisions_=-model.precisions_)
+    what = "the tied covariance" if covariance_type == "tied" else "component 0"
+    expected = ("not positive definite" if covariance_type in ("full", "tied")
+                else "is not positive")
+    assert_refused(path, f"covariances_ of {what}", expected)
+
+
+def test_indefinite_covariance_is_refused(model_file, fitted):
+    # A symmetric matrix with a positive diagonal whose correlation is 2.
+    covariances = fitted.covariances_.copy()
+    covariances[2, 0, 1] = covariances[2, 1, 0] = 2 * np.sqrt(
+        covariances[2, 0, 0] * covariances[2, 1, 1])
+    replace_entries(model_file, covariances_=covariances)
+    assert_refused(model_file, "covariances_ of component 2 is not positive definite")
+
+
+def test_asymmetric_covariance_is_refused(model_file, fitted):
+    covariances = fitted.covariances_.copy()
+    covariances[1, 0, 1] *= 1.001
+    replace_entries(model_file, covariances_=covariances)
+    assert_refused(model_file, "covariances_ of component 1 is not symmetric")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda u: 2 * u, "is not the precision factor of its covariances_"),
+    (lambda u: u[[1, 2, 0]], "is not the precision factor of its covariances_"),
+    (lambda u: u.transpose(0, 2, 1), "is not upper triangular with a positive diagonal"),
+    (lambda u: -u, "is not upper triangular with a positive diagonal"),
+])
+def test_wrong_precision_factor_is_refused(model_file, fitted, change, fragment):
+    factor = change(fitted.precisions_cholesky_)
+    # precisions_ made to agree with the wrong factor: only covariances_ tells.
+    replace_entries(model_file, precisions_cholesky_=factor,
+                    precisions_=np.einsum("kij,klj->kil", factor, factor))
+    assert_refused(model_file, "precisions_cholesky_ of component 0", fragment)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_wrong_diagonal_precision_factor_is_refused(tmp_path, X, covariance_type):
+    model = GaussianMixture(3, covariance_type=covariance_type, random_state=0).fit(X)
+    path = tmp_path / "wrong.npz"
+    save_model(model, path)
+    factor = model.precisions_cholesky_ * 1.5
+    replace_entries(path, precisions_cholesky_=factor, precisions_=factor**2)
+    assert_refused(path, "precisions_cholesky_ of component 0 is not 1 / sqrt(covariances_)")
+
+
+def test_precisions_disagreeing_with_the_factor_are_refused(model_file, fitted):
+    replace_entries(model_file, precisions_=fitted.precisions_ * 1.001)
+    assert_refused(model_file, "precisions_ of component 0 is not precisions_cholesky_ "
+                               "times its transpose")
+
+
+def test_fitted_arrays_of_mixed_dtypes_are_refused(model_file, fitted):
+    replace_entries(model_file, means_=fitted.means_.astype(np.float32))
+    assert_refused(model_file, "the fitted arrays mix the dtypes float32, float64")
+
+
+def test_lower_bounds_disagreeing_with_the_fitted_scalars_are_refused(model_file, fitted):
+    replace_entries(model_file, lower_bounds_=np.asarray(fitted.lower_bounds_[:-1]))
+    assert_refused(model_file, f"lower_bounds_ has {fitted.n_iter_ - 1} values, but n_iter_ "
+                               f"is {fitted.n_iter_}")
+    bounds = np.array(fitted.lower_bounds_)
+    bounds[-1] += 1.0
+    replace_entries(model_file, lower_bounds_=bounds)
+    assert_refused(model_file, "lower_bound_ is", "but the last of lower_bounds_ is")
+
+
+def test_initial_weights_fit_would_refuse_are_refused(model_file):
+    replace_entries(model_file, weights_init=np.array([0.5, 0.5, 0.5]))
+    rewrite(model_file, drop_params=["weights_init"])
+    assert_refused(model_file, "the parameter weights_init is not one fit accepts")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("tol", -1), ("n_threads", "abc"), ("reg_covar", float("nan")), ("n_init", 0),
+    ("covariance_type", "round"), ("max_iter", 1.5), ("random_state", -1),
+])
+def test_parameter_value_the_estimator_refuses(model_file, name, value):
+    rewrite(model_file, params={name: value})
+    message = assert_refused(model_file, "the saved parameters do not fit this fastem",
+                             f"'{name}' parameter")
+    assert "GaussianMixture" in message
+
+
+def test_fitted_float_too_large_for_a_float_is_refused(model_file):
+    with np.load(model_file, allow_pickle=False) as archive:
+        fitted = json.loads(str(archive[META_KEY]))["fitted"]
+    rewrite(model_file, {"fitted": {**fitted, "lower_bound_": 10**400}})
+    assert_refused(model_file, "invalid fitted attribute lower_bound_")
+
+
+@pytest.mark.parametrize("name", [["fastem.GaussianMixture"], {"a": 1}, 3])
+def test_format_name_that_is_no_string_is_refused(model_file, name):
+    rewrite(model_file, {"format": name})
+    assert_refused(model_file, "is not a model file this fastem reads")
+
+
+# ---------------------------------------------------------------------------
+# Saved models: the value checks accept every model fit produces
+# ---------------------------------------------------------------------------
+
+
+def test_model_with_a_zero_weight_round_trips(tmp_path, X):
+    # weights_init may give a component weight 0; max_iter=0 keeps it.
+    model = GaussianMixture(3, weights_init=[0.0, 0.5, 0.5], max_iter=0,
+                            random_state=0).fit(X)
+    assert model.weights_[0] == 0
+    path = tmp_path / "zero-weight.npz"
+    save_model(model, path)
+    np.testing.assert_array_equal(load_model(path).predict_proba(X), model.predict_proba(X))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_model_of_nearly_singular_data_round_trips(tmp_path, covariance_type):
+    # Exactly collinear columns with a large spread: rounding the float64
+    # covariance to float32 leaves it indefinite by a hair (its factor, rounded
+    # too, is still right), which the checks allow as rounding.
+    t = np.random.default_rng(1).normal(size=(500, 1)) * 100
+    X32 = np.hstack([t, 2 * t, t + 1]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GaussianMixture(2, covariance_type=covariance_type, random_state=0).fit(X32)
+    path = tmp_path / "singular.npz"
+    save_model(model, path)
+    loaded = load_model(path)
+    np.testing.assert_array_equal(loaded.predict_proba(X32), model.predict_proba(X32))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("n_features", [1, 7, 20])
+def test_models_of_many_shapes_round_trip(tmp_path, covariance_type, n_features):
+    rng = np.random.default_rng(n_features)
+    X = rng.normal(size=(400, n_features)) @ rng.normal(size=(n_features, n_features)) * 30
+    model = GaussianMixture(4, covariance_type=covariance_type, random_state=0).fit(X)
+    path = tmp_path / "model.npz"
+    save_model(model, path)
+    assert load_model(path).means_.tobytes() == model.means_.tobytes()
+
+
+def test_save_refuses_a_model_whose_values_are_no_mixture(tmp_path, fitted):
+    path = tmp_path / "model.npz"
+    model = pickle.loads(pickle.dumps(fitted))
+    model.weights_ = -model.weights_
+    with pytest.raises(ValueError, match="weights_ has the negative weight") as info:
+        save_model(model, path)
+    assert str(path) in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# Saving: errors name the path the caller gave
+# ---------------------------------------------------------------------------
+
+
+def test_save_into_a_missing_folder_names_the_folder(tmp_path, fitted):
+    path = tmp_path / "no" / "such" / "model.npz"
+    with pytest.raises(FileNotFoundError) as info:
+        save_model(fitted, path)
+    message = str(info.value)
+    assert f"the folder {path.parent} does not exist" in message, message
+    assert info.value.filename == str(path)
+    assert ".tmp" not in message and info.value.__cause__ is None, message
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_onto_a_directory_says_so(tmp_path, fitted):
+    with pytest.raises(IsADirectoryError, match="it is a directory") as info:
+        save_model(fitted, tmp_path)
+    assert info.value.filename == str(tmp_path)
+
+
+def test_save_beside_a_file_that_is_no_folder(tmp_path, fitted):
+    (tmp_path / "plain").write_text("x")
+    path = tmp_path / "plain" / "model.npz"
+    with pytest.raises(NotADirectoryError, match="is not a folder") as info:
+        save_model(fitted, path)
+    assert str(tmp_path / "plain") in str(info.value)
+
+
+def test_save_with_a_long_file_name_works(tmp_path, fitted):
+    # The temporary file's name must not be longer than the file system allows
+    # when the final name is not.
+    path = tmp_path / ("m" * 240 + ".npz")
+    save_model(fitted, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 # ---------------------------------------------------------------------------
