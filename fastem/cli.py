@@ -17,23 +17,58 @@ Subcommands
     Everything after ``bench`` goes to :func:`fastem.bench.main`.
 
 This module only parses, reports and draws: reading files is
-:mod:`fastem.io`, fitting is :func:`fastem.selection.select_model`, pictures
-are :mod:`fastem.plotting`. Bad input of any kind (those modules report it as
-``ValueError``) ends the program with status 2 and one line on stderr that
-starts with ``fastem: error:``; argparse's usage errors also exit with 2.
+:mod:`fastem.tables` and :mod:`fastem.io`, fitting is
+:func:`fastem.selection.select_model`, pictures are :mod:`fastem.plotting`.
+
+Exit status and errors
+----------------------
+Bad input of any kind (those modules report it as ``ValueError``) ends the
+program with status 2 and one line on stderr that starts with
+``fastem: error:``, before any fitting when the problem is in the arguments
+(an output path that cannot be written, say); argparse's usage errors also
+exit with 2. Warnings are one line each.
+
+Ctrl-C
+------
+A command runs on a thread of its own while the main thread waits, so that
+Ctrl-C is never raised inside the kernels' Python callbacks (see
+:func:`_in_own_thread`). The command stops at its next check (after a grid
+cell, a block of output rows, before renaming an output into place), or the
+program leaves it after ``_STOP_GRACE_S`` seconds; either way it exits with
+130 and one line on stderr, and without partial files.
+
+Files
+-----
+Output files are written to a temporary file in the same folder and renamed
+into place, so an interrupted or failed run leaves no partial file (and an
+existing one as it was). ``fit`` on a table whose file names its columns gives
+the model ``feature_names_in_``; ``predict`` and ``score`` then take the new
+file's columns by those names, in the model's order, and refuse a file that
+lacks one or names none; ``--columns`` overrides that, by position.
+
+Standard output
+---------------
+A reader that goes away early (``fastem fit ... --out m.npz | head -1``) stops
+the report, not the work: the files are still written, and the exit status is
+1, as Python's documentation recommends for a broken pipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import os
 import re
 import shutil
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Sequence
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -43,7 +78,7 @@ from . import __version__
 from .covariance import COVARIANCE_TYPES
 from .io import load_model, save_model
 from .selection import CRITERIA, SelectionResult, select_model
-from .tables import load_demo_data, read_table
+from .tables import MissingColumnsError, Table, load_demo_data, load_table
 
 PROG = "fastem"
 DEMO_PICTURE = "fastem-demo.png"
@@ -54,7 +89,21 @@ PLOT_HINT = "pip install fastem[plot]"
 DEFAULT_N_INIT = inspect.signature(select_model).parameters["n_init"].default
 
 _EXIT_INPUT_ERROR = 2
+_EXIT_BROKEN_PIPE = 1
 _EXIT_INTERRUPTED = 130
+# NumPy's legacy seeding (which scikit-learn's random_state uses) takes 32 bits.
+_MAX_SEED = 2**32 - 1
+# How long an interrupted command may take to reach a point where it stops
+# cleanly (the end of a grid cell, a block of output rows) before the program
+# exits without it; a cell of a large data set can take longer.
+_STOP_GRACE_S = 3.0
+_CSV_ROWS_PER_CHECK = 4096
+
+# Set by the main thread on Ctrl-C; the command's thread stops at its next check.
+_interrupted = threading.Event()
+# Temporary output files being written, removed if the program exits without
+# the command (see main).
+_pending_outputs: set[Path] = set()
 _COMPONENTS_SPEC = re.compile(r"(\d+)(?:-(\d+))?")
 
 
@@ -75,30 +124,135 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         0 on success, 2 for bad input or usage (one ``fastem: error:`` line
-        on stderr), 130 when interrupted; ``fastem bench`` returns what
+        on stderr), 1 when standard output was closed early (after writing
+        the output files) or memory ran out, 130 when interrupted (one line on
+        stderr, no partial output file); ``fastem bench`` returns what
         :func:`fastem.bench.main` returns.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    report = _Report(sys.stdout)
     try:
-        # bench's options belong to fastem.bench, so they bypass this parser.
-        if argv[:1] == ["bench"]:
-            return _run_bench(argv[1:])
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:  # --help, --version and usage errors
-            return exc.code if isinstance(exc.code, int) else _EXIT_INPUT_ERROR
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            # A named model is handed plain arrays whose columns have already
+            # been matched to its names (_read_model_data).
+            warnings.filterwarnings("ignore", message="X does not have valid feature names",
+                                    category=UserWarning)
+            status = _run(argv, report)
+        # Inside the try, so that a reader gone away is noticed here rather
+        # than by the interpreter at exit (Python's note on SIGPIPE).
+        sys.stdout.flush()
     except BrokenPipeError:
-        # The reader went away (``fastem predict ... | head``): stop quietly,
-        # and keep Python from complaining when it flushes stdout at exit.
+        # The reader went away while the output was the point
+        # (``fastem predict ... | head``): stop quietly.
         _silence_stdout()
-        return 1
+        return _EXIT_BROKEN_PIPE
     except (ValueError, OSError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return _EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        if isinstance(exc, _Abandoned):
+            # The command is inside a kernel call, which nothing can stop:
+            # exit without it, and without its temporary files.
+            for path in list(_pending_outputs):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(_EXIT_INTERRUPTED)
         return _EXIT_INTERRUPTED
+    return _EXIT_BROKEN_PIPE if report.broken and status == 0 else status
+
+
+def _run(argv: list[str], report: _Report) -> int:
+    # bench's options belong to fastem.bench, so they bypass this parser.
+    if argv[:1] == ["bench"]:
+        return _in_own_thread(_run_bench, argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else _EXIT_INPUT_ERROR
+    return _in_own_thread(args.run, args, report)
+
+
+class _Abandoned(KeyboardInterrupt):
+    """Ctrl-C, and the command did not stop within ``_STOP_GRACE_S``."""
+
+
+def _in_own_thread(function, *args):
+    """``function(*args)`` run on a thread of its own: its result, or its exception.
+
+    Python runs signal handlers in the main thread only, so Ctrl-C raises
+    KeyboardInterrupt here, where the main thread waits, and never inside the
+    work: Numba builds the arrays a kernel returns with a Python function
+    (``numba.core.serialize._numba_unpickle``), and a KeyboardInterrupt raised
+    in there turns into a SystemError traceback or a segmentation fault. The
+    command stops at its next :func:`_stop_if_interrupted`.
+    """
+    outcome = {}
+    # Not Thread.join: in Python 3.11 a join interrupted by Ctrl-C marks the
+    # thread as stopped while it still runs.
+    done = threading.Event()
+
+    def work():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as exc:  # handed over to the main thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    _interrupted.clear()
+    threading.Thread(target=work, name="fastem-command", daemon=True).start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        _interrupted.set()
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: wait no more
+            done.wait(_STOP_GRACE_S)
+        if not done.is_set():
+            raise _Abandoned from None
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _stop_if_interrupted() -> None:
+    """Where the command stops after Ctrl-C (an ordinary raise, in Python code)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+class _Report:
+    """The report on standard output, which outlives the reader going away.
+
+    When the reader closes the pipe (``fastem fit ... --out m.npz | head -1``)
+    the rest of the report is dropped and :attr:`broken` is set, but the work
+    goes on: the model is still fitted and saved.
+    """
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.broken = False
+
+    def print(self, text: str = "") -> None:
+        _stop_if_interrupted()
+        if self.broken:
+            return
+        try:
+            self._stream.write(text + "\n")
+            # Line by line, so that a pipe shows progress at once and a closed
+            # one is noticed here.
+            self._stream.flush()
+        except BrokenPipeError:
+            self.broken = True
+            _silence_stdout()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,11 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lower is better (default: bic)")
     fit.add_argument("--n-init", type=_positive_int, default=DEFAULT_N_INIT, metavar="N",
                      help=f"starts per K (default: {DEFAULT_N_INIT})")
-    fit.add_argument("--seed", type=int, default=DEMO_SEED, metavar="S",
-                     help=f"random seed of the starts (default: {DEMO_SEED})")
+    fit.add_argument("--seed", type=_seed, default=DEMO_SEED, metavar="S",
+                     help=f"random seed of the starts, 0 to 2**32 - 1 (default: {DEMO_SEED})")
     _add_columns(fit)
     fit.add_argument("--out", type=Path, metavar="MODEL",
-                     help="save the chosen model to this .npz file")
+                     help="save the chosen model to this .npz file (with the column names, "
+                          "when the data file has a header)")
     fit.add_argument("--plot", type=Path, metavar="PICTURE",
                      help=f"draw the criterion curves and the chosen model ({PLOT_HINT})")
     _add_quiet(fit)
@@ -158,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(predict)
     predict.add_argument("--proba", action="store_true",
                          help="responsibilities, one column per component")
-    _add_columns(predict)
+    _add_model_columns(predict)
     predict.add_argument("--out", type=Path, metavar="CSV",
                          help="write here instead of to standard output")
     predict.set_defaults(run=_predict)
@@ -170,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model(score)
     _add_data(score)
-    _add_columns(score)
+    _add_model_columns(score)
     score.set_defaults(run=_score)
 
     compile_ = commands.add_parser(
@@ -205,6 +360,13 @@ def _add_columns(parser):
                         help="columns to use, by name or 0-based index (default: all)")
 
 
+def _add_model_columns(parser):
+    parser.add_argument("--columns", metavar="A,B,C",
+                        help="the data's columns for the model's features, in their order, by "
+                             "name or 0-based index (default: the columns the model was fitted "
+                             "on, by name, or all columns for a model without names)")
+
+
 def _add_quiet(parser):
     parser.add_argument("--quiet", action="store_true",
                         help="no progress line (there is none either when stderr is not a "
@@ -221,63 +383,94 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    expected = f"expected an integer from 0 to 2**32 - 1, got {text!r}"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(expected)
+    return value
+
+
 # ---------------------------------------------------------------------------
 # Subcommands
 # ---------------------------------------------------------------------------
 
 
-def _demo(args) -> int:
+def _demo(args, report: _Report) -> int:
     X, names = load_demo_data()
     picture = args.out_dir / DEMO_PICTURE
     can_draw = _has_matplotlib()
     if can_draw:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"Old Faithful geyser: {X.shape[0]} eruptions x {X.shape[1]} columns "
-          f"({', '.join(names)})")
-    result = _select(X, list(DEMO_COMPONENTS), COVARIANCE_TYPES, "bic", DEFAULT_N_INIT,
-                     DEMO_SEED, args.quiet)
-    _print_selection(result, names)
+        _check_output("--out-dir", picture)
+    report.print(f"Old Faithful geyser: {X.shape[0]} eruptions x {X.shape[1]} columns "
+                 f"({', '.join(names)})")
+    result = _select(report, X, list(DEMO_COMPONENTS), COVARIANCE_TYPES, "bic",
+                     DEFAULT_N_INIT, DEMO_SEED, args.quiet)
+    _print_selection(report, result, names)
     if can_draw:
         _draw(result, X, names, picture)
-        print(f"\nPicture: {picture}")
+        report.print(f"\nPicture: {picture}")
     else:
         print(f"{PROG}: note: no picture drawn; it needs matplotlib: {PLOT_HINT}",
               file=sys.stderr)
     return 0
 
 
-def _fit(args) -> int:
+def _fit(args, report: _Report) -> int:
     ranges = parse_components(args.n_components)
     covariance_types = parse_covariance_types(args.covariance)
+    # Every argument is checked before the data is read and fitted.
+    if args.plot is not None:
+        if not _has_matplotlib():
+            raise ValueError(f"--plot needs matplotlib: {PLOT_HINT}")
+        _check_picture_type("--plot", args.plot)
     for option, path in (("--out", args.out), ("--plot", args.plot)):
-        if path is not None and not path.resolve().parent.is_dir():
-            raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
-    if args.plot is not None and not _has_matplotlib():
-        raise ValueError(f"--plot needs matplotlib: {PLOT_HINT}")
-    X, names = _read_data(args.data, args.columns)
+        if path is not None:
+            _check_output(option, path)
+    if args.out is not None and args.plot is not None and (
+            args.out.resolve() == args.plot.resolve()):
+        raise ValueError(f"--out and --plot are the same file, {args.out}")
+    table = _read_data(args.data, _parse_columns(args.columns))
+    X, names = table.X, table.names
+    if table.named and args.out is not None:
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{args.data}: several columns are named {_quoted(repeated)}; the "
+                             "saved model finds its columns by name, so give each its own")
     largest = max(high for _, high in ranges)
     if largest > X.shape[0]:
         raise ValueError(f"-k asks for up to {largest} components but {args.data} has only "
                          f"{X.shape[0]} rows")
     ks = sorted({k for low, high in ranges for k in range(low, high + 1)})
-    print(f"{args.data}: {X.shape[0]} rows x {X.shape[1]} columns ({', '.join(names)})")
-    result = _select(X, ks, covariance_types, args.criterion, args.n_init, args.seed,
+    report.print(f"{args.data}: {X.shape[0]} rows x {X.shape[1]} columns ({', '.join(names)})")
+    result = _select(report, X, ks, covariance_types, args.criterion, args.n_init, args.seed,
                      args.quiet)
-    _print_selection(result, names)
+    if table.named:
+        # As scikit-learn names the features of a model fitted on a DataFrame:
+        # predict and score find a new file's columns by these names.
+        result.best_model.feature_names_in_ = np.asarray(names, dtype=object)
     written = []
     if args.out is not None:
-        save_model(result.best_model, args.out)
+        with _replaced_atomically(args.out) as tmp:
+            save_model(result.best_model, tmp)
         written.append(f"Model saved to {args.out}")
     if args.plot is not None:
         _draw(result, X, names, args.plot)
         written.append(f"Picture: {args.plot}")
+    _print_selection(report, result, names)
     if written:
-        print("\n" + "\n".join(written))
+        report.print("\n" + "\n".join(written))
     return 0
 
 
-def _predict(args) -> int:
-    model = load_model(args.model)
+def _predict(args, report: _Report) -> int:
+    if args.out is not None:
+        _check_output("--out", args.out)
+    model = _load_model(args.model)
     X = _read_model_data(model, args)
     if args.proba:
         proba = model.predict_proba(X)
@@ -288,15 +481,17 @@ def _predict(args) -> int:
         header = "label"
         body = map(str, model.predict(X).tolist())
     if args.out is None:
+        # Not through the report: when the reader goes away there is nothing
+        # left to do, and main() stops quietly.
         _write_csv(sys.stdout, header, body)
     else:
-        with open(args.out, "w", newline="") as handle:
+        with _replaced_atomically(args.out) as tmp, open(tmp, "x", newline="") as handle:
             _write_csv(handle, header, body)
     return 0
 
 
-def _score(args) -> int:
-    model = load_model(args.model)
+def _score(args, report: _Report) -> int:
+    model = _load_model(args.model)
     X = _read_model_data(model, args)
     loglik = np.asarray(model.score_samples(X), dtype=np.float64)
     rows = [
@@ -309,18 +504,18 @@ def _score(args) -> int:
     ]
     width = max(len(name) for name, _ in rows) + 2
     for name, value in rows:
-        print(f"{name:<{width}}{value}")
+        report.print(f"{name:<{width}}{value}")
     return 0
 
 
-def _compile(args) -> int:
+def _compile(args, report: _Report) -> int:
     from .compilation import compile_kernels
 
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
     start = time.perf_counter()
-    seconds = compile_kernels(dtypes, report=print)
-    print(f"{len(seconds)} kernels compiled in {sum(seconds.values()):.1f} s "
-          f"({time.perf_counter() - start:.1f} s in all); cache: {_numba_cache_dir()}")
+    seconds = compile_kernels(dtypes, report=report.print)
+    report.print(f"{len(seconds)} kernels compiled in {sum(seconds.values()):.1f} s "
+                 f"({time.perf_counter() - start:.1f} s in all); cache: {_numba_cache_dir()}")
     return 0
 
 
@@ -405,24 +600,67 @@ def _parse_columns(spec: str | None) -> list[str] | None:
 # ---------------------------------------------------------------------------
 
 
-def _read_data(path: Path, columns: str | None) -> tuple[np.ndarray, list[str]]:
-    """``read_table``, refusing missing and non-finite values with the row that has one."""
-    X, names = read_table(path, _parse_columns(columns))
-    bad = ~np.isfinite(X).all(axis=1)
+def _read_data(path: Path, columns: list[str] | None) -> Table:
+    """``load_table``, refusing missing and non-finite values with the row that has one."""
+    table = load_table(path, columns)
+    bad = ~np.isfinite(table.X).all(axis=1)
     if bad.any():
-        raise ValueError(f"{path}: {int(bad.sum())} of {X.shape[0]} rows have missing or "
-                         f"non-finite values (the first is data row {np.argmax(bad) + 1}); "
+        raise ValueError(f"{path}: {int(bad.sum())} of {table.X.shape[0]} rows have missing "
+                         f"or non-finite values (the first is data row {np.argmax(bad) + 1}); "
                          "remove or fill them first")
-    return X, names
+    return table
+
+
+def _load_model(path: Path):
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a model file")
+    return load_model(path)
 
 
 def _read_model_data(model, args) -> np.ndarray:
-    X, _ = _read_data(args.data, args.columns)
-    if X.shape[1] != model.n_features_in_:
-        raise ValueError(f"{args.data} has {_count(X.shape[1], 'column')} but the model in "
-                         f"{args.model} was fitted on {model.n_features_in_}; pick them with "
-                         "--columns")
-    return X
+    """The data's columns for the model's features, in the model's order.
+
+    A model with feature names takes the columns of those names, wherever they
+    are in the file; ``--columns`` picks them by position instead, and a model
+    without names takes the columns as they come.
+    """
+    names = getattr(model, "feature_names_in_", None)
+    columns = _parse_columns(args.columns)
+    if names is None or columns is not None:
+        table = _read_data(args.data, columns)
+        if table.X.shape[1] != model.n_features_in_:
+            raise ValueError(f"{args.data} has {_count(table.X.shape[1], 'column')} but the "
+                             f"model in {args.model} was fitted on {model.n_features_in_}; "
+                             "pick them with --columns")
+        if names is not None and table.named:
+            _check_columns_order(args, table.names, [str(name) for name in names])
+        return table.X
+    names = [str(name) for name in names]
+    fitted_on = f"the model in {args.model} was fitted on columns {_quoted(names)}"
+    unnamed = (f"{args.data} does not name its columns, but {fitted_on}; add a header row "
+               "naming them, or give the file's columns in the model's order with --columns")
+    try:
+        table = _read_data(args.data, names)
+    except MissingColumnsError as exc:
+        if not exc.named:
+            raise ValueError(unnamed) from None
+        lacks = "the column" if len(exc.missing) == 1 else "the columns"
+        raise ValueError(f"{args.data} lacks {lacks} {_quoted(exc.missing)}: {fitted_on}, "
+                         f"and the file has {_quoted(exc.available)}; rename them, or give "
+                         "the file's columns in the model's order with --columns") from None
+    if not table.named:
+        raise ValueError(unnamed)
+    return table.X
+
+
+def _check_columns_order(args, chosen: list[str], names: list[str]) -> None:
+    """Refuse ``--columns`` that hand a model's named column to another feature."""
+    for column, name in zip(chosen, names):
+        if column != name and column in names:
+            raise ValueError(f"--columns {args.columns} gives the column {column!r} of "
+                             f"{args.data} to the model's feature {name!r}; list the columns "
+                             f"in the model's order ({', '.join(names)}), or leave out "
+                             "--columns to match them by name")
 
 
 def _count(n: int, noun: str) -> str:
@@ -431,7 +669,73 @@ def _count(n: int, noun: str) -> str:
 
 def _write_csv(stream: TextIO, header: str, rows) -> None:
     stream.write(header + "\n")
-    stream.writelines(row + "\n" for row in rows)
+    block = []
+    for row in rows:
+        block.append(row + "\n")
+        if len(block) == _CSV_ROWS_PER_CHECK:
+            _stop_if_interrupted()
+            stream.writelines(block)
+            block.clear()
+    stream.writelines(block)
+
+
+# ---------------------------------------------------------------------------
+# Output files
+# ---------------------------------------------------------------------------
+
+
+def _check_output(option: str, path: Path) -> None:
+    """Refuse, before any work, an output file that could not be written."""
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder; give a file name")
+    if not folder.is_dir():
+        if folder.exists():
+            raise ValueError(f"{option} {path}: {folder} is not a folder")
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    try:
+        # What writing will do: create a file in that folder (then rename it).
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write in the folder {folder}: "
+                         f"{exc.strerror or exc}") from None
+
+
+def _check_picture_type(option: str, path: Path) -> None:
+    # matplotlib would append ".png" to a name without an extension, and
+    # refuse an unknown one only after the fit.
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    types = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in types:
+        problem = (f"unknown picture type {path.suffix!r}" if path.suffix else
+                   "no extension to give the picture's type")
+        raise ValueError(f"{option} {path}: {problem}; use one of "
+                         f"{', '.join('.' + t for t in sorted(types))}")
+
+
+@contextlib.contextmanager
+def _replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``, renamed to ``path`` when the block ends well.
+
+    Nobody sees a half-written file, and a failed or interrupted write leaves
+    no file behind (an existing one as it was). The temporary name keeps the
+    extension, from which matplotlib takes a picture's format.
+    """
+    _stop_if_interrupted()
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    _pending_outputs.add(tmp)
+    try:
+        yield tmp
+        _stop_if_interrupted()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _pending_outputs.discard(tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -439,21 +743,28 @@ def _write_csv(stream: TextIO, header: str, rows) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _select(X, ks, covariance_types, criterion, n_init, seed, quiet) -> SelectionResult:
-    print(f"Choosing K = {_describe_ks(ks)} and the covariance type "
-          f"({', '.join(covariance_types)}) by {criterion.upper()}; "
-          f"n_init={n_init}, random_state={seed}")
-    print()
+def _select(report: _Report, X, ks, covariance_types, criterion, n_init, seed,
+            quiet) -> SelectionResult:
+    report.print(f"Choosing K = {_describe_ks(ks)} and the covariance type "
+                 f"({', '.join(covariance_types)}) by {criterion.upper()}; "
+                 f"n_init={n_init}, random_state={seed}")
+    report.print()
     n_cells = len(ks) * len(covariance_types)
-    progress = None
+    line = None
     if not quiet and sys.stderr is not None and sys.stderr.isatty():
-        progress = ProgressLine(sys.stderr, n_cells)
+        line = ProgressLine(sys.stderr, n_cells)
+
+    def progress(*cell) -> None:
+        _stop_if_interrupted()
+        if line is not None:
+            line(*cell)
+
     try:
         return select_model(X, ks, covariance_types, criterion, n_init=n_init,
                             random_state=seed, progress=progress)
     finally:
-        if progress is not None:
-            progress.close()
+        if line is not None:
+            line.close()
 
 
 def _describe_ks(ks: list[int]) -> str:
@@ -492,10 +803,10 @@ class ProgressLine:
         self._width = len(line)
 
 
-def _print_selection(result: SelectionResult, names: list[str]) -> None:
-    print(result.format_table())
-    print()
-    print(describe_choice(result, names))
+def _print_selection(report: _Report, result: SelectionResult, names: list[str]) -> None:
+    report.print(result.format_table())
+    report.print()
+    report.print(describe_choice(result, names))
 
 
 def describe_choice(result: SelectionResult, names: Sequence[str]) -> str:
@@ -581,7 +892,8 @@ def _draw(result: SelectionResult, X: np.ndarray, names: list[str], path: Path) 
         right.set_xlabel(names[0])
     if X.shape[1] == 2:
         right.set_ylabel(names[1])
-    save_figure(figure, path)
+    with _replaced_atomically(path) as tmp:
+        save_figure(figure, tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -595,6 +907,16 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: one line, without the source."""
+    text = " ".join(str(message).split()) or category.__name__
+    print(f"{PROG}: warning: {text}", file=sys.stderr)
+
+
+def _quoted(items) -> str:
+    return ", ".join(repr(str(item)) for item in items)
 
 
 def _silence_stdout() -> None:

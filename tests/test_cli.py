@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,9 @@ from fastem.cli import main
 from fastem.io import load_model, save_model
 from fastem.selection import select_model
 from fastem.tables import load_demo_data
+
+# The tests' own calls of a named model on plain arrays.
+pytestmark = pytest.mark.filterwarnings("ignore:X does not have valid feature names")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TABLE_ROW = re.compile(r"^\s*(\d+) (full|tied|diag|spherical)\s.*\s(\*?)(ok|failed.*)$")
@@ -66,6 +72,11 @@ def files(tmp_path_factory):
     paths["header_only"].write_text("x,y\n")
     paths["empty"].write_text("")
     paths["nan"].write_text("x,y\n1,2\n3,\n5,6\n7,8\n")
+    paths["utf16"] = d / "utf16.csv"
+    paths["utf16"].write_text("x,y\n1,2\n3,4\n", encoding="utf-16")
+    paths["latin1"] = d / "latin1.csv"
+    paths["latin1"].write_bytes("x,y\n1,2\n3,\u00e9\n".encode("latin-1"))
+    paths["bad_cell"] = write_csv(d / "bad_cell.csv", "x,y", [[1, 2], [3, "4.0.1"], [5, 6]])
     np.savez(paths["foreign_npz"], weights=np.ones(3))
     model = select_model(X, range(1, 4), random_state=0).best_model
     save_model(model, d / "model.npz")
@@ -290,7 +301,23 @@ ERRORS = {
     "proba feature mismatch": (["predict", "{model}", "{three_columns}", "--proba"],
                                "fitted on 2"),
     "predict out folder missing": (["predict", "{model}", "{blobs}", "--out",
-                                    "{dir}/no/such/labels.csv"], "No such file or directory"),
+                                    "{dir}/no/such/labels.csv"], "does not exist"),
+    "data file is a folder": (["fit", "{dir}"], "is a folder, not a data file"),
+    "model file is a folder": (["predict", "{dir}", "{blobs}"], "is a folder, not a model file"),
+    "UTF-16 data": (["fit", "{utf16}"], "utf16.csv: the file is UTF-16 text, not UTF-8"),
+    "Latin-1 data": (["fit", "{latin1}"], "latin1.csv: not UTF-8 text (byte 0xe9 at offset 10"),
+    "non-numeric cell": (["fit", "{bad_cell}"], "non-numeric columns: 'y'"),
+    "out is a folder": (["fit", "{blobs}", "--out", "{dir}"], "is a folder; give a file name"),
+    "out is the current folder": (["fit", "{blobs}", "--out", "."], "--out .: is a folder"),
+    "out under a file": (["fit", "{blobs}", "--out", "{blobs}/m.npz"], "is not a folder"),
+    "plot is a folder": (["fit", "{blobs}", "--plot", "{dir}"], "no extension"),
+    "plot without extension": (["fit", "{blobs}", "--plot", "{dir}/fit"], "no extension"),
+    "plot of unknown type": (["fit", "{blobs}", "--plot", "{dir}/fit.xyz"],
+                             "unknown picture type '.xyz'"),
+    "out and plot the same": (["fit", "{blobs}", "--out", "{dir}/a.png", "--plot",
+                               "{dir}/a.png"], "same file"),
+    "predict out is a folder": (["predict", "{model}", "{blobs}", "--out", "{dir}"],
+                                "is a folder"),
 }
 
 
@@ -304,15 +331,272 @@ def test_bad_input_exits_2_with_one_error_line(case, files, capsys):
 
 @pytest.mark.parametrize("args", [
     [], ["fit"], ["fit", "data.csv", "--criterion", "xyz"], ["frobnicate"],
-    ["fit", "data.csv", "--n-init", "0"], ["predict", "model.npz"],
-], ids=["no command", "no data", "bad criterion", "unknown command", "n-init 0",
-        "no data to predict"])
+    ["fit", "data.csv", "--n-init", "0"], ["fit", "data.csv", "--n-init", "-3"],
+    ["fit", "data.csv", "--n-init", "2.5"], ["fit", "data.csv", "--seed", "-1"],
+    ["fit", "data.csv", "--seed", str(2**32)], ["fit", "data.csv", "--seed", "x"],
+    ["predict", "model.npz"],
+], ids=["no command", "no data", "bad criterion", "unknown command", "n-init 0", "n-init -3",
+        "n-init 2.5", "seed -1", "seed 2**32", "seed x", "no data to predict"])
 def test_usage_errors_exit_2_with_usage_and_no_traceback(args, capsys):
     code, out, err = run(capsys, *args)
     assert code == 2
     assert err.startswith("usage: fastem"), err
     assert "error:" in err and "Traceback" not in err
     assert out == ""
+
+
+# ---------------------------------------------------------------------------
+# Column names: a saved model finds its columns by name
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def named_model(files, tmp_path_factory):
+    """A model fitted by ``fastem fit`` on the x,y columns of blobs.csv."""
+    path = tmp_path_factory.mktemp("named") / "model.npz"
+    assert main(["fit", str(files["blobs"]), "-k", "3", "--covariance", "full",
+                 "--out", str(path)]) == 0
+    return path
+
+
+def test_fit_on_a_header_saves_the_column_names_like_scikit_learn(named_model, capsys):
+    capsys.readouterr()
+    model = load_model(named_model)
+    names = model.feature_names_in_
+    assert isinstance(names, np.ndarray) and names.dtype == object, repr(names)
+    assert names.tolist() == ["x", "y"] and all(type(n) is str for n in names)
+
+
+def test_fit_keeps_the_names_and_order_of_the_chosen_columns(files, tmp_path, capsys):
+    path = tmp_path / "model.npz"
+    code, _, err = run(capsys, "fit", files["labelled"], "-k", "2", "--columns", "y,x",
+                       "--out", path)
+    assert code == 0, err
+    assert load_model(path).feature_names_in_.tolist() == ["y", "x"]
+
+
+def test_fit_on_headerless_data_saves_no_names_and_predicts_by_position(files, tmp_path,
+                                                                         capsys):
+    data = tmp_path / "plain.npy"
+    np.save(data, files["X"])
+    path = tmp_path / "model.npz"
+    assert run(capsys, "fit", data, "-k", "3", "--out", path)[0] == 0
+    model = load_model(path)
+    assert not hasattr(model, "feature_names_in_")
+    code, out, err = run(capsys, "predict", path, files["blobs"])
+    assert code == 0 and err == "", err
+    np.testing.assert_array_equal(read_csv(out)[1][:, 0], model.predict(files["X"]))
+
+
+def test_predict_and_score_find_the_columns_by_name_in_any_order(files, named_model,
+                                                                  tmp_path, capsys):
+    X = files["X"]
+    model = load_model(named_model)
+    # Columns reordered, and an extra non-numeric one that must not be read.
+    shuffled = write_csv(tmp_path / "shuffled.csv", "y,site,x",
+                         [[y, "north", x] for x, y in X.tolist()])
+    code, out, err = run(capsys, "predict", named_model, shuffled)
+    assert code == 0 and err == "", err
+    labels = read_csv(out)[1][:, 0]
+    np.testing.assert_array_equal(labels, model.predict(X))
+    assert len(np.unique(labels)) == 3
+
+    code, out, err = run(capsys, "predict", named_model, shuffled, "--proba")
+    assert code == 0 and err == "", err
+    np.testing.assert_array_equal(read_csv(out)[1], model.predict_proba(X))
+
+    code, out, err = run(capsys, "score", named_model, shuffled)
+    assert code == 0 and err == "", err
+    values = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines())
+    np.testing.assert_allclose(float(values["total log-likelihood"]),
+                               model.score_samples(X).sum(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("command", ["predict", "score"])
+def test_a_file_without_a_model_column_is_refused_naming_it(command, files, named_model,
+                                                            tmp_path, capsys):
+    other = write_csv(tmp_path / "other.csv", "x,z,w", np.column_stack(
+        [files["X"], files["X"][:, 0]]).tolist())
+    code, out, err = run(capsys, command, named_model, other)
+    assert_one_line_error(code, err, "other.csv lacks the column 'y'")
+    assert "fitted on columns 'x', 'y'" in err and "'x', 'z', 'w'" in err, err
+    assert out == ""
+
+
+def test_a_headerless_file_is_refused_for_a_named_model_unless_columns_are_given(
+        files, named_model, tmp_path, capsys):
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join(f"{x},{y}" for x, y in files["X"].tolist()) + "\n")
+    code, _, err = run(capsys, "predict", named_model, plain)
+    assert_one_line_error(code, err, "plain.csv does not name its columns")
+    assert "'x', 'y'" in err
+
+    code, out, err = run(capsys, "predict", named_model, plain, "--columns", "0,1")
+    assert code == 0, err
+    np.testing.assert_array_equal(read_csv(out)[1][:, 0],
+                                  load_model(named_model).predict(files["X"]))
+
+
+def test_columns_override_the_names_by_position_but_may_not_swap_them(files, named_model,
+                                                                      tmp_path, capsys):
+    X = files["X"]
+    renamed = write_csv(tmp_path / "renamed.csv", "b,a", X.tolist())
+    code, out, err = run(capsys, "predict", named_model, renamed, "--columns", "b,a")
+    assert code == 0, err
+    np.testing.assert_array_equal(read_csv(out)[1][:, 0], load_model(named_model).predict(X))
+
+    code, _, err = run(capsys, "predict", named_model, files["blobs"], "--columns", "y,x")
+    assert_one_line_error(code, err, "gives the column 'y' of")
+
+
+def test_fit_with_out_refuses_repeated_column_names(files, tmp_path, capsys):
+    twice = write_csv(tmp_path / "twice.csv", "x,x", files["X"].tolist())
+    code, _, err = run(capsys, "fit", twice, "--out", tmp_path / "m.npz")
+    assert_one_line_error(code, err, "several columns are named 'x'")
+    assert not (tmp_path / "m.npz").exists()
+
+
+# ---------------------------------------------------------------------------
+# Output paths are checked before fitting
+# ---------------------------------------------------------------------------
+
+
+def forbid_fitting(monkeypatch):
+    def select_model(*args, **kwargs):
+        raise AssertionError("fitted before the arguments were checked")
+
+    monkeypatch.setattr(fastem.cli, "select_model", select_model)
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+@pytest.mark.parametrize("where", ["folder", "missing folder", "unwritable folder"])
+def test_fit_refuses_an_output_it_cannot_write_before_fitting(option, where, files, tmp_path,
+                                                              monkeypatch, capsys):
+    forbid_fitting(monkeypatch)
+    name = "out.npz" if option == "--out" else "out.png"
+    if where == "folder":
+        target, fragment = tmp_path, "is a folder" if option == "--out" else "no extension"
+    elif where == "missing folder":
+        target, fragment = tmp_path / "no" / name, "the folder"
+    else:
+        folder = tmp_path / "locked"
+        folder.mkdir()
+        folder.chmod(0o500)
+        if os.access(folder, os.W_OK):  # root writes anywhere
+            pytest.skip("this user can write in a read-only folder")
+        target, fragment = folder / name, "cannot write in the folder"
+    code, out, err = run(capsys, "fit", files["blobs"], option, target)
+    assert_one_line_error(code, err, fragment)
+    assert out == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_fit_refuses_an_output_in_a_folder_nobody_can_write(files, monkeypatch, capsys):
+    # /proc takes no new files, even from root.
+    forbid_fitting(monkeypatch)
+    code, out, err = run(capsys, "fit", files["blobs"], "--out", "/proc/model.npz")
+    assert_one_line_error(code, err, "--out /proc/model.npz: cannot write in the folder /proc")
+    assert out == ""
+
+
+# ---------------------------------------------------------------------------
+# Interrupted runs leave no partial file
+# ---------------------------------------------------------------------------
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_the_fit_exits_130_with_one_line_and_no_file(files, tmp_path,
+                                                                   monkeypatch, capsys):
+    monkeypatch.setattr(fastem.cli, "select_model", interrupt)
+    code, _, err = run(capsys, "fit", files["blobs"], "--out", tmp_path / "m.npz",
+                       "--plot", tmp_path / "fit.png")
+    assert code == 130
+    assert err == "fastem: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_predictions_leaves_the_old_file_alone(files, tmp_path,
+                                                                    monkeypatch, capsys):
+    out = tmp_path / "labels.csv"
+    out.write_text("old\n")
+
+    def half_written(stream, header, rows):
+        stream.write(header + "\n")
+        stream.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastem.cli, "_write_csv", half_written)
+    code, _, err = run(capsys, "predict", files["model"], files["blobs"], "--out", out)
+    assert code == 130 and err == "fastem: interrupted\n"
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+
+
+def test_ctrl_c_while_drawing_leaves_no_picture(files, tmp_path, monkeypatch, capsys):
+    import fastem.plotting
+
+    def save_figure(figure, path):
+        Path(path).write_bytes(PNG_SIGNATURE)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastem.plotting, "save_figure", save_figure)
+    code, _, err = run(capsys, "fit", files["blobs"], "-k", "1-2", "--out", tmp_path / "m.npz",
+                       "--plot", tmp_path / "fit.png")
+    assert code == 130 and err == "fastem: interrupted\n"
+    # The model, written before the picture, is complete; the picture is not there.
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+    load_model(tmp_path / "m.npz")
+
+
+def test_predictions_written_to_a_file_replace_it_whole(files, tmp_path, capsys):
+    out = tmp_path / "labels.csv"
+    out.write_text("old\n" * 1000)
+    assert run(capsys, "predict", files["model"], files["blobs"], "--out", out)[0] == 0
+    header, labels = read_csv(out.read_text())
+    assert header == ["label"] and len(labels) == len(files["X"])
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+
+
+# ---------------------------------------------------------------------------
+# Standard output closed early; warnings
+# ---------------------------------------------------------------------------
+
+
+class ClosedPipe:
+    """A stdout whose reader has gone away."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+def test_a_closed_stdout_still_saves_the_model_and_exits_1_quietly(files, tmp_path,
+                                                                   monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    path = tmp_path / "m.npz"
+    assert main(["fit", str(files["blobs"]), "-k", "1-3", "--out", str(path)]) == 1
+    assert capsys.readouterr().err == ""
+    expected = select_model(files["X"], range(1, 4), random_state=0).best_params
+    saved = load_model(path)
+    assert (saved.n_components, saved.covariance_type) == expected
+
+
+def test_warnings_are_one_line_each(files, monkeypatch, capsys):
+    real = fastem.cli.select_model
+
+    def warning_select_model(*args, **kwargs):
+        warnings.warn("something odd\n  on two lines", RuntimeWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastem.cli, "select_model", warning_select_model)
+    code, _, err = run(capsys, "fit", files["blobs"], "-k", "1-2")
+    assert code == 0
+    assert err == "fastem: warning: something odd on two lines\n"
 
 
 # ---------------------------------------------------------------------------
@@ -405,3 +689,103 @@ def test_python_m_fastem_demo_writes_the_picture(tmp_path):
 def test_python_m_fastem_error_is_one_line_and_status_2(tmp_path):
     proc = run_module("fit", "missing.csv", cwd=tmp_path)
     assert_one_line_error(proc.returncode, proc.stderr, "missing.csv: no such data file")
+
+
+def start_module(*args, cwd, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "fastem", *map(str, args)], cwd=cwd,
+                            env=env, **kwargs)
+
+
+def test_sigint_during_a_fit_exits_130_quietly_without_the_model(tmp_path):
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(c, 1.0, size=(10_000, 3)) for c in (0.0, 4.0, 8.0)])
+    data = write_csv(tmp_path / "big.csv", "a,b,c", X.round(4).tolist())
+    proc = start_module("fit", data, "-k", "1-9", "--out", "m.npz", "--plot", "fit.png",
+                        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The report is flushed line by line: once this line is out, the grid is fitting.
+        for line in proc.stdout:
+            if line.startswith("Choosing K"):
+                break
+        time.sleep(0.5)
+        assert proc.poll() is None, "the fit ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "fastem: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv"]
+
+
+def test_fit_through_a_pipe_closed_at_once_still_saves_the_model(files, tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader at all: the first write fails
+    try:
+        proc = start_module("fit", files["blobs"], "-k", "1-3", "--out", "m.npz",
+                            cwd=tmp_path, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert err == ""
+    assert load_model(tmp_path / "m.npz").feature_names_in_.tolist() == ["x", "y"]
+
+
+def test_fit_piped_to_head_still_saves_the_model(files, tmp_path):
+    command = (f"{sys.executable} -m fastem fit {files['blobs']} -k 1-4 --out m.npz "
+               "| head -1")
+    proc = subprocess.run(["sh", "-c", command], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300, check=False)
+    assert proc.stdout == f"{files['blobs']}: 60 rows x 2 columns (x, y)\n", proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    load_model(tmp_path / "m.npz")
+
+
+def test_predict_into_a_pipe_closed_early_exits_1_quietly(files, tmp_path):
+    proc = start_module("predict", files["model"], files["blobs"], cwd=tmp_path,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "label\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) in (0, 1), err  # 0 if it wrote everything before the close
+    assert err == ""
+
+
+# A command stuck where it cannot check for Ctrl-C (like a long kernel call),
+# holding a temporary output file.
+STUCK_COMMAND = """
+import sys, time
+import fastem.cli as cli
+
+cli._STOP_GRACE_S = 0.2
+
+def stuck(args, report):
+    with cli._replaced_atomically(args.out) as tmp:
+        tmp.write_bytes(b"partial")
+        print("writing", flush=True)
+        time.sleep(60)
+
+cli._fit = stuck
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigint_leaves_a_command_that_does_not_stop_and_removes_its_files(files, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_COMMAND, "fit", str(files["blobs"]),
+                             "--out", "m.npz"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        assert len(list(tmp_path.iterdir())) == 1  # the temporary file
+        start = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "fastem: interrupted\n"
+    assert time.perf_counter() - start < 10
+    assert list(tmp_path.iterdir()) == []
