@@ -169,10 +169,7 @@ def _m_step_with_repairs(m_step, stats, reseeded):
     """
     params, jitter = m_step(stats)
     if np.any(jitter < 0):
-        raise ValueError(
-            "A covariance could not be made positive definite; the data or the "
-            "initial parameters contain non-finite values."
-        )
+        raise ValueError(_unrepresentable(stats, np.flatnonzero(jitter < 0)))
     if np.any(jitter > 0):
         warnings.warn(
             f"covariance of component(s) {np.flatnonzero(jitter > 0).tolist()} was not "
@@ -198,6 +195,18 @@ def _m_step_with_repairs(m_step, stats, reseeded):
             DegenerateDataWarning, stacklevel=4,
         )
     return params, reseeded
+
+
+def _unrepresentable(stats, components) -> str:
+    """Why the M-step found no positive definite covariance (non-finite statistics)."""
+    which = components.tolist()
+    if not (np.all(np.isfinite(stats.sxx)) and np.all(np.isfinite(stats.sx))):
+        # The data are finite (validated), so their squares overflowed.
+        return (f"The scatter of component(s) {which} overflowed float64: the data are "
+                "spread over more than about 1e154, beyond the float64 range of a "
+                "covariance. Rescale the data (for example, standardise each column).")
+    return (f"The covariance of component(s) {which} could not be made positive definite; "
+            "the initial parameters or reg_covar are not finite or too extreme.")
 
 
 def run_starts(source, m_step, starts: Sequence, monitor: ConvergenceMonitor,

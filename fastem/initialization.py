@@ -18,10 +18,14 @@ from ._kernels.kmeans import (
 )
 from ._threads import run_chunks
 from .covariance import uses_full_scatter
+from .scaling import power_of_two_scale
 from .stats import GaussianStatistics, label_statistics_of, weights_operand
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 _ROWS_PER_SLAB = 8192
+# Coordinates up to 2**400 keep k-means' squared distances, and their sums
+# over any realistic number of rows, far from float64's overflow.
+_LARGEST_EXPONENT = 400
 
 
 def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_trials=None):
@@ -57,22 +61,37 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
     return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight)
 
 
+def distance_scale(X) -> float:
+    r"""A power of two :math:`s` that keeps the squared distances of ``s X`` in range.
+
+    k-means compares and sums squared distances (in float64), which overflow
+    from coordinates of about 1e154 on (and underflow below 1e-154). Its
+    choices do not change when every distance is multiplied by :math:`s^2`,
+    and a power of two multiplies exactly, so ordinary data (:math:`s = 1`)
+    keep their bits and extreme data are measured where the largest
+    coordinate is about :math:`2^{400}` (or 1, for tiny data).
+    """
+    return power_of_two_scale(X, _LARGEST_EXPONENT)
+
+
 def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weight=None):
     """k-means++ from pre-drawn uniforms (the twin of
     :func:`fastem.reference.kmeans_plusplus`, which consumes the same draws)."""
     n_samples = X.shape[0]
+    scale = distance_scale(X)
     sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
     closest = np.full(n_samples, np.inf)
     work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
     run_chunks(update_closest, n_chunks, work, n_chunks, X,
-               np.asarray(X[first_index], dtype=np.float64), closest)
+               np.asarray(X[first_index], dtype=np.float64), scale, closest)
     for c in range(1, n_clusters):
         candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64))
         parts = np.zeros((n_chunks, candidates.shape[0]))
         run_chunks(candidate_potentials, n_chunks, work, n_chunks, X, sw,
-                   np.ascontiguousarray(X[candidates], dtype=np.float64), closest, parts)
+                   np.ascontiguousarray(X[candidates], dtype=np.float64), scale, closest,
+                   parts)
         # Summed in chunk order: the same potentials for any thread count.
         potentials = np.zeros(candidates.shape[0])
         for part in parts:
@@ -80,7 +99,7 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
         best = int(candidates[int(np.argmin(potentials))])
         indices.append(best)
         run_chunks(update_closest, n_chunks, work, n_chunks, X,
-                   np.asarray(X[best], dtype=np.float64), closest)
+                   np.asarray(X[best], dtype=np.float64), scale, closest)
     indices = np.asarray(indices)
     return np.asarray(X[indices], dtype=np.float64), indices
 
@@ -89,12 +108,13 @@ def _draw_by_mass(mass, sample_weight, fractions):
     return draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"))
 
 
-def column_variance(X, sample_weight=None):
-    """Weighted per-feature variance, two-pass, in row slabs (no N x D copy)."""
+def column_variance(X, sample_weight=None, scale=1.0):
+    """Weighted per-feature variance of ``scale * X``, two-pass, in row slabs
+    (no N x D copy)."""
     w_total = X.shape[0] if sample_weight is None else sample_weight.sum()
     total = np.zeros(X.shape[1])
     for start in range(0, X.shape[0], _ROWS_PER_SLAB):
-        slab = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64)
+        slab = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64) * scale
         if sample_weight is None:
             total += slab.sum(axis=0)
         else:
@@ -102,7 +122,7 @@ def column_variance(X, sample_weight=None):
     mean = total / w_total
     squares = np.zeros(X.shape[1])
     for start in range(0, X.shape[0], _ROWS_PER_SLAB):
-        dev = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64) - mean
+        dev = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64) * scale - mean
         if sample_weight is None:
             squares += np.einsum("ij,ij->j", dev, dev)
         else:
@@ -126,7 +146,9 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     n_clusters = centers.shape[0]
     sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, n_clusters * n_features)
-    tol_abs = tol * column_variance(X, sample_weight).mean()
+    # Distances, shifts and the tolerance are all measured at this scale.
+    scale = distance_scale(X)
+    tol_abs = tol * column_variance(X, sample_weight, scale).mean()
     # int32 labels: at a million rows they are the largest temporary of a fit.
     labels = np.full(n_samples, -1, dtype=np.int32)
     work = n_samples * n_clusters * n_features
@@ -135,7 +157,8 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
         slots = (np.zeros((n_chunks, n_clusters, n_features)), np.zeros((n_chunks, n_clusters)),
                  np.zeros(n_chunks), np.full(n_chunks, -1.0), np.zeros(n_chunks, dtype=np.int64),
                  np.zeros(n_chunks, dtype=np.int64))
-        run_chunks(lloyd_assign, n_chunks, work, n_chunks, X, sw, centers, labels, *slots)
+        run_chunks(lloyd_assign, n_chunks, work, n_chunks, X, sw, centers, scale, labels,
+                   *slots)
         return _lloyd_reduce(*slots)
 
     n_iter = 0
@@ -145,12 +168,12 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
         if empty.size:
             _refill_empty(X, sample_weight, centers, labels, sums, counts, empty)
         new_centers = sums / counts[:, None]
-        shift = float(((new_centers - centers) ** 2).sum())
+        shift = float(((new_centers * scale - centers * scale) ** 2).sum())
         centers = new_centers
         if changed == 0 or shift <= tol_abs:
             break
     _, _, inertia, _, _ = assign(centers)
-    return labels, centers, float(inertia), n_iter
+    return labels, centers, float(inertia) / scale / scale, n_iter
 
 
 def _lloyd_reduce(sums_p, counts_p, inertia_p, far_d, far_i, changed_p):
@@ -173,9 +196,10 @@ def _refill_empty(X, sample_weight, centers, labels, sums, counts, empty):
     own = np.empty(X.shape[0])
     farthest[:] = 0.0
     n_chunks = n_chunks_for(X.shape[0], 1)
+    scale = distance_scale(X)
     for k in range(centers.shape[0]):
         own[:] = np.inf
-        run_chunks(update_closest, n_chunks, X.size, n_chunks, X, centers[k], own)
+        run_chunks(update_closest, n_chunks, X.size, n_chunks, X, centers[k], scale, own)
         np.copyto(farthest, own, where=labels == k)
     for k, row in zip(empty, np.argsort(farthest)[::-1][: empty.size]):
         w = 1.0 if sample_weight is None else sample_weight[row]

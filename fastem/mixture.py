@@ -8,6 +8,7 @@ M-step (:class:`fastem.stats.MaximumLikelihood`) to the one EM driver
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from numbers import Integral, Real
@@ -33,6 +34,7 @@ from .covariance import (
 )
 from .em import DegenerateDataWarning
 from .initialization import INIT_METHODS, initial_statistics
+from .scaling import DataScale
 from .sources import InMemorySource
 from .stats import GaussianParameters, MaximumLikelihood, log_responsibilities
 
@@ -154,8 +156,10 @@ default='kmeans'
         X : array-like of shape (n_samples, n_features)
         y : ignored
         sample_weight : array-like of shape (n_samples,), optional
-            Non-negative row weights; an integer weight is equivalent to
-            repeating the row.
+            Non-negative row weights; an integer weight fits as repeating the
+            row would. Weights are relative: multiplying them all by a
+            constant changes nothing (they are rescaled to average 1 over the
+            rows of positive weight).
 
         Returns
         -------
@@ -171,27 +175,51 @@ default='kmeans'
             )
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
         user_init = self._check_initial_parameters(X)
-        source = InMemorySource(X, sample_weight, self.covariance_type)
-        m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
         do_init = not (self.warm_start and hasattr(self, "converged_"))
+        if not do_init:
+            self._check_warm_start(X)
+        # Data whose squares would leave the float range are fitted rescaled
+        # by a power of two (fastem.scaling); ordinary data as they are.
+        rescaled = DataScale.of(X)
+        X_fit = rescaled.data(X)
+        source = InMemorySource(X_fit, sample_weight, self.covariance_type)
+        m_step = MaximumLikelihood(self.covariance_type, rescaled.reg_covar(self.reg_covar))
+        shift = rescaled.log_density_shift(X.shape[1])
         random_state = check_random_state(self.random_state)
 
         def start(index):
             if not do_init:
-                return self._current_parameters()
-            return self._initial_parameters(X, sample_weight, random_state, user_init)
+                return rescaled.parameters_in(self._current_parameters())
+            return self._initial_parameters(X_fit, sample_weight, random_state, user_init,
+                                            rescaled)
 
         with _threads.limit(self.n_threads):
             best, results = em.fit_em(
                 source, m_step, start, self.n_init if do_init else 1, self._monitor(),
-                self.max_iter, -np.inf if do_init else self.lower_bound_)
-        self.init_lower_bounds_ = [r.lower_bounds for r in results]
-        self._adopt(best, X.dtype)
+                self.max_iter, -np.inf if do_init else self.lower_bound_ - shift)
+        self.init_lower_bounds_ = [[bound + shift for bound in r.lower_bounds]
+                                   for r in results]
+        self._adopt(rescaled_result(best, rescaled, self.covariance_type, shift), X.dtype)
         return self
 
     def fit_predict(self, X, y=None, sample_weight=None):
         """Fit, then return the most probable component of every row of ``X``."""
         return self.fit(X, y, sample_weight).predict(X)
+
+    def _check_warm_start(self, X):
+        """The last fit can start this one only if it has this fit's shapes."""
+        fitted = (self.means_.shape, np.shape(self.precisions_cholesky_))
+        wanted = ((self.n_components, X.shape[1]),
+                  covariance_shape(self.covariance_type, self.n_components, X.shape[1]))
+        # Shapes alone do not tell 'diag' from 'tied' when K equals D.
+        fitted_type = getattr(self, "_fitted_covariance_type", self.covariance_type)
+        if fitted != wanted or fitted_type != self.covariance_type:
+            raise ValueError(
+                f"warm_start=True starts from the last fit ({fitted_type!r}), whose means "
+                f"have shape {fitted[0]} and precisions {fitted[1]}, but n_components="
+                f"{self.n_components}, covariance_type={self.covariance_type!r} and "
+                f"{X.shape[1]} features need {wanted[0]} and {wanted[1]}. Set "
+                "warm_start=False to fit from a fresh start.")
 
     def _monitor(self) -> em.ConvergenceMonitor:
         return em.ConvergenceMonitor(self.tol, self.verbose, self.verbose_interval)
@@ -216,13 +244,16 @@ default='kmeans'
                 ConvergenceWarning,
             )
         self._set_parameters(tuple(np.asarray(p, dtype=dtype) for p in result.params))
+        self._fitted_covariance_type = self.covariance_type
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
         self.lower_bound_ = result.lower_bound
         self.lower_bounds_ = result.lower_bounds
 
-    def _initial_parameters(self, X, sample_weight, random_state, user_init):
-        """Initial parameters: from the chosen init, overridden by user values."""
+    def _initial_parameters(self, X, sample_weight, random_state, user_init,
+                            rescaled=DataScale()):
+        """Initial parameters: from the chosen init, overridden by user values
+        (given in the data's units, ``X`` being the data rescaled by ``rescaled``)."""
         needs_data_init = any(v is None for v in user_init.values())
         if needs_data_init:
             stats = initial_statistics(X, sample_weight, self.n_components, self.init_params,
@@ -239,7 +270,14 @@ default='kmeans'
             prec_chol = precision_cholesky_from_precisions(user_init["precisions"],
                                                            self.covariance_type)
             cov = covariances_from_precision_cholesky(prec_chol, self.covariance_type)
-        return GaussianParameters(weights, means, cov, prec_chol)
+        user = rescaled.parameters_in(GaussianParameters(
+            None, None if user_init["means"] is None else means,
+            None if user_init["precisions"] is None else cov,
+            None if user_init["precisions"] is None else prec_chol))
+        return GaussianParameters(weights, means if user.means is None else user.means,
+                                  cov if user.covariances is None else user.covariances,
+                                  prec_chol if user.precisions_cholesky is None
+                                  else user.precisions_cholesky)
 
     # --------------------------------------------------------- attributes
     def _current_parameters(self) -> GaussianParameters:
@@ -278,7 +316,10 @@ default='kmeans'
         ndarray of shape (n_samples,)
         """
         _, log_norm, dtype = self._log_resp(X)
-        return log_norm.astype(dtype, copy=False)
+        # A row far from every component can have a log-density beyond the
+        # float32 range: it is -inf in float32, as computed there.
+        with np.errstate(over="ignore"):
+            return log_norm.astype(dtype, copy=False)
 
     def score(self, X, y=None):
         """Average log-likelihood of the rows of ``X``."""
@@ -341,6 +382,17 @@ default='kmeans'
         tags.input_tags.allow_nan = False
         return tags
 
+
+
+def rescaled_result(result: em.EMResult, rescaled: DataScale, covariance_type: str,
+                    shift: float) -> em.EMResult:
+    """A result of EM on rescaled data (:mod:`fastem.scaling`) in the data's units."""
+    if rescaled.identity:
+        return result
+    return dataclasses.replace(
+        result, params=rescaled.parameters_out(result.params, covariance_type),
+        lower_bound=result.lower_bound + shift,
+        lower_bounds=[bound + shift for bound in result.lower_bounds])
 
 
 def fitted_mixture(result: em.EMResult, X, **params) -> GaussianMixture:

@@ -26,6 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from numbers import Integral
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,8 @@ from . import _threads, em
 from ._validation import check_sample_weight
 from .covariance import COVARIANCE_TYPES, n_free_parameters, precisions_from_cholesky
 from .initialization import Hierarchy, kmeans_plusplus, lloyd
-from .mixture import GaussianMixture, fitted_mixture
+from .mixture import GaussianMixture, fitted_mixture, rescaled_result
+from .scaling import DataScale
 from .sources import InMemorySource
 from .stats import (
     GaussianParameters,
@@ -229,21 +231,25 @@ def degeneracy(model: GaussianMixture, n_samples: float, data_variance: np.ndarr
 
 
 def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwargs,
-              n_eff, data_variance, extra_starts):
+              n_eff, data_variance, extra_starts, rescaled=DataScale()):
     """Fit one grid cell from each start and keep the best non-degenerate fit.
 
     Returns (model, reason): reason is '' for a sound fit; otherwise every
     start (including up to ``len(extra_starts)`` fresh ones tried after the
     shared starts all degenerated) gave a degenerate fit, the best of which is
-    returned with the reason.
+    returned with the reason. ``X`` and the starts are the data rescaled by
+    ``rescaled`` (:mod:`fastem.scaling`); the models are in the data's units.
     """
     source = InMemorySource(X, sample_weight, covariance_type)
-    m_step = MaximumLikelihood(covariance_type, fit_kwargs["reg_covar"])
+    m_step = MaximumLikelihood(covariance_type, rescaled.reg_covar(fit_kwargs["reg_covar"]))
+    shift = rescaled.log_density_shift(X.shape[1])
     monitor = em.ConvergenceMonitor(fit_kwargs["tol"])
     best, best_degenerate, reason = None, None, ""
 
     def consider(params, result):
         nonlocal best, best_degenerate, reason
+        result = rescaled_result(result, rescaled, covariance_type, shift)
+        params = rescaled.parameters_out(params, covariance_type)
         # The start is kept as the model's initial parameters: refitting the
         # model reproduces the cell.
         model = fitted_mixture(
@@ -296,8 +302,8 @@ def select_model(
     Parameters
     ----------
     X : array-like (n_samples, n_features)
-    n_components : iterable of int
-        Candidate numbers of components.
+    n_components : int or iterable of int
+        Candidate numbers of components (an int alone: that one K).
     covariance_types : sequence of {'full', 'tied', 'diag', 'spherical'}
     criterion : {'bic', 'aic', 'icl'}
         Lower is better (see the module docstring for the formulas).
@@ -311,7 +317,9 @@ def select_model(
         k-means starts (Lloyd from k-means++ seeds). 'kmeans' and
         'k-means++': every start is of that kind.
     random_state, sample_weight, reg_covar, tol, max_iter, n_threads
-        As for :class:`~fastem.GaussianMixture`; ``tol`` defaults to 1e-6
+        As for :class:`~fastem.GaussianMixture` (weights are relative: BIC's
+        :math:`n` is the number of rows of positive weight, and the
+        log-likelihood is that of weights rescaled to average 1 over them); ``tol`` defaults to 1e-6
         (not 1e-3) because cells and starts are compared by their
         likelihood, which a loose tolerance leaves short of the optimum.
     progress : callable, optional
@@ -327,32 +335,28 @@ def select_model(
         reported with status 'degenerate: ...' and its criteria, and cannot
         be chosen, as mclust reports singular fits as missing.
     """
-    criterion = criterion.lower()
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    covariance_types = tuple(covariance_types)
-    unknown = [c for c in covariance_types if c not in COVARIANCE_TYPES]
-    if unknown or not covariance_types:
-        raise ValueError(f"covariance_types must be a non-empty subset of {COVARIANCE_TYPES}, "
-                         f"got {list(covariance_types)}")
-    if init_params not in SELECTION_INITS:
-        raise ValueError(f"select_model supports init_params {SELECTION_INITS}, "
-                         f"got {init_params!r}")
-    ks = [int(k) for k in n_components]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"n_components must be positive integers, got {ks}")
-    if int(n_init) < 1:
-        raise ValueError(f"n_init must be >= 1, got {n_init}")
-    X = validate_data(GaussianMixture(), X, dtype=[np.float64, np.float32], order="C",
+    ks, covariance_types, criterion = _check_grid(
+        n_components, covariance_types, criterion, n_init=n_init, init_params=init_params,
+        reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
+    # Validated as an estimator would be: DataFrame column names are kept and
+    # given to every fitted model (feature_names_in_).
+    shape_of = GaussianMixture()
+    X = validate_data(shape_of, X, dtype=[np.float64, np.float32], order="C",
                       ensure_min_samples=2, reset=True)
     sample_weight = check_sample_weight(sample_weight, X.shape[0])
     rng = check_random_state(random_state)
+    # Fitted rescaled by a power of two when the data's squares would leave
+    # the float range (fastem.scaling); the models are in the data's units.
+    rescaled = DataScale.of(X)
+    data = X
+    X = rescaled.data(X)
     n_rows = X.shape[0]
-    n_eff = n_rows if sample_weight is None else float(sample_weight.sum())
+    # Weights are relative (see check_sample_weight): n is the rows that count.
+    n_eff = n_rows if sample_weight is None else int(np.count_nonzero(sample_weight))
     fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
     from .initialization import column_variance
 
-    data_variance = column_variance(X, sample_weight)
+    data_variance = column_variance(X, sample_weight) / rescaled.scale**2
     hierarchy = None
     if init_params == "hierarchical" and n_rows >= 2:
         hierarchy = Hierarchy(X, sample_weight, rng)
@@ -376,11 +380,15 @@ def select_model(
             else:
                 try:
                     model, reason = _fit_cell(X, sample_weight, k, covariance_type, starts,
-                                              fit_kwargs, n_eff, data_variance, extra)
-                except (ValueError, np.linalg.LinAlgError) as exc:
+                                              fit_kwargs, n_eff, data_variance, extra,
+                                              rescaled)
+                except Exception as exc:  # a failed cell is a row of the table, not a crash
                     _fail(row, f"failed: {exc}"[:80])
                 else:
-                    _score(row, model, X, sample_weight, n_eff)
+                    for name in ("n_features_in_", "feature_names_in_"):
+                        if hasattr(shape_of, name):
+                            setattr(model, name, getattr(shape_of, name))
+                    _score(row, model, data, sample_weight, n_eff)
                     if reason:
                         row["status"] = f"degenerate: {reason}"[:80]
                     models[(k, covariance_type)] = model
@@ -397,6 +405,48 @@ def select_model(
     best = models[(int(table["n_components"][best_index]),
                    str(table["covariance_type"][best_index]))]
     return SelectionResult(best, table, criterion, best_index, models)
+
+
+def _check_grid(n_components, covariance_types, criterion, **fit_arguments):
+    """Validate select_model's arguments (scikit-learn's rules and messages).
+
+    Returns the candidate K (a positive int alone means that one K), the
+    covariance types and the criterion, lower-cased.
+    """
+    def invalid(name, expected, got):
+        return ValueError(f"The {name!r} parameter of select_model must be {expected}. "
+                          f"Got {got!r} instead.")
+
+    def is_count(value):
+        return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+    if is_count(n_components):
+        ks = [int(n_components)]
+    elif isinstance(n_components, (str, bytes)) or not isinstance(n_components, Iterable):
+        raise invalid("n_components", "a positive int or an iterable of positive ints",
+                      n_components)
+    else:
+        ks = list(n_components)
+        if not ks or not all(is_count(k) for k in ks):
+            raise invalid("n_components", "a positive int or an iterable of positive ints",
+                          ks)
+        ks = [int(k) for k in ks]
+    if isinstance(covariance_types, str):
+        covariance_types = (covariance_types,)
+    covariance_types = tuple(covariance_types)
+    if not covariance_types or any(c not in COVARIANCE_TYPES for c in covariance_types):
+        raise invalid("covariance_types", f"a non-empty subset of {COVARIANCE_TYPES}",
+                      list(covariance_types))
+    if not isinstance(criterion, str) or criterion.lower() not in CRITERIA:
+        raise invalid("criterion", f"one of {CRITERIA}", criterion)
+    if fit_arguments["init_params"] not in SELECTION_INITS:
+        raise invalid("init_params", f"one of {SELECTION_INITS}", fit_arguments["init_params"])
+    # The estimator's own constraints for what select_model passes on to it.
+    try:
+        GaussianMixture(**fit_arguments)._validate_params()
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("of GaussianMixture", "of select_model")) from None
+    return ks, covariance_types, criterion.lower()
 
 
 def _fail(row, status):

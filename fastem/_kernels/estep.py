@@ -461,6 +461,17 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, de
     if nonzero < SPARSE_DENSITY * n_components * n_rows:
         _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, gathered, weights, moments)
         return
+    # 0 * inf is NaN: a square that overflowed (a row very far from c) must
+    # not meet the exact zeros of the product, so such blocks add sparsely.
+    # (One vectorised sum of the squares tells; it also overflows, harmlessly,
+    # when only their total exceeds the float64 range.)
+    squares = 0.0
+    for r in range(n_rows):
+        for d in range(n_features, 2 * n_features):
+            squares += Z[r, d]
+    if not squares < np.inf:
+        _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, gathered, weights, moments)
+        return
     # Contiguous operands and output, as np.dot needs.
     R = dense_resp[:n_components * n_rows].reshape((n_components, n_rows))
     for k in range(n_components):
@@ -475,6 +486,69 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, de
         for d in range(n_features):
             sx[k, d] += moments[k, d]
             sxx[k, d, 0] += moments[k, n_features + d]
+
+
+@helper
+def _far_row(X, row, means, prec, log_const, full, keep_log, log_prob, r, row_sum, norms):
+    r"""Row ``r`` of the block (X's row ``row``), whose log-densities overflowed.
+
+    Its squared distances exceed the operands' range (or float64's): they
+    are recomputed in float64 on the row and means scaled by a power of two
+    (exact) so that no square overflows. When the log-densities are finite in
+    float64 the row is normalised as usual; otherwise its responsibility goes
+    to the component of the smallest :math:`\log q_k` (the limit of
+    :math:`e^{-q_k/2}` for distances that large; exact ties share it) and
+    :math:`\log p(x) = -\infty` (below the float64 range). Writes
+    ``log_prob[:, r]`` (log-responsibilities if ``keep_log``, else
+    responsibilities), ``row_sum[r] = 1`` and ``norms[r]``.
+    """
+    n_components, n_features = means.shape
+    log_q = np.empty(n_components)
+    log_density = np.empty(n_components)
+    for k in range(n_components):
+        largest = 0.0
+        for d in range(n_features):
+            largest = max(largest, abs(np.float64(X[row, d])), abs(np.float64(means[k, d])))
+        _, exponent = math.frexp(largest)
+        scale = math.ldexp(1.0, -exponent)
+        q = 0.0
+        if full:
+            for j in range(n_features):
+                y = 0.0
+                for i in range(j + 1):
+                    y += (np.float64(X[row, i]) * scale - np.float64(means[k, i]) * scale) \
+                        * np.float64(prec[k, i, j])
+                q += y * y
+        else:
+            for d in range(n_features):
+                t = np.float64(X[row, d]) * scale - np.float64(means[k, d]) * scale
+                q += np.float64(prec[k, d, 0]) * t * t
+        # q is the squared distance times scale^2.
+        log_q[k] = math.log(q) - 2.0 * math.log(scale) if q > 0.0 else -np.inf
+        log_density[k] = log_const[k] - 0.5 * (q / scale / scale)
+    best = log_density.max()
+    if best > -np.inf:
+        # Relative to the largest first (stored: no reassociation may merge
+        # the two subtractions), as log(total) vanishes next to a huge best.
+        total = 0.0
+        for k in range(n_components):
+            log_density[k] -= best
+            total += math.exp(log_density[k])
+        log_total = math.log(total)
+        norms[r] = best + log_total
+        for k in range(n_components):
+            value = log_density[k] - log_total
+            log_prob[k, r] = value if keep_log else math.exp(value)
+    else:
+        nearest = log_q.min()
+        ties = 0
+        for k in range(n_components):
+            ties += log_q[k] == nearest
+        norms[r] = -np.inf
+        for k in range(n_components):
+            share = 1.0 / ties if log_q[k] == nearest else 0.0
+            log_prob[k, r] = math.log(share) if keep_log else share
+    row_sum[r] = 1.0
 
 
 # Block engines. Each engine is three functions with one signature per role, so
@@ -676,6 +750,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     expo = np.empty(block, dtype=means.dtype)
     bits = np.empty(block, dtype=np.int64)
     norms = np.empty(block)
+    far = np.zeros(block, dtype=np.bool_)
     weighted = sample_weight.shape[0] > 0
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, n_samples)
@@ -713,11 +788,28 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                     exp_block(log_prob[k], row_max, expo, bits, n_rows)
                     for r in range(n_rows):
                         row_sum[r] += expo[r]
-                    if not keep_log:
+                    if keep_log:
+                        # l - max, stored: log r = (l - max) - log(sum), in that
+                        # order (log(sum) vanishes next to a huge max).
+                        for r in range(n_rows):
+                            log_prob[k, r] -= row_max[r]
+                    else:
                         for r in range(n_rows):
                             log_prob[k, r] = expo[r]
                 for r in range(n_rows):
                     norms[r] = np.float64(row_max[r]) + math.log(np.float64(row_sum[r]))
+                # The largest term contributes exactly 1: a smaller sum means the
+                # row's log-densities overflowed to -inf (or NaN), i.e. a row
+                # farther from every component than the operands can measure.
+                n_far = 0
+                for r in range(n_rows):
+                    far[r] = not row_sum[r] >= 1.0
+                    n_far += far[r]
+                if n_far:
+                    for r in range(n_rows):
+                        if far[r]:
+                            _far_row(X, start + r, means, prec, log_const, _ENGINE_FULL,
+                                     keep_log, log_prob, r, row_sum, norms)
             if mode == MODE_STATISTICS:
                 # w_r / sum_k e^(l - max): responsibilities times the row weight.
                 for r in range(n_rows):
@@ -746,8 +838,10 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                             out[start + r, k] = log_prob[k, r] * scale
                 else:
                     for r in range(n_rows):
+                        # log_prob holds l - max (far rows: log r itself).
+                        log_sum = 0.0 if far[r] else math.log(np.float64(row_sum[r]))
                         for k in range(n_components):
-                            out[start + r, k] = log_prob[k, r] - norms[r]
+                            out[start + r, k] = np.float64(log_prob[k, r]) - log_sum
             if accumulates:
                 _engine_accumulate(X, start, n_rows, means, log_prob, mode == MODE_STATISTICS,
                                    xT, diffs, wdiff, rows, gathered, gathered_weights,

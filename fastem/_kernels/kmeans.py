@@ -15,17 +15,20 @@ from ._blocks import chunk_rows, helper
 
 
 @helper
-def _sq_dist(X, n, center):
+def _sq_dist(X, n, center, scale):
+    r""":math:`\lVert s\,x_n - s\,c\rVert^2` for a power of two ``s``
+    (:func:`fastem.initialization.distance_scale`): exactly ``s**2`` times the
+    squared distance, which may exceed the float64 range."""
     total = 0.0
     for d in range(X.shape[1]):
-        t = X[n, d] - center[d]
+        t = X[n, d] * scale - center[d] * scale
         total += t * t
     return total
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, candidates,
-                         closest, parts):
+                         scale, closest, parts):
     r"""parts[c, t] = :math:`\sum_{n\in c} w_n \min(D_n^2, \lVert x_n - c_t\rVert^2)`,
     chunk c's share of the potential of each candidate centre."""
     n_candidates = candidates.shape[0]
@@ -35,27 +38,27 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ca
         for n in range(first, last):
             w = sample_weight[n] if weighted else 1.0
             for t in range(n_candidates):
-                parts[c, t] += w * min(closest[n], _sq_dist(X, n, candidates[t]))
+                parts[c, t] += w * min(closest[n], _sq_dist(X, n, candidates[t], scale))
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def update_closest(chunk_first, chunk_last, n_chunks, X, center, closest):
-    """closest[n] = min(closest[n], ||x_n - center||^2), in place (from
-    ``closest = inf``: the squared distances to ``center``)."""
+def update_closest(chunk_first, chunk_last, n_chunks, X, center, scale, closest):
+    """closest[n] = min(closest[n], ||s x_n - s center||^2), in place (from
+    ``closest = inf``: the scaled squared distances to ``center``)."""
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
         for n in range(first, last):
-            closest[n] = min(closest[n], _sq_dist(X, n, center))
+            closest[n] = min(closest[n], _sq_dist(X, n, center, scale))
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, centers, labels, sums_p,
-                 counts_p, inertia_p, far_d, far_i, changed_p):
+def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, centers, scale, labels,
+                 sums_p, counts_p, inertia_p, far_d, far_i, changed_p):
     r"""Assign each row to its nearest centre; chunk c's sums go to slot c.
 
     ``sums_p[c]`` (K, D) :math:`\sum_{n \in c, k} w_n x_n`, ``counts_p[c]``
     (K,) :math:`\sum w_n`, ``inertia_p[c]`` :math:`\sum w_n \min_k \lVert
-    x_n-c_k\rVert^2`, ``far_d[c], far_i[c]`` the row farthest from its centre
+    s x_n- s c_k\rVert^2` (distances scaled by ``scale``, see ``_sq_dist``), ``far_d[c], far_i[c]`` the row farthest from its centre
     and ``changed_p[c]`` the number of labels changed (reduced in chunk order
     by the caller).
     """
@@ -67,7 +70,7 @@ def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, centers, l
             best = np.inf
             best_k = 0
             for k in range(n_clusters):
-                dist = _sq_dist(X, n, centers[k])
+                dist = _sq_dist(X, n, centers[k], scale)
                 if dist < best:
                     best = dist
                     best_k = k
