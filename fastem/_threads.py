@@ -21,11 +21,15 @@ import contextvars
 import functools
 import os
 import threading
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 
 # Below this much work (rows x the per-row cost) a call runs in the calling
 # thread: handing ranges to other threads costs tens of microseconds.
 SERIAL_WORK = 1_000_000
+# Work of one kernel call at most, in the same units (about 0.2 s here): the
+# longest a pass keeps Ctrl-C waiting.
+INTERRUPT_WORK = 2_000_000_000
 
 _limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastem_threads",
                                                                     default=None)
@@ -87,20 +91,44 @@ def run_chunks(kernel, n_chunks: int, work: float, *args) -> None:
     """``kernel(first, last, *args)`` over contiguous ranges covering ``[0, n_chunks)``.
 
     The calling thread runs the last range itself. Small work (below
-    ``SERIAL_WORK``) runs as one call in the calling thread.
+    ``SERIAL_WORK``) runs as one call in the calling thread. Large work is
+    cut into calls of about ``INTERRUPT_WORK`` each, so that Ctrl-C (which
+    Python delivers between calls, never inside compiled code) interrupts a
+    pass within a fraction of a second; the other threads then stop at their
+    next call.
     """
     threads = min(n_threads(), n_chunks)
+    pieces = max(1, min(n_chunks, int(work // INTERRUPT_WORK)))
     if threads < 2 or work < SERIAL_WORK:
-        kernel(0, n_chunks, *args)
+        _run_range(kernel, 0, n_chunks, pieces, None, args)
         return
     bounds = [(t * n_chunks) // threads for t in range(threads + 1)]
+    per_thread = -(-pieces // threads)
+    stop = threading.Event()
     pool = _pool(threads - 1)
-    futures = [pool.submit(kernel, bounds[t], bounds[t + 1], *args) for t in range(threads - 1)]
+    futures = [pool.submit(_run_range, kernel, bounds[t], bounds[t + 1], per_thread, stop, args)
+               for t in range(threads - 1)]
     try:
-        kernel(bounds[-2], bounds[-1], *args)
-    finally:
+        _run_range(kernel, bounds[-2], bounds[-1], per_thread, None, args)
         for future in futures:
             future.result()
+    except BaseException:
+        # Interrupted (or failed): the other threads stop at their next call
+        # and are waited for, so nothing writes the arrays once we return.
+        stop.set()
+        concurrent.futures.wait(futures)
+        raise
+
+
+def _run_range(kernel, first: int, last: int, pieces: int, stop, args) -> None:
+    """``kernel`` over chunks ``[first, last)`` in ``pieces`` calls (fewer if
+    ``stop`` is set meanwhile: the pass is being abandoned)."""
+    pieces = max(1, min(pieces, last - first))
+    for piece in range(pieces):
+        if stop is not None and stop.is_set():
+            return
+        kernel(first + (piece * (last - first)) // pieces,
+               first + ((piece + 1) * (last - first)) // pieces, *args)
 
 
 def map_threads(function, items: list) -> list:
