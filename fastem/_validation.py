@@ -7,7 +7,15 @@ from sklearn.utils.validation import check_array
 
 
 def check_sample_weight(sample_weight, n_samples):
-    """None, or a finite, non-negative float64 vector of length ``n_samples``."""
+    r"""None, or finite, non-negative float64 weights of length ``n_samples``,
+    rescaled to average 1 over the rows of positive weight.
+
+    Weights are relative: multiplying them all by a constant changes no fit,
+    criterion or degeneracy decision. With :math:`n_+` rows of positive
+    weight, the weights become :math:`w_n n_+ / \sum_m w_m`, so a weighted
+    data set counts as :math:`n_+` observations (BIC's :math:`n`), and weights
+    of 1 are left exactly as they are.
+    """
     if sample_weight is None:
         return None
     sw = check_array(sample_weight, ensure_2d=False, dtype=np.float64, input_name="sample_weight")
@@ -17,9 +25,12 @@ def check_sample_weight(sample_weight, n_samples):
         )
     if np.any(sw < 0):
         raise ValueError("sample_weight must be non-negative")
-    if not sw.sum() > 0:
+    largest = sw.max() if sw.size else 0.0
+    if not largest > 0:
         raise ValueError("sample_weight has only zero weights: at least one must be positive")
-    return np.ascontiguousarray(sw)
+    # By the largest first, so that neither the sum nor the factor overflows.
+    sw = sw / largest
+    return np.ascontiguousarray(sw * (np.count_nonzero(sw) / sw.sum()))
 
 
 def _check_shape(param, shape, name):
