@@ -128,9 +128,6 @@ from typing import NamedTuple
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._validation import check_means, check_precisions, check_weights
-from .covariance import to_canonical
-
 __all__ = [
     "META_KEY",
     "ModelFormat",
@@ -827,9 +824,8 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted,
     for name, kind in fmt.fitted_scalars.items():
         value = fitted[name]
         setattr(model, name, np.float64(value) if kind is float else kind(value))
-    check = fmt.check_fitted or _BUILT_IN_CHECKS.get(fmt.name)
-    if check is not None:
-        check(model)
+    if fmt.check_fitted is not None:
+        fmt.check_fitted(model)
     return model
 
 
@@ -911,152 +907,3 @@ def _is_int(value) -> bool:
 
 def _quoted(items) -> str:
     return ", ".join(repr(str(item)) for item in items)
-
-
-# ---------------------------------------------------------------------------
-# The values of the "fastem.GaussianMixture" format
-# ---------------------------------------------------------------------------
-#
-# fastem.mixture registers its format without a check_fitted, so the check of
-# its values is looked up here by the format's name. It uses nothing of the
-# estimator but its attributes.
-
-
-def _check_gaussian_mixture(model) -> None:
-    """Refuse fitted values that are no Gaussian mixture's, up to rounding.
-
-    Shapes and finiteness are checked before. All tolerances are multiples of
-    the unit roundoff of the arrays' dtype: a fitted model is computed in
-    float64 and stored in that dtype, so each stored value is off by at most
-    half a unit, and each check allows for that rounding of its terms.
-    """
-    names = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
-    dtypes = sorted({str(getattr(model, name).dtype) for name in names})
-    if len(dtypes) > 1:
-        raise ValueError(f"the fitted arrays mix the dtypes {', '.join(dtypes)}")
-    unit = np.finfo(model.weights_.dtype).eps / 2
-    _check_mixture_weights(model.weights_, unit)
-    covariances, factors, precisions = (
-        to_canonical(getattr(model, name), model.covariance_type)
-        for name in ("covariances_", "precisions_cholesky_", "precisions_"))
-    if model.covariance_type in ("full", "tied"):
-        _check_dense_covariances(covariances, factors, precisions, unit,
-                                 model.covariance_type == "tied")
-    else:
-        _check_diagonal_covariances(covariances[..., 0], factors[..., 0], precisions[..., 0],
-                                    unit)
-    _check_lower_bounds(model)
-    _check_initial_arrays(model)
-
-
-# The tolerance of fit for the sum of weights_init (which a model fitted with
-# max_iter=0 keeps as its weights_), by the itemsize of the weights.
-_WEIGHT_SUM_TOLERANCE = {4: 1e-6, 8: 1e-8}
-
-
-def _check_mixture_weights(weights: np.ndarray, unit: float) -> None:
-    # A component may have weight 0 (given so in weights_init, with max_iter=0).
-    if np.any(weights < 0):
-        k = int(np.argmin(weights))
-        raise ValueError(f"weights_ has the negative weight {float(weights[k])!r} "
-                         f"(component {k}); mixture weights are non-negative")
-    total = math.fsum(weights.tolist())
-    tolerance = max(_WEIGHT_SUM_TOLERANCE[weights.dtype.itemsize], 4 * weights.size * unit)
-    if not abs(total - 1.0) <= tolerance:
-        raise ValueError(f"weights_ sum to {total!r}, not 1")
-
-
-def _check_dense_covariances(covariances, factors, precisions, unit: float, tied: bool
-                             ) -> None:
-    """'full' and 'tied': (K, D, D) float64 stacks of covariances S, their
-    precision factors U and precisions."""
-    n_features = covariances.shape[-1]
-    eye = np.eye(n_features)
-    # Rounding bounds of D-term sums grow with D; fitted models stay below 3
-    # units at D = 2 to 30 in float32 and float64, whatever the conditioning.
-    slack = 8 * (n_features + 2) * unit
-    for k, (cov, factor, precision) in enumerate(zip(covariances, factors, precisions)):
-        what = "the tied covariance" if tied else f"component {k}"
-        variances = np.diag(cov)
-        if not np.all(variances > 0):
-            raise ValueError(f"covariances_ of {what} is not positive definite: its "
-                             f"diagonal has {float(variances.min())!r}")
-        deviations = np.sqrt(variances)
-        scale = np.outer(deviations, deviations)
-        if not np.all(np.abs(cov - cov.T) <= slack * scale):
-            raise ValueError(f"covariances_ of {what} is not symmetric")
-        # Positive definite up to rounding: rounding a nearly singular float64
-        # covariance to float32 can leave its correlation matrix a hair
-        # indefinite, while the precision factor, rounded too, is still right.
-        try:
-            np.linalg.cholesky(cov / scale + slack * eye)
-        except np.linalg.LinAlgError:
-            raise ValueError(f"covariances_ of {what} is not positive definite") from None
-        if np.any(np.tril(factor, -1) != 0) or not np.all(np.diag(factor) > 0):
-            raise ValueError(f"precisions_cholesky_ of {what} is not upper triangular with "
-                             "a positive diagonal")
-        # U U^T is the inverse of S exactly when U^T S U = I; each entry of the
-        # product may be off by the rounding of the terms summed into it.
-        residual = factor.T @ cov @ factor - eye
-        bound = slack * (np.abs(factor).T @ np.abs(cov) @ np.abs(factor))
-        if not (np.all(np.isfinite(bound)) and np.all(np.abs(residual) <= bound)):
-            raise ValueError(
-                f"precisions_cholesky_ of {what} is not the precision factor of its "
-                f"covariances_: U^T S U differs from the identity by up to "
-                f"{np.max(np.abs(residual)):.3g}"
-            )
-        product = factor @ factor.T
-        if not np.all(np.abs(precision - product) <= slack * (np.abs(factor) @ np.abs(factor).T)):
-            raise ValueError(f"precisions_ of {what} is not precisions_cholesky_ times its "
-                             "transpose")
-
-
-def _check_diagonal_covariances(variances, factors, precisions, unit: float) -> None:
-    """'diag' and 'spherical': (K, D) and (K, 1) float64 arrays of variances,
-    their precision factors 1/sqrt(variance) and precisions 1/variance."""
-    slack = 16 * unit
-    checks = (
-        (variances > 0, "covariances_ of component {} is not positive"),
-        (factors > 0, "precisions_cholesky_ of component {} is not positive"),
-        # (U v) U, so that neither product under- or overflows where the result does not.
-        (np.abs(factors * variances * factors - 1) <= slack,
-         "precisions_cholesky_ of component {} is not 1 / sqrt(covariances_)"),
-        (np.abs(precisions - factors * factors) <= slack * factors * factors,
-         "precisions_ of component {} is not precisions_cholesky_ squared"),
-    )
-    for valid, message in checks:
-        if not np.all(valid):
-            raise ValueError(message.format(int(np.flatnonzero(~np.all(valid, axis=1))[0])))
-
-
-def _check_lower_bounds(model) -> None:
-    # The EM driver records one lower bound per iteration and reports the last.
-    bounds, n_iter = model.lower_bounds_, model.n_iter_
-    if len(bounds) != n_iter:
-        raise ValueError(f"lower_bounds_ has {len(bounds)} values, but n_iter_ is {n_iter}")
-    if bounds and bounds[-1] != model.lower_bound_:
-        raise ValueError(f"lower_bound_ is {float(model.lower_bound_)!r}, but the last of "
-                         f"lower_bounds_ is {bounds[-1]!r}")
-
-
-def _check_initial_arrays(model) -> None:
-    """The initial arrays as fit checks them (fit would refuse them)."""
-    n_components, n_features = model.n_components, model.n_features_in_
-    checks = {
-        "weights_init": lambda value: check_weights(value, n_components),
-        "means_init": lambda value: check_means(value, n_components, n_features),
-        "precisions_init": lambda value: check_precisions(value, model.covariance_type,
-                                                          n_components, n_features),
-    }
-    for name, check in checks.items():
-        value = getattr(model, name)
-        if value is not None:
-            try:
-                check(value)
-            except ValueError as exc:
-                raise ValueError(f"the parameter {name} is not one fit accepts: {exc}") from exc
-
-
-_BUILT_IN_CHECKS: dict[str, Callable[[object], None]] = {
-    "fastem.GaussianMixture": _check_gaussian_mixture,
-}
