@@ -328,10 +328,18 @@ class _Settings:
     def subprocess_repeats(self) -> int:
         return self.repeats if self.quick else max(self.repeats, _MIN_SUBPROCESS_REPEATS)
 
+    @property
+    def warm_up_subprocesses(self) -> bool:
+        # An untimed first run warms bytecode and Numba caches; --quick has
+        # already run everything in this process and only checks that it works.
+        return not self.quick
+
     def size(self, full_size: int) -> int:
         if self.n_samples is not None:
             return self.n_samples
-        return full_size // 100 if self.quick else full_size
+        if self.quick:
+            return max(full_size // _QUICK_SHRINK, _MIN_N_SAMPLES)
+        return full_size
 
 
 def _log(message: str) -> None:
@@ -454,7 +462,9 @@ class Result:
 
     def speedup(self, baseline: str) -> float | None:
         """``values[baseline] / values['fastem']`` (above 1: fastem is better)."""
-        if baseline not in self.values or "fastem" not in self.values:
+        # No ratio to a fastem value of zero (no measurable extra memory on
+        # small data, say).
+        if baseline not in self.values or not self.values.get("fastem"):
             return None
         return self.values[baseline] / self.values["fastem"]
 
@@ -683,7 +693,7 @@ def _case_import(settings: _Settings, data: _Datasets) -> list[Result]:
     if settings.sklearn is not None:
         modules["sklearn"] = "sklearn.mixture"
     scripts = {lib: _IMPORT_SCRIPT.format(module=module) for lib, module in modules.items()}
-    for script in scripts.values():
+    for script in scripts.values() if settings.warm_up_subprocesses else ():
         _python(["-c", script])
     samples: dict[str, list[float]] = {lib: [] for lib in scripts}
     for _ in range(settings.subprocess_repeats):
@@ -718,7 +728,7 @@ def _first_fit(module: str) -> dict:
 def _warm_first_fits(settings: _Settings, modules: dict[str, str]
                      ) -> dict[str, dict[str, float]]:
     """Median import / first-fit seconds per library, with warm caches."""
-    for module in modules.values():
+    for module in modules.values() if settings.warm_up_subprocesses else ():
         _first_fit(module)
     runs: dict[str, list[dict]] = {lib: [] for lib in modules}
     for _ in range(settings.subprocess_repeats):
@@ -992,6 +1002,61 @@ def format_targets(targets: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ CLI
+# --quick: a check that every case runs, in well under a minute on this
+# project's 2-vCPU machine (shared) with a warm Numba cache: 37 s measured. It took
+# 86 s with data sets 100x smaller, 3 repeats, a 1 s budget and warm-up
+# subprocesses (48 s of it in the import and first-fit subprocesses), and
+# 59 s with 1 repeat and a 0.5 s budget.
+_QUICK_SHRINK = 1000
+_QUICK_BUDGET_S = 0.5
+_QUICK_REPEATS = 1
+_DEFAULT_BUDGET_S = 20.0
+_DEFAULT_REPEATS = 3
+_MIN_N_SAMPLES = 1000
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _n_samples(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < _MIN_N_SAMPLES:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer of at least {_MIN_N_SAMPLES}, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # "not value > 0" also refuses NaN.
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _json_path(text: str) -> str:
+    # Checked now rather than when the report is written, minutes later.
+    folder = os.path.dirname(text) or "."
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} does not exist")
+    return text
+
+
 def _parse_cases(values: list[str]) -> list[str]:
     names = [name for value in values for name in value.split(",") if name]
     if "all" in names:
@@ -1013,23 +1078,31 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"cases to run, space or comma separated, from {', '.join(CASES)}"
                              " or 'all' (default: all but 'cold' and 'selection', which take"
                              " a minute each)")
-    parser.add_argument("--n-samples", type=int, default=None,
-                        help="rows of every synthetic data set (default: the target sizes, "
-                             "1,000,000, or 200,000 for d100)")
+    parser.add_argument("--n-samples", type=_n_samples, default=None,
+                        help="rows of every synthetic data set, at least "
+                             f"{_MIN_N_SAMPLES:,} (default: the target sizes, 1,000,000, or "
+                             "200,000 for d100)")
     parser.add_argument("--quick", action="store_true",
-                        help="data sets 100x smaller, a 1 s budget and no minimum of "
-                             f"{_MIN_SUBPROCESS_REPEATS} subprocess repeats: a run in well "
-                             "under a minute, for checking that everything works")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved samples per library (median reported; default 3, "
-                             f"at least {_MIN_SUBPROCESS_REPEATS} for the import and first-fit "
-                             "subprocesses)")
-    parser.add_argument("--budget", type=float, default=None,
+                        help=f"data sets {_QUICK_SHRINK}x smaller (at least "
+                             f"{_MIN_N_SAMPLES:,} rows), one sample per library, a "
+                             f"{_QUICK_BUDGET_S:g} s budget and no warm-up or minimum of "
+                             f"{_MIN_SUBPROCESS_REPEATS} for the subprocesses: a check that "
+                             "everything works, in well under a minute once the Numba cache "
+                             "is warm (the first run after installing also compiles the "
+                             "kernels, for minutes); its numbers are rough")
+    parser.add_argument("--repeats", type=_positive_int, default=None,
+                        help=f"interleaved samples per library (median reported; default "
+                             f"{_DEFAULT_REPEATS}, or {_QUICK_REPEATS} with --quick; at least "
+                             f"{_MIN_SUBPROCESS_REPEATS} for the import and first-fit "
+                             "subprocesses without --quick)")
+    parser.add_argument("--budget", type=_positive_seconds, default=None,
                         help="seconds one library may spend on one case; slower libraries "
-                             "take fewer samples (default 20, or 1 with --quick)")
+                             f"take fewer samples (default {_DEFAULT_BUDGET_S:g}, or "
+                             f"{_QUICK_BUDGET_S:g} with --quick)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip fastem.reference (slow at a million rows)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="FILE", type=_json_path,
+                        help="also write the results as JSON")
     return parser
 
 
@@ -1061,11 +1134,11 @@ def main(argv: list[str] | None = None) -> int:
         cases = _parse_cases(args.cases)
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
-    if args.repeats < 1 or (args.n_samples is not None and args.n_samples < 1000):
-        parser.error("--repeats must be at least 1 and --n-samples at least 1000")
+    default_repeats, default_budget = ((_QUICK_REPEATS, _QUICK_BUDGET_S) if args.quick
+                                       else (_DEFAULT_REPEATS, _DEFAULT_BUDGET_S))
     settings = _Settings(
-        repeats=args.repeats,
-        budget=args.budget if args.budget is not None else (1.0 if args.quick else 20.0),
+        repeats=args.repeats if args.repeats is not None else default_repeats,
+        budget=args.budget if args.budget is not None else default_budget,
         n_samples=args.n_samples, quick=args.quick, reference=not args.no_reference,
         sklearn=_sklearn_estimator(),
     )

@@ -99,13 +99,43 @@ def test_no_reference_leaves_its_columns_empty(capsys):
     assert rows[0][header.index("vs reference")] == "-"
 
 
-@pytest.mark.parametrize("argv", [["--cases", "no-such-case"], ["--repeats", "0"],
-                                  ["--n-samples", "10"]])
-def test_bad_arguments_exit_with_usage_error(argv, capsys):
+@pytest.mark.parametrize("argv", [
+    ["--cases", "no-such-case"], ["--repeats", "0"], ["--repeats", "-2"], ["--repeats", "1.5"],
+    ["--n-samples", "10"], ["--n-samples", "-1000"], ["--n-samples", "1e6"],
+    ["--budget", "-1"], ["--budget", "0"], ["--budget", "nan"], ["--budget", "inf"],
+    ["--budget", "soon"], ["--json", "/no/such/folder/report.json"], ["--json", "."],
+], ids=lambda argv: " ".join(argv))
+def test_bad_arguments_exit_with_usage_error_before_running(argv, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "machine_info", lambda: pytest.fail("ran with bad arguments"))
     with pytest.raises(SystemExit) as error:
         bench.main(argv)
     assert error.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage:" in err and (f"argument {argv[0]}" in err or "unknown case" in err), err
+
+
+def test_quick_takes_one_sample_on_small_data_with_a_short_budget(capsys, tmp_path):
+    path = tmp_path / "quick.json"
+    assert bench.main(["--quick", "--cases", "small", "--json", str(path)]) == 0
+    settings = json.loads(path.read_text())["settings"]
+    assert (settings["repeats"], settings["budget_s"], settings["quick"]) == (1, 0.5, True)
+    quick = bench._Settings(repeats=1, budget=0.5, n_samples=None, quick=True, reference=False,
+                            sklearn=None)
+    assert [quick.size(n) for n in (1_000_000, 200_000)] == [1000, 1000]
+    assert quick.subprocess_repeats == 1 and not quick.warm_up_subprocesses
+    full = bench._Settings(repeats=3, budget=20.0, n_samples=None, quick=False, reference=False,
+                           sklearn=None)
+    assert full.size(1_000_000) == 1_000_000 and full.warm_up_subprocesses
+    assert full.subprocess_repeats == bench._MIN_SUBPROCESS_REPEATS
+
+
+def test_a_zero_fastem_value_has_no_ratio_rather_than_crashing():
+    # Small data: the fit adds no measurable memory.
+    result = bench.Result("memory", "MiB", {"fastem": 0.0, "sklearn": 0.004})
+    assert result.speedup("sklearn") is None
+    cells = [c.strip() for c in bench.format_results([result]).splitlines()[-1].split("|")[1:-1]]
+    assert cells[bench.RESULT_COLUMNS.index("fastem")] == "0"
+    assert cells[bench.RESULT_COLUMNS.index("vs sklearn")] == "-"
 
 
 def test_cases_accept_commas_and_run_in_canonical_order():
