@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernels._blocks import n_chunks_for
+from ._kernels._blocks import BLOCK_ROWS, n_chunks_for
+from ._kernels.blas import gemm_routine, single_threaded_blas
 from ._kernels.kmeans import (
     candidate_potentials,
     draw_by_mass,
@@ -131,54 +132,88 @@ def column_variance(X, sample_weight=None, scale=1.0):
 
 
 def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
-    """Lloyd's k-means from ``centers``, with scikit-learn's stopping rule.
+    r"""Lloyd's k-means from ``centers``, as scikit-learn's ``KMeans`` runs it.
 
-    Stops when no label changes or when the summed squared centre shift is at
-    most ``tol * mean(var(X))``. An empty cluster moves to the row farthest
-    from its centre. Twin: :func:`fastem.reference.lloyd`.
+    The same arithmetic, so that ties (rows at equal distances from two
+    centres, common in 0/1 or rounded data) are broken as there: rows are
+    centred on the data's mean, distances compared as
+    :math:`\lVert c\rVert^2 - 2 x^T c` by ``dgemm`` on blocks of 256 rows,
+    centres averaged by multiplying with the inverse weight, an empty cluster
+    takes over the row farthest from its centre (leaving that row's old
+    cluster), and the iteration stops when no label changes or when the
+    summed squared centre shift is at most ``tol * mean(var(X))``. Twin:
+    :func:`fastem.reference.lloyd`.
 
     Returns
     -------
     labels : ndarray (N,) int32, centers : ndarray (K, D), inertia : float, n_iter : int
     """
     n_samples, n_features = X.shape
-    centers = np.array(centers, dtype=np.float64)
-    n_clusters = centers.shape[0]
+    n_clusters = np.shape(centers)[0]
     sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, n_clusters * n_features)
-    # Distances, shifts and the tolerance are all measured at this scale.
+    # Rows are taken as z = s x - s m: the mean m as scikit-learn subtracts
+    # it, and a power of two s that keeps squares in range (1 for most data).
     scale = distance_scale(X)
+    offset = np.asarray(X.mean(axis=0), dtype=np.float64)
+    z_centers = np.asarray(centers, dtype=np.float64) * scale - offset * scale
     tol_abs = tol * column_variance(X, sample_weight, scale).mean()
     # int32 labels: at a million rows they are the largest temporary of a fit.
     labels = np.full(n_samples, -1, dtype=np.int32)
     work = n_samples * n_clusters * n_features
+    gemm = gemm_routine()
 
-    def assign(centers):
+    def assign(z_centers):
         slots = (np.zeros((n_chunks, n_clusters, n_features)), np.zeros((n_chunks, n_clusters)),
-                 np.zeros(n_chunks), np.full(n_chunks, -1.0), np.zeros(n_chunks, dtype=np.int64),
-                 np.zeros(n_chunks, dtype=np.int64))
-        run_chunks(lloyd_assign, n_chunks, work, n_chunks, X, sw, centers, scale, labels,
-                   *slots)
+                 np.zeros(n_chunks), np.zeros(n_chunks, dtype=np.int64))
+        norms = np.einsum("ij,ij->i", z_centers, z_centers)  # as scikit-learn's row_norms
+        with single_threaded_blas():
+            run_chunks(_lloyd_assign_scratch, n_chunks, work, n_chunks, X, sw, offset, scale,
+                       np.ascontiguousarray(z_centers), norms, gemm, labels, *slots)
         return _lloyd_reduce(*slots)
 
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        sums, counts, _, _, changed = assign(centers)
+        sums, counts, _, changed = assign(z_centers)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
-            _refill_empty(X, sample_weight, centers, labels, sums, counts, empty)
-        new_centers = sums / counts[:, None]
-        shift = float(((new_centers * scale - centers * scale) ** 2).sum())
-        centers = new_centers
+            _relocate_empty(X, sample_weight, offset, scale, z_centers, labels, sums, counts,
+                            empty)
+        new_centers = _average(sums, counts)
+        shift = float((np.sqrt(((new_centers - z_centers) ** 2).sum(axis=1)) ** 2).sum())
+        z_centers = new_centers
         if changed == 0 or shift <= tol_abs:
             break
-    _, _, inertia, _, _ = assign(centers)
+    _, _, inertia, _ = assign(z_centers)
+    centers = (z_centers + offset * scale) / scale
     return labels, centers, float(inertia) / scale / scale, n_iter
 
 
-def _lloyd_reduce(sums_p, counts_p, inertia_p, far_d, far_i, changed_p):
+def _lloyd_assign_scratch(first, last, n_chunks, X, sw, offset, scale, centers, norms, gemm,
+                          labels, *slots):
+    """``lloyd_assign`` with the scratch of one call (each thread its own)."""
+    rows = np.empty((BLOCK_ROWS, X.shape[1]))
+    distances = np.empty((BLOCK_ROWS, centers.shape[0]))
+    lloyd_assign(first, last, n_chunks, X, sw, offset, scale, centers, norms, gemm, labels,
+                 rows, distances, *slots)
+
+
+def _average(sums, counts):
+    """Centres from sums, as scikit-learn averages them (times 1 / weight; an
+    empty cluster sits on the heaviest one)."""
+    centers = sums.copy()
+    heaviest = int(np.argmax(counts))
+    for k in range(centers.shape[0]):
+        if counts[k] > 0:
+            centers[k] *= 1.0 / counts[k]
+        else:
+            centers[k] = sums[heaviest] * (1.0 / counts[heaviest])
+    return centers
+
+
+def _lloyd_reduce(sums_p, counts_p, inertia_p, changed_p):
     """The slots of ``lloyd_assign`` summed in chunk order (the same for any
-    thread count): sums, counts, inertia, farthest row, labels changed."""
+    thread count): sums, counts, inertia, labels changed."""
     sums = np.zeros(sums_p.shape[1:])
     counts = np.zeros(counts_p.shape[1:])
     inertia = 0.0
@@ -186,25 +221,28 @@ def _lloyd_reduce(sums_p, counts_p, inertia_p, far_d, far_i, changed_p):
         sums += sums_p[c]
         counts += counts_p[c]
         inertia += float(inertia_p[c])
-    farthest = int(far_i[int(np.argmax(far_d))])
-    return sums, counts, inertia, farthest, int(changed_p.sum())
+    return sums, counts, inertia, int(changed_p.sum())
 
 
-def _refill_empty(X, sample_weight, centers, labels, sums, counts, empty):
-    """Move each empty cluster to one of the rows farthest from their centres."""
-    farthest = np.empty(X.shape[0])
-    own = np.empty(X.shape[0])
-    farthest[:] = 0.0
-    n_chunks = n_chunks_for(X.shape[0], 1)
-    scale = distance_scale(X)
-    for k in range(centers.shape[0]):
-        own[:] = np.inf
-        run_chunks(update_closest, n_chunks, X.size, n_chunks, X, centers[k], scale, own)
-        np.copyto(farthest, own, where=labels == k)
-    for k, row in zip(empty, np.argsort(farthest)[::-1][: empty.size]):
-        w = 1.0 if sample_weight is None else sample_weight[row]
-        sums[k] = w * np.asarray(X[row], dtype=np.float64)
+def _relocate_empty(X, sample_weight, offset, scale, z_centers, labels, sums, counts, empty):
+    """Each empty cluster takes over one of the rows farthest from their
+    centres, which leaves its old cluster (scikit-learn's rule)."""
+    distances = np.empty(X.shape[0])
+    for start in range(0, X.shape[0], _ROWS_PER_SLAB):
+        z = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64) * scale - offset * scale
+        distances[start:start + z.shape[0]] = (
+            (z - z_centers[labels[start:start + z.shape[0]]]) ** 2).sum(axis=1)
+    if np.max(distances) == 0:
+        return  # more clusters than distinct rows: nothing to move
+    farthest = np.argpartition(distances, -empty.size)[:-empty.size - 1:-1]
+    for k, row in zip(empty, farthest):
+        w = 1.0 if sample_weight is None else float(sample_weight[row])
+        z = np.asarray(X[row], dtype=np.float64) * scale - offset * scale
+        old = labels[row]
+        sums[old] -= z * w
+        sums[k] = z * w
         counts[k] = w
+        counts[old] -= w
 
 
 def initial_statistics(X, sample_weight, n_components, init_params, covariance_type,

@@ -368,11 +368,13 @@ def kmeans_plusplus(X, n_clusters, uniforms, first_index, n_local_trials=None, s
 
 
 def lloyd(X, centers, *, max_iter=300, tol=1e-4, sample_weight=None):
-    """Lloyd's k-means from given centres, with scikit-learn's stopping rule.
+    r"""Lloyd's k-means from given centres, as scikit-learn's ``KMeans`` runs it.
 
-    Stops when the labels no longer change or when the summed squared shift of
-    the centres is at most ``tol * mean(var(X, axis=0))``. An empty cluster is
-    moved to the point farthest from its assigned centre.
+    Rows are centred on the data's mean and compared to the centres by
+    :math:`\lVert c\rVert^2 - 2 x^T c` (ties: the lowest index). An empty
+    cluster takes over the row farthest from its centre, which leaves its old
+    cluster. Stops when the labels no longer change or when the summed squared
+    shift of the centres is at most ``tol * mean(var(X, axis=0))``.
 
     Returns
     -------
@@ -380,32 +382,40 @@ def lloyd(X, centers, *, max_iter=300, tol=1e-4, sample_weight=None):
     """
     X = np.asarray(X, dtype=np.float64)
     w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
-    centers = np.array(centers, dtype=np.float64)
+    offset = X.mean(axis=0)
+    Z = X - offset
+    centers = np.array(centers, dtype=np.float64) - offset
     tol_abs = tol * np.var(X, axis=0).mean()
+
+    def nearest(centers):
+        d = (centers**2).sum(axis=1)[None, :] - 2.0 * (Z @ centers.T)
+        return d.argmin(axis=1)
+
     labels = None
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        d2 = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
-        new_labels = d2.argmin(axis=1)
-        mind = d2[np.arange(X.shape[0]), new_labels]
+        new_labels = nearest(centers)
         counts = np.bincount(new_labels, weights=w, minlength=len(centers))
         sums = np.zeros_like(centers)
-        np.add.at(sums, new_labels, X * w[:, None])
-        for k in np.flatnonzero(counts == 0):
-            far = int(np.argmax(mind))
-            sums[k] = X[far] * w[far]
-            counts[k] = w[far]
-            mind[far] = -1.0
+        np.add.at(sums, new_labels, Z * w[:, None])
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            far = ((Z - centers[new_labels]) ** 2).sum(axis=1)
+            for k, row in zip(empty, np.argsort(-far, kind="stable")):
+                old = new_labels[row]
+                sums[old] -= Z[row] * w[row]
+                counts[old] -= w[row]
+                sums[k] = Z[row] * w[row]
+                counts[k] = w[row]
         new_centers = sums / counts[:, None]
         shift = ((new_centers - centers) ** 2).sum()
         strict = labels is not None and np.array_equal(labels, new_labels)
         labels, centers = new_labels, new_centers
         if strict or shift <= tol_abs:
             break
-    d2 = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
-    labels = d2.argmin(axis=1)
-    inertia = float((w * d2[np.arange(X.shape[0]), labels]).sum())
-    return labels, centers, inertia, n_iter
+    labels = nearest(centers)
+    inertia = float((w * ((Z - centers[labels]) ** 2).sum(axis=1)).sum())
+    return labels, centers + offset, inertia, n_iter
 
 
 def hierarchical_merges(X, weights, omega):

@@ -113,3 +113,45 @@ def test_sample_matches_fitted_distribution():
     for k in range(2):
         np.testing.assert_allclose(draws[labels == k].mean(axis=0), gm.means_[k], atol=0.1)
     np.testing.assert_allclose(np.bincount(labels) / 20000, gm.weights_, atol=0.02)
+
+
+def _tied_data(kind, seed):
+    """Data whose rows are often at exactly equal distances from two centres."""
+    rng = np.random.default_rng(seed)
+    if kind == "binary":
+        return rng.integers(0, 2, size=(200, 4)).astype(np.float64)
+    if kind == "integers":
+        return np.round(rng.normal(size=(300, 3)))
+    return np.round(rng.normal(size=(300, 2)), 1)
+
+
+@pytest.mark.parametrize("kind", ["binary", "integers", "tenths"])
+def test_kmeans_breaks_distance_ties_as_sklearn(kind):
+    from sklearn.cluster import KMeans
+    from sklearn.utils import check_random_state
+
+    from fastem.initialization import kmeans_plusplus, lloyd
+
+    for seed in range(8):
+        X = _tied_data(kind, seed)
+        k = 2 + seed % 4
+        seeds, _ = kmeans_plusplus(X, k, check_random_state(seed))
+        labels, _, _, _ = lloyd(X, seeds)
+        expected = KMeans(k, n_init=1, random_state=seed).fit(X).labels_
+        np.testing.assert_array_equal(labels, expected, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("kind", ["binary", "integers", "tenths"])
+def test_same_fit_as_sklearn_on_data_with_ties(kind):
+    for seed in range(4):
+        X = _tied_data(kind, seed + 20)
+        for covariance_type in ("full", "spherical"):
+            params = dict(n_components=2 + seed % 3, covariance_type=covariance_type,
+                          random_state=seed, reg_covar=1e-3)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ours = GaussianMixture(**params).fit(X)
+                theirs = SklearnGaussianMixture(**params).fit(X)
+            assert ours.n_iter_ == theirs.n_iter_
+            np.testing.assert_allclose(ours.means_, theirs.means_, atol=1e-7)
+            np.testing.assert_allclose(ours.weights_, theirs.weights_, atol=1e-8)

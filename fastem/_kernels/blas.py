@@ -4,9 +4,10 @@ The routines come from ``scipy.linalg.cython_blas`` as ctypes functions that
 kernels receive as *arguments*: a kernel that referred to them as globals
 would embed a process-specific address and could not be cached on disk.
 
-The kernels run BLAS inside their own ``prange`` over row chunks, so BLAS must
-be single-threaded meanwhile: a multi-threaded OpenBLAS under two Numba threads
-was seen here to oversubscribe the cores and run 10-100x slower.
+The kernels run BLAS on row chunks from several threads at once
+(:mod:`fastem._threads`), so BLAS must be single-threaded meanwhile: a
+multi-threaded OpenBLAS under two kernel threads was seen here to
+oversubscribe the cores and run 10-100x slower.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def blas_routines():
         return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * n_args))(address)
 
     return bind("dtrmm", 11), bind("dsyrk", 10)
+
+
+@functools.cache
+def gemm_routine():
+    """``dgemm`` as a ctypes function taking every argument by reference (the
+    routine scikit-learn's k-means calls, from the same library)."""
+    from numba.extending import get_cython_function_address
+
+    address = get_cython_function_address("scipy.linalg.cython_blas", "dgemm")
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))(address)
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._blocks import chunk_rows, helper
+from ._blocks import BLOCK_ROWS, chunk_rows, helper
 
 
 @helper
@@ -52,39 +52,64 @@ def update_closest(chunk_first, chunk_last, n_chunks, X, center, scale, closest)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, centers, scale, labels,
-                 sums_p, counts_p, inertia_p, far_d, far_i, changed_p):
+def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, offset, scale, centers,
+                 centre_norms, gemm, labels, rows, distances, sums_p, counts_p, inertia_p,
+                 changed_p):
     r"""Assign each row to its nearest centre; chunk c's sums go to slot c.
 
-    ``sums_p[c]`` (K, D) :math:`\sum_{n \in c, k} w_n x_n`, ``counts_p[c]``
+    Rows are taken as :math:`z_n = s x_n - s o` (the offset ``o`` is the data's
+    mean, ``s`` a power of two, see ``_sq_dist``) and the centres ``centers``
+    are given so. As in scikit-learn's k-means, the distance compared is
+    :math:`\lVert c_kVert^2 - 2 z_n^T c_k` (``centre_norms`` holds
+    :math:`\lVert c_kVert^2`), computed for each block of ``BLOCK_ROWS``
+    rows by one ``dgemm``, and ties go to the lowest k: the same arithmetic,
+    so rows at equal distances (0/1 or rounded data) go where scikit-learn
+    sends them. ``rows`` (BLOCK_ROWS, D) and ``distances`` (BLOCK_ROWS, K) are
+    scratch of this call.
+
+    ``sums_p[c]`` (K, D) :math:`\sum_{n \in c, k} w_n z_n`, ``counts_p[c]``
     (K,) :math:`\sum w_n`, ``inertia_p[c]`` :math:`\sum w_n \min_k \lVert
-    s x_n- s c_k\rVert^2` (distances scaled by ``scale``, see ``_sq_dist``), ``far_d[c], far_i[c]`` the row farthest from its centre
-    and ``changed_p[c]`` the number of labels changed (reduced in chunk order
-    by the caller).
+    z_n-c_kVert^2` and ``changed_p[c]`` the number of labels changed
+    (reduced in chunk order by the caller).
     """
     n_clusters, n_features = centers.shape
     weighted = sample_weight.shape[0] > 0
+    chars = np.array([ord("T"), ord("N")], dtype=np.uint8)
+    sizes = np.array([n_clusters, 0, n_features], dtype=np.int32)
+    alpha_beta = np.array([-2.0, 1.0])
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
-        for n in range(first, last):
-            best = np.inf
-            best_k = 0
-            for k in range(n_clusters):
-                dist = _sq_dist(X, n, centers[k], scale)
-                if dist < best:
-                    best = dist
-                    best_k = k
-            if labels[n] != best_k:
-                changed_p[c] += 1
-                labels[n] = best_k
-            w = sample_weight[n] if weighted else 1.0
-            counts_p[c, best_k] += w
-            for d in range(n_features):
-                sums_p[c, best_k, d] += w * X[n, d]
-            inertia_p[c] += w * best
-            if best > far_d[c]:
-                far_d[c] = best
-                far_i[c] = n
+        for start in range(first, last, BLOCK_ROWS):
+            n_rows = min(BLOCK_ROWS, last - start)
+            for r in range(n_rows):
+                for d in range(n_features):
+                    rows[r, d] = X[start + r, d] * scale - offset[d] * scale
+                for k in range(n_clusters):
+                    distances[r, k] = centre_norms[k]
+            # distances := -2 Z C^T + distances, row-major: column-major C Z^T.
+            sizes[1] = n_rows
+            gemm(chars[0:1].ctypes, chars[1:2].ctypes, sizes[0:1].ctypes, sizes[1:2].ctypes,
+                 sizes[2:3].ctypes, alpha_beta[0:1].ctypes, centers.ctypes, sizes[2:3].ctypes,
+                 rows.ctypes, sizes[2:3].ctypes, alpha_beta[1:2].ctypes, distances.ctypes,
+                 sizes[0:1].ctypes)
+            for r in range(n_rows):
+                n = start + r
+                best = distances[r, 0]
+                best_k = 0
+                for k in range(1, n_clusters):
+                    if distances[r, k] < best:
+                        best = distances[r, k]
+                        best_k = k
+                if labels[n] != best_k:
+                    changed_p[c] += 1
+                    labels[n] = best_k
+                w = sample_weight[n] if weighted else 1.0
+                counts_p[c, best_k] += w
+                norm = 0.0
+                for d in range(n_features):
+                    sums_p[c, best_k, d] += rows[r, d] * w
+                    norm += rows[r, d] * rows[r, d]
+                inertia_p[c] += w * max(norm + best, 0.0)
 
 
 @njit(cache=True, error_model="numpy")
