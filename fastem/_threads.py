@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import signal
 import threading
 import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,59 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
+# Ctrl-C while compiled code runs is noted here and raised at the next safe
+# point (see deferred_interrupts); None outside it.
+_interrupts: list | None = None
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Deliver Ctrl-C as ``KeyboardInterrupt`` at safe points only.
+
+    Python runs a pending SIGINT handler at the next bytecode, and after a
+    compiled kernel that is often inside Numba's conversion of the arrays it
+    returns (``numba.core.serialize._numba_unpickle``), which turns the
+    ``KeyboardInterrupt`` into a ``SystemError`` or worse. Inside this context
+    (entered by the estimators' public methods, in the main thread, when
+    SIGINT has Python's default handler) the handler only records the
+    interrupt; :func:`check_interrupt`, called between kernel calls, EM
+    iterations and grid cells, raises it, and so does leaving the context.
+    Nested uses share the outermost one.
+    """
+    global _interrupts
+    if (_interrupts is not None or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pending: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    _interrupts = pending
+    try:
+        yield
+    finally:
+        _interrupts = None
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def interruptible(function):
+    """``function`` run inside :func:`deferred_interrupts` (a decorator)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with deferred_interrupts():
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def check_interrupt() -> None:
+    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed inside
+    :func:`deferred_interrupts` (a safe point: no kernel is returning)."""
+    if _interrupts:
+        _interrupts.clear()
+        raise KeyboardInterrupt
+
+
 def run_chunks(kernel, n_chunks: int, work: float, *args) -> None:
     """``kernel(first, last, *args)`` over contiguous ranges covering ``[0, n_chunks)``.
 
@@ -127,6 +181,8 @@ def _run_range(kernel, first: int, last: int, pieces: int, stop, args) -> None:
     for piece in range(pieces):
         if stop is not None and stop.is_set():
             return
+        if stop is None:  # the calling thread
+            check_interrupt()
         kernel(first + (piece * (last - first)) // pieces,
                first + ((piece + 1) * (last - first)) // pieces, *args)
 

@@ -125,6 +125,7 @@ def run_em(source, m_step, params, monitor: ConvergenceMonitor, max_iter: int,
     here at the first iteration that needs a repair.
     """
     lower_bounds: list[float] = []
+    _threads.check_interrupt()
     if max_iter == 0:
         return EMResult(params, lower_bound)
     compiled = getattr(source, "compiled_em", None)
@@ -145,6 +146,7 @@ def _python_em(source, m_step, params, monitor, max_iter, lower_bound, lower_bou
     reseeded = None
     n_iter = len(lower_bounds)
     while n_iter < max_iter:
+        _threads.check_interrupt()
         n_iter += 1
         previous = lower_bound
         stats = source.statistics(params)

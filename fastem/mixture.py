@@ -194,7 +194,7 @@ default='kmeans'
             return self._initial_parameters(X_fit, sample_weight, random_state, user_init,
                                             rescaled)
 
-        with _threads.limit(self.n_threads):
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             best, results = em.fit_em(
                 source, m_step, start, self.n_init if do_init else 1, self._monitor(),
                 self.max_iter, -np.inf if do_init else self.lower_bound_ - shift)
@@ -303,7 +303,7 @@ default='kmeans'
     def _log_resp(self, X, probabilities=False):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C")
-        with _threads.limit(self.n_threads):
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             log_resp, log_norm = log_responsibilities(X, self._current_parameters(),
                                                       self.covariance_type,
                                                       probabilities=probabilities)

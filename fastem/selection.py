@@ -281,6 +281,7 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
     return best_degenerate, reason
 
 
+@_threads.interruptible
 def select_model(
     X,
     n_components: Iterable[int] = range(1, 10),
@@ -371,6 +372,7 @@ def select_model(
             extra = [functools.partial(_kmeans_start, X, sample_weight, k, "kmeans", rng)
                      for _ in range(EXTRA_STARTS)]
         for covariance_type in covariance_types:
+            _threads.check_interrupt()
             t0 = time.perf_counter()
             row = np.zeros((), dtype=TABLE_DTYPE)
             row["n_components"], row["covariance_type"] = k, covariance_type

@@ -277,6 +277,38 @@ def test_ctrl_c_interrupts_a_large_fit_promptly(threads):
     assert float(done.stdout.split()[-1]) < 5.0
 
 
+_INTERRUPTED_SELECTION = textwrap.dedent("""
+    import os, signal, threading, time, warnings
+    import numpy as np
+    from fastem.selection import select_model
+    warnings.simplefilter("ignore")
+    X = np.random.default_rng(0).normal(size=(1000, 3))
+    select_model(X[:200], n_components=[1, 2], n_init=1)  # compiled beforehand
+    sent = []
+    def interrupt():
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Timer(1.5, interrupt).start()
+    try:
+        select_model(X, n_components=range(1, 30), n_init=20, max_iter=1000, tol=0.0)
+    except KeyboardInterrupt:
+        print(f"KeyboardInterrupt after {time.perf_counter() - sent[0]:.3f}")
+""")
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_ctrl_c_during_small_kernels_is_a_keyboard_interrupt(threads):
+    """Kernels that return arrays (the compiled EM loop, the M-step) must not
+    turn Ctrl-C into a SystemError that a selection grid records as a failed
+    cell and goes on."""
+    env = {**__import__("os").environ, "FASTEM_NUM_THREADS": threads}
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_SELECTION], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("KeyboardInterrupt after"), done.stdout + done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 5.0
+
+
 def _fit_in_child(n_features):
     X = make_mixture(n_samples=20_000, n_features=n_features, n_components=2, seed=2)
     with warnings.catch_warnings():
