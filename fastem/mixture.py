@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import _threads, em
 from . import io as model_files
 from ._validation import check_means, check_precisions, check_sample_weight, check_weights
+from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import (
     COVARIANCE_TYPES,
     covariance_shape,
@@ -36,7 +37,7 @@ from .covariance import (
 from .em import DegenerateDataWarning
 from .initialization import INIT_METHODS, initial_statistics
 from .scaling import DataScale
-from .sources import InMemorySource
+from .sources import BlockSource, InMemorySource
 from .stats import GaussianParameters, MaximumLikelihood, log_responsibilities
 
 __all__ = ["DegenerateDataWarning", "GaussianMixture", "fitted_mixture"]
@@ -167,32 +168,72 @@ default='kmeans'
         self
         """
         self._validate_params()
+        if is_out_of_core(X):
+            return self._fit_out_of_core(X, sample_weight)
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
                           order="C")
-        if X.shape[0] < self.n_components:
-            raise ValueError(
-                "Expected n_samples >= n_components but got n_components = "
-                f"{self.n_components}, n_samples = {X.shape[0]}"
-            )
+        self._check_n_samples(X.shape[0])
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
-        user_init = self._check_initial_parameters(X)
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        if not do_init:
-            self._check_warm_start(X)
         # Data whose squares would leave the float range are fitted rescaled
         # by a power of two (fastem.scaling); ordinary data as they are.
         rescaled = DataScale.of(X)
         X_fit = rescaled.data(X)
         source = InMemorySource(X_fit, sample_weight, self.covariance_type)
-        m_step = MaximumLikelihood(self.covariance_type, rescaled.reg_covar(self.reg_covar))
-        shift = rescaled.log_density_shift(X.shape[1])
+        return self._fit_source(source, X.shape[1], X.dtype, rescaled,
+                                lambda: (X_fit, sample_weight))
+
+    def _fit_out_of_core(self, X, sample_weight):
+        """Fit streamed or memory-mapped data (:mod:`fastem.blocks`): EM passes
+        over the row blocks; the initialisation runs on a random sample of
+        about ``INIT_SAMPLE_ROWS`` rows."""
+        blocks = blocks_of(X, sample_weight)
+        self._check_n_samples(blocks.n_samples)
+        self.n_features_in_ = blocks.n_features
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        rescaled = DataScale.of_largest(blocks.largest, blocks.dtype)
+        source = BlockSource(blocks, self.covariance_type, rescaled.scale)
         random_state = check_random_state(self.random_state)
+
+        def init_data():
+            sample, weights = blocks.sample(INIT_SAMPLE_ROWS, random_state)
+            return rescaled.data(sample), weights
+
+        return self._fit_source(source, blocks.n_features, blocks.dtype, rescaled, init_data,
+                                random_state)
+
+    def _check_n_samples(self, n_samples):
+        if n_samples < 2:
+            raise ValueError(f"Found array with {n_samples} sample(s) while a minimum of 2 "
+                             "is required by GaussianMixture.")
+        if n_samples < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got n_components = "
+                f"{self.n_components}, n_samples = {n_samples}"
+            )
+
+    def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None):
+        """EM on ``source`` (data rescaled by ``rescaled``): ``n_init`` starts
+        from ``init_data()`` (the rows and weights the initialisation runs on),
+        or the last fit with ``warm_start``."""
+        shape_of = np.empty((0, n_features))
+        user_init = self._check_initial_parameters(shape_of)
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        if not do_init:
+            self._check_warm_start(shape_of)
+        m_step = MaximumLikelihood(self.covariance_type, rescaled.reg_covar(self.reg_covar))
+        shift = rescaled.log_density_shift(n_features)
+        if random_state is None:
+            random_state = check_random_state(self.random_state)
+        initial = []
 
         def start(index):
             if not do_init:
                 return rescaled.parameters_in(self._current_parameters())
-            return self._initial_parameters(X_fit, sample_weight, random_state, user_init,
-                                            rescaled)
+            if not initial:
+                initial.append(init_data())
+            X_init, weights = initial[0]
+            return self._initial_parameters(X_init, weights, random_state, user_init, rescaled)
 
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             best, results = em.fit_em(
@@ -200,7 +241,7 @@ default='kmeans'
                 self.max_iter, -np.inf if do_init else self.lower_bound_ - shift)
         self.init_lower_bounds_ = [[bound + shift for bound in r.lower_bounds]
                                    for r in results]
-        self._adopt(rescaled_result(best, rescaled, self.covariance_type, shift), X.dtype)
+        self._adopt(rescaled_result(best, rescaled, self.covariance_type, shift), dtype)
         return self
 
     def fit_predict(self, X, y=None, sample_weight=None):

@@ -39,7 +39,11 @@ def power_of_two_scale(X, exponent_limit: int) -> float:
     ``2**-exponent_limit``); 1.0 otherwise. No N x D temporary."""
     if X.size == 0:
         return 1.0
-    largest = max(abs(float(X.max())), abs(float(X.min())))
+    return scale_for_largest(max(abs(float(X.max())), abs(float(X.min()))), exponent_limit)
+
+
+def scale_for_largest(largest: float, exponent_limit: int) -> float:
+    """:func:`power_of_two_scale` given the data's largest absolute coordinate."""
     if largest == 0.0:
         return 1.0
     exponent = math.frexp(largest)[1]
@@ -59,6 +63,11 @@ class DataScale:
     @classmethod
     def of(cls, X) -> DataScale:
         return cls(power_of_two_scale(X, _EXPONENT_LIMIT.get(X.dtype, 400)))
+
+    @classmethod
+    def of_largest(cls, largest: float, dtype) -> DataScale:
+        """For data whose largest absolute coordinate is ``largest`` (streamed data)."""
+        return cls(scale_for_largest(largest, _EXPONENT_LIMIT.get(np.dtype(dtype), 400)))
 
     @property
     def identity(self) -> bool:

@@ -103,3 +103,39 @@ class InMemorySource:
                                     from_canonical(prec_chol, covariance_type))
         return params, lower_bounds.tolist(), bool(converged), bool(handed_over)
 
+
+
+class BlockSource:
+    """Row blocks streamed through the statistics kernel, once per pass (out-of-core EM).
+
+    The statistics of the blocks add (:class:`~fastem.stats.GaussianStatistics`),
+    so a pass over the blocks gives the statistics of the whole data set, as
+    :class:`InMemorySource` does in one call: EM from the same parameters
+    reaches the same fit, up to the order of the additions.
+
+    Parameters
+    ----------
+    blocks : fastem.blocks.RowBlocks
+        Surveyed row blocks (memory-mapped or streamed).
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    scale : float
+        A power of two every block is multiplied by (see :mod:`fastem.scaling`).
+    """
+
+    def __init__(self, blocks, covariance_type: str, scale: float = 1.0):
+        self.blocks = blocks
+        self.covariance_type = covariance_type
+        self.scale = scale
+        self.n_samples, self.n_features = blocks.n_samples, blocks.n_features
+
+    def statistics(self, params: GaussianParameters) -> GaussianStatistics:
+        """The sum of every block's statistics under ``params`` (one pass)."""
+        total = None
+        for X, sample_weight in self.blocks:
+            if X.shape[0] == 0:
+                continue
+            if self.scale != 1.0:
+                X = X * X.dtype.type(self.scale)
+            part = e_step_statistics(X, sample_weight, params, self.covariance_type)
+            total = part if total is None else total + part
+        return total

@@ -165,6 +165,10 @@ def load_table(path: str | os.PathLike, columns: Sequence[str | int] | None = No
         array = _read_numpy_array(path, suffix)
         names = [f"x{j}" for j in range(array.shape[1])]
         selected = _select_columns(path, names, columns, named=False)
+        if (selected == list(range(array.shape[1])) and array.dtype == np.float64
+                and array.flags.c_contiguous):
+            # A memory-mapped .npy of every column stays on disk: fits stream it.
+            return Table(array, names, False)
         return Table(
             np.ascontiguousarray(array[:, selected], dtype=np.float64),
             [names[j] for j in selected],
@@ -310,7 +314,9 @@ def _read_numpy_array(path: Path, suffix: str) -> np.ndarray:
     """Return the 2-D array stored in a ``.npy`` or ``.npz`` file."""
     unreadable = f"{path}: cannot read it as a NumPy {suffix} file"
     try:
-        loaded = np.load(path, allow_pickle=False)
+        # .npy files are memory-mapped, not read (.npz members cannot be).
+        loaded = np.load(path, allow_pickle=False,
+                         mmap_mode="r" if suffix == ".npy" else None)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{unreadable}: {exc}") from exc
     if isinstance(loaded, np.lib.npyio.NpzFile):

@@ -247,63 +247,44 @@ def test_select_model_keeps_feature_names():
 
 
 # ----------------------------------------------------------- interrupts and children
-_INTERRUPTED_FIT = textwrap.dedent("""
-    import os, signal, sys, threading, time, warnings
+_INTERRUPTED = textwrap.dedent("""
+    import os, signal, threading, time, warnings
     import numpy as np
     from fastem import GaussianMixture
+    from fastem.selection import select_model
     warnings.simplefilter("ignore")
-    X = np.random.default_rng(0).normal(size=(1_500_000, 20))
-    GaussianMixture(2, max_iter=1, random_state=0).fit(X[:5000])  # compiled beforehand
+    X = np.random.default_rng(0).normal(size=({rows}, {columns}))
+    {warm}  # compiled beforehand
     sent = []
     def interrupt():
         sent.append(time.perf_counter())
         os.kill(os.getpid(), signal.SIGINT)
     threading.Timer(2.0, interrupt).start()
     try:
-        GaussianMixture(8, max_iter=10_000, tol=0.0, random_state=0).fit(X)
+        {work}
     except KeyboardInterrupt:
-        print(f"KeyboardInterrupt after {time.perf_counter() - sent[0]:.3f}")
+        print(f"KeyboardInterrupt after {{time.perf_counter() - sent[0]:.3f}}")
 """)
+_INTERRUPTED_WORK = {
+    # Large passes: delivered between kernel calls (about 0.2 s of work each).
+    "large fit": dict(rows=1_500_000, columns=20,
+                      warm="GaussianMixture(2, max_iter=1, random_state=0).fit(X[:5000])",
+                      work="GaussianMixture(8, max_iter=10_000, tol=0.0).fit(X)"),
+    # Kernels that return arrays (the compiled EM loop, the M-step) must not
+    # turn Ctrl-C into a SystemError that the grid records as a failed cell.
+    "selection": dict(rows=1000, columns=3,
+                      warm="select_model(X[:200], n_components=[1, 2], n_init=1)",
+                      work="select_model(X, range(1, 30), n_init=20, max_iter=1000, tol=0.0)"),
+}
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])
-def test_ctrl_c_interrupts_a_large_fit_promptly(threads):
+@pytest.mark.parametrize("work", sorted(_INTERRUPTED_WORK))
+def test_ctrl_c_is_a_prompt_keyboard_interrupt(work, threads):
     env = {**__import__("os").environ, "FASTEM_NUM_THREADS": threads}
-    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_FIT], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("KeyboardInterrupt after"), done.stdout + done.stderr[-2000:]
-    # Delivered between kernel calls (about 0.2 s of work each), not after the fit.
-    assert float(done.stdout.split()[-1]) < 5.0
-
-
-_INTERRUPTED_SELECTION = textwrap.dedent("""
-    import os, signal, threading, time, warnings
-    import numpy as np
-    from fastem.selection import select_model
-    warnings.simplefilter("ignore")
-    X = np.random.default_rng(0).normal(size=(1000, 3))
-    select_model(X[:200], n_components=[1, 2], n_init=1)  # compiled beforehand
-    sent = []
-    def interrupt():
-        sent.append(time.perf_counter())
-        os.kill(os.getpid(), signal.SIGINT)
-    threading.Timer(1.5, interrupt).start()
-    try:
-        select_model(X, n_components=range(1, 30), n_init=20, max_iter=1000, tol=0.0)
-    except KeyboardInterrupt:
-        print(f"KeyboardInterrupt after {time.perf_counter() - sent[0]:.3f}")
-""")
-
-
-@pytest.mark.parametrize("threads", ["1", "2"])
-def test_ctrl_c_during_small_kernels_is_a_keyboard_interrupt(threads):
-    """Kernels that return arrays (the compiled EM loop, the M-step) must not
-    turn Ctrl-C into a SystemError that a selection grid records as a failed
-    cell and goes on."""
-    env = {**__import__("os").environ, "FASTEM_NUM_THREADS": threads}
-    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_SELECTION], capture_output=True,
-                          text=True, timeout=300, env=env)
+    script = _INTERRUPTED.format(**_INTERRUPTED_WORK[work])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("KeyboardInterrupt after"), done.stdout + done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) < 5.0
