@@ -16,13 +16,13 @@ is not safe in a child process forked after a parallel kernel ran.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
 import os
 import signal
 import threading
-import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 
 # Below this much work (rows x the per-row cost) a call runs in the calling

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from time import perf_counter
 
 import numpy as np
@@ -239,6 +239,41 @@ def run_starts(source, m_step, starts: Sequence, monitor: ConvergenceMonitor,
             results.append(EMResult(params, lower_bound, lower_bounds, len(lower_bounds),
                                     converged))
     return results
+
+
+def stepwise_update(source, m_step, params, running, step_size: float):
+    r"""One step of stepwise (online) EM (Cappé & Moulines 2009; Liang & Klein 2009).
+
+    The statistics of the batch ``source`` under ``params``, per unit weight
+    (:math:`\hat s = s_B / \sum_{n\in B} w_n`), are blended into the running
+    statistics,
+
+    .. math::
+
+        \bar s_t = (1-\rho_t)\,\bar s_{t-1} + \rho_t\,\hat s_t,
+
+    and the M-step (with the driver's repairs) turns them into parameters.
+    ``running`` None starts the sequence (:math:`\bar s_1 = \hat s_1`).
+
+    Returns
+    -------
+    params, running, objective
+        The new parameters, the running statistics and the batch's objective
+        under ``params`` (its average log-likelihood).
+    """
+    _threads.check_interrupt()
+    stats = source.statistics(params)
+    # Per unit weight; the row count stays the batch's, for the repairs'
+    # "average row" (weight / count).
+    batch = replace(stats.scaled(1.0 / stats.weight), count=stats.count)
+    if running is None:
+        running = batch
+    else:
+        blended = running.scaled(1.0 - step_size) + batch.scaled(step_size)
+        running = replace(blended, count=stats.count, worst_loglik=stats.worst_loglik,
+                          worst_point=stats.worst_point)
+    new_params, _ = _m_step_with_repairs(m_step, running, None)
+    return new_params, running, m_step.objective(stats)
 
 
 def best_result(results: Sequence[EMResult]) -> int:

@@ -81,6 +81,12 @@ default='kmeans'
         Cap on the threads used by this estimator (None: ``FASTEM_NUM_THREADS``
         or the CPUs available). Results are bit-identical whatever the thread
         count.
+    learning_offset : float >= 0, default=1.0
+        :math:`t_0` of the step size :math:`\rho_t = (t + t_0)^{-\kappa}` of
+        :meth:`partial_fit` (stepwise EM): larger values make the first steps smaller.
+    learning_decay : float in (0.5, 1], default=0.7
+        :math:`\kappa` of that step size, how quickly it shrinks: 1 averages all
+        batches alike; values near 0.5 keep weighing recent batches more.
 
     Attributes
     ----------
@@ -112,6 +118,8 @@ default='kmeans'
         "verbose": ["verbose"],
         "verbose_interval": [Interval(Integral, 1, None, closed="left")],
         "n_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "learning_offset": [Interval(Real, 0.0, None, closed="left")],
+        "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
     }
 
     def __init__(
@@ -132,6 +140,8 @@ default='kmeans'
         verbose=0,
         verbose_interval=10,
         n_threads=None,
+        learning_offset=1.0,
+        learning_decay=0.7,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -148,6 +158,8 @@ default='kmeans'
         self.verbose = verbose
         self.verbose_interval = verbose_interval
         self.n_threads = n_threads
+        self.learning_offset = learning_offset
+        self.learning_decay = learning_decay
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, sample_weight=None):
@@ -168,6 +180,8 @@ default='kmeans'
         self
         """
         self._validate_params()
+        # A fit starts any later partial_fit afresh.
+        self._running = None
         if is_out_of_core(X):
             return self._fit_out_of_core(X, sample_weight)
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
@@ -242,6 +256,67 @@ default='kmeans'
         self.init_lower_bounds_ = [[bound + shift for bound in r.lower_bounds]
                                    for r in results]
         self._adopt(rescaled_result(best, rescaled, self.covariance_type, shift), dtype)
+        return self
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        r"""Update the model with one batch of rows by stepwise (online) EM.
+
+        The first call on an unfitted model fits its batch with :meth:`fit`
+        (``init_params``, ``n_init``, ``max_iter``). Every later call takes one
+        step of stepwise EM (Cappé & Moulines 2009): the batch's statistics
+        under the current parameters, per unit weight, are blended into
+        running statistics with step size
+
+        .. math::
+
+            \rho_t = (t + t_0)^{-\kappa},\qquad t_0 = \texttt{learning\_offset},\quad
+            \kappa = \texttt{learning\_decay} \in (0.5, 1],
+
+        and the M-step turns them into the new parameters. ``t`` counts the
+        batches since the running statistics started (the first call, or the
+        first call after :meth:`fit` or loading a model, which starts them
+        from its batch). ``lower_bound_`` is the batch's average
+        log-likelihood under the parameters it was given; ``n_iter_`` counts
+        steps.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        if not hasattr(self, "converged_"):
+            self.fit(X, sample_weight=sample_weight)
+            X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False,
+                              order="C")
+            sample_weight = check_sample_weight(sample_weight, X.shape[0])
+            source = InMemorySource(X, sample_weight, self.covariance_type)
+            self._running = source.statistics(self._current_parameters())
+            self._running = dataclasses.replace(
+                self._running.scaled(1.0 / self._running.weight), count=self._running.count)
+            self._steps = 1
+            return self
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C")
+        sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        running = getattr(self, "_running", None)
+        steps = getattr(self, "_steps", 0) if running is not None else 0
+        step_size = (steps + self.learning_offset) ** -self.learning_decay
+        source = InMemorySource(X, sample_weight, self.covariance_type)
+        m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
+            params, running, objective = em.stepwise_update(
+                source, m_step, self._current_parameters(), running, step_size)
+        self._set_parameters(tuple(np.asarray(p, dtype=X.dtype) for p in params))
+        self._fitted_covariance_type = self.covariance_type
+        self._running, self._steps = running, steps + 1
+        self.lower_bound_ = objective
+        self.n_iter_ += 1
+        self.lower_bounds_ = [*self.lower_bounds_, objective]
         return self
 
     def fit_predict(self, X, y=None, sample_weight=None):
@@ -605,7 +680,8 @@ def _check_initial_arrays(model) -> None:
 model_files.register_model_format(model_files.ModelFormat(
     name="fastem.GaussianMixture",
     # 2: every constructor parameter is stored (1 left out a RandomState random_state).
-    version=2,
+    # 3: learning_offset and learning_decay (partial_fit).
+    version=3,
     estimator=GaussianMixture,
     fitted_arrays=("weights_", "means_", "covariances_", "precisions_",
                    "precisions_cholesky_"),

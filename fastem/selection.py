@@ -26,8 +26,8 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from numbers import Integral
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from conftest import COVARIANCE_TYPES, make_mixture
 
-from fastem import GaussianMixture
-from fastem import reference, selection
+from fastem import GaussianMixture, reference, selection
 from fastem.initialization import distance_scale, kmeans_plusplus_from_draws
 from fastem.selection import select_model
 

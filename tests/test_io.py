@@ -187,7 +187,21 @@ NON_DEFAULT_PARAMS = {
     "verbose": 2,
     "verbose_interval": 5,
     "n_threads": 1,
+    "learning_offset": 3.0,
+    "learning_decay": 0.9,
 }
+
+
+def test_a_version_2_file_loads_with_the_default_learning_parameters(model_file):
+    """Version 2 predates learning_offset and learning_decay (partial_fit)."""
+    rewrite(model_file, meta_changes={"format_version": 2},
+            drop_params=("learning_offset", "learning_decay"))
+    loaded = load_model(model_file)
+    assert loaded.learning_offset == 1.0 and loaded.learning_decay == 0.7
+    # The current version must store them.
+    rewrite(model_file, meta_changes={"format_version": 3})
+    with pytest.raises(ValueError, match="lacks the parameters 'learning_"):
+        load_model(model_file)
 
 
 def test_every_constructor_parameter_round_trips(tmp_path, X):
@@ -337,7 +351,7 @@ def test_metadata_entry_holds_format_and_scalars(model_file, fitted):
     assert raw.ndim == 0 and raw.dtype.kind == "U"
     meta = json.loads(str(raw))
     assert meta["format"] == GM_FORMAT.name == "fastem.GaussianMixture"
-    assert meta["format_version"] == GM_FORMAT.version == 2
+    assert meta["format_version"] == GM_FORMAT.version == 3
     assert isinstance(meta["fastem_version"], str)
     # Every constructor parameter, None included.
     assert meta["params"] == fitted.get_params(deep=False)
