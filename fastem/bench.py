@@ -95,11 +95,14 @@ _EM_CASES = {
 }
 _D10 = _EM_CASES["d10"]
 # Canonical order: cases sharing the D=10 data set run back to back.
-CASES = ("small", "d2", "d10", "float32", "fit", "d100", "diag50", "memory", "import", "warm",
-         "cold", "selection")
+CASES = ("small", "d2", "d10", "float32", "fit", "outofcore", "d100", "diag50", "memory",
+         "import", "warm", "online", "cold", "selection")
 # Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
-# n_init=20 grids (about a minute) and mclust when Rscript is installed.
-DEFAULT_CASES = tuple(c for c in CASES if c not in ("cold", "selection"))
+# n_init=20 grids (about a minute) and mclust when Rscript is installed;
+# 'outofcore' writes the D=10 data set to a temporary .npy, 'online' fits
+# 400,000 rows several times.
+DEFAULT_CASES = tuple(c for c in CASES if c not in ("cold", "selection", "outofcore",
+                                                   "online"))
 _SMALL_COMPONENTS = 3
 _SMALL_ITERATIONS = 100
 _FAITHFUL_COMPONENTS = 2
@@ -578,6 +581,66 @@ def _case_fit(settings: _Settings, data: _Datasets) -> list[Result]:
                        label: t.units for label, t in timings.items()}})]
 
 
+def _case_outofcore(settings: _Settings, data: _Datasets) -> list[Result]:
+    """EM iteration on a memory-mapped .npy (in the page cache) against the same
+    array in memory, from the same start."""
+    full_size, n_features, n_components, covariance_type = _D10
+    shape = (settings.size(full_size), n_features, n_components)
+    X = data.get(*shape)
+    init = data.init(*shape, covariance_type)
+    with tempfile.TemporaryDirectory(prefix="fastem-outofcore-") as folder:
+        path = os.path.join(folder, "X.npy")
+        np.save(path, X)
+        mapped = np.load(path, mmap_mode="r")
+        timings = _measure({
+            "fastem": _em_runner(GaussianMixture, mapped, n_components, covariance_type, init),
+            "in memory": _em_runner(GaussianMixture, X, n_components, covariance_type, init),
+        }, settings)
+        del mapped
+    return [_per_iteration_row("outofcore", timings, shape, covariance_type, "float64")]
+
+
+def _case_online(settings: _Settings, data: _Datasets) -> list[Result]:
+    """One pass of partial_fit over batches of 10,000 rows against a full fit
+    (default init, tol 1e-3): time, and the log-likelihood reached."""
+    full_size, n_features, n_components, covariance_type = 400_000, 3, 4, "full"
+    n_samples = settings.size(full_size)
+    X = data.get(n_samples, n_features, n_components)
+    X = X[np.random.default_rng(0).permutation(n_samples)]
+    batch = max(1000, min(10_000, n_samples // 40))
+    outcome = {}
+
+    def full_fit():
+        model = GaussianMixture(n_components, covariance_type=covariance_type, random_state=0)
+        seconds = _quietly(partial(model.fit, X))
+        outcome["full EM"] = model.score(X)
+        return seconds
+
+    def online_pass():
+        model = GaussianMixture(n_components, covariance_type=covariance_type, random_state=0)
+
+        def run():
+            for start in range(0, n_samples, batch):
+                model.partial_fit(X[start:start + batch])
+
+        seconds = _quietly(run)
+        outcome["fastem"] = model.score(X)
+        return seconds
+
+    def runner(once):
+        return _Runner(lambda n: sum(once() for _ in range(n)), warm_up=True)
+
+    timings = _measure({"fastem": runner(online_pass), "full EM": runner(full_fit)}, settings)
+    gap = 100.0 * (outcome["full EM"] - outcome["fastem"]) / abs(outcome["full EM"])
+    _log(f"online: one pass in batches of {batch} ends at log-likelihood "
+         f"{outcome['fastem']:.5f} per row, full EM at {outcome['full EM']:.5f} "
+         f"({gap:.3f} % below)")
+    return [Result("online", "s/pass", {label: t.median for label, t in timings.items()},
+                   n_samples, n_features, n_components, covariance_type, "float64",
+                   details={"log_likelihood": outcome, "gap_percent": gap,
+                            "batch_rows": batch})]
+
+
 def _case_small(settings: _Settings, data: _Datasets) -> list[Result]:
     """The model-selection workload: many fits of a tiny data set (Old Faithful)."""
     X = _faithful()
@@ -855,6 +918,8 @@ _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "warm": _case_warm,
     "cold": _case_cold,
     "selection": _case_selection,
+    "outofcore": _case_outofcore,
+    "online": _case_online,
 }
 
 
@@ -900,6 +965,19 @@ def _import_ratio(results):
     return None if row is None or row.speedup("sklearn") is None else 1.0 / row.speedup("sklearn")
 
 
+def _speed_relative_to(case, other):
+    def measure(results):
+        row = _row(results, case)
+        return None if row is None else row.speedup(other)
+
+    return measure
+
+
+def _online_gap(results):
+    row = _row(results, "online")
+    return None if row is None else row.details["gap_percent"]
+
+
 def _fastem_value(case):
     def measure(results):
         row = _row(results, case)
@@ -922,6 +1000,10 @@ _TARGETS = (
             lambda v: v <= 1.2),
     _Target("warm", "warm: first fit on Old Faithful, after import", "<= 1 s",
             _fastem_value("warm"), lambda v: v <= 1.0, suffix=" s"),
+    _Target("outofcore", "outofcore: memmap EM iteration vs in memory", ">= 0.5x",
+            _speed_relative_to("outofcore", "in memory"), lambda v: v >= 0.5, _D10[:3]),
+    _Target("online", "online: one partial_fit pass, gap to full EM", "<= 0.5%",
+            _online_gap, lambda v: v <= 0.5, suffix="%"),
     _Target("cold", "cold: first 200k x 10 fit, empty cache", "<= 10 s",
             _fastem_value("cold"), lambda v: v <= 10.0, suffix=" s"),
     _Target("session", "cold: first session (7 steps), empty cache", "<= 25 s",
