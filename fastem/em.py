@@ -91,15 +91,24 @@ class ConvergenceMonitor:
             self._print(f"Initialization {index}")
             self._start_time = self._iter_time = perf_counter()
 
-    def converged(self, n_iter: int, change: float) -> bool:
-        """Report iteration ``n_iter`` and say whether EM has converged."""
+    def converged(self, n_iter: int, change: float, objective: float | None = None) -> bool:
+        """Report iteration ``n_iter`` and say whether EM has converged.
+
+        With ``verbose`` >= 2 the line is scikit-learn's, followed by the
+        objective and the time per iteration since the last line (long fits,
+        out-of-core and distributed ones especially, show their progress).
+        """
         if not self.quiet and n_iter % self.verbose_interval == 0:
             if self.verbose == 1:
                 self._print(f"  Iteration {n_iter}")
             else:
                 now = perf_counter()
-                self._print(f"  Iteration {n_iter}\t time lapse {now - self._iter_time:.5f}s\t "
-                            f"ll change {change:.5f}")
+                lapse = now - self._iter_time
+                extra = "" if objective is None else (
+                    f"\t lower bound {objective:.5f}\t "
+                    f"{1e3 * lapse / self.verbose_interval:.1f} ms/iter")
+                self._print(f"  Iteration {n_iter}\t time lapse {lapse:.5f}s\t "
+                            f"ll change {change:.5f}{extra}")
                 self._iter_time = now
         return abs(change) < self.tol
 
@@ -153,7 +162,7 @@ def _python_em(source, m_step, params, monitor, max_iter, lower_bound, lower_bou
         lower_bound = m_step.objective(stats)
         params, reseeded = _m_step_with_repairs(m_step, stats, reseeded)
         lower_bounds.append(lower_bound)
-        if monitor.converged(n_iter, lower_bound - previous):
+        if monitor.converged(n_iter, lower_bound - previous, lower_bound):
             converged = True
             break
     return EMResult(params, lower_bound, lower_bounds, n_iter, converged)

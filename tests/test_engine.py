@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,3 +145,7 @@ def test_verbose_progress_is_printed(capsys):
                     random_state=0).fit(X)
     out = capsys.readouterr().out
     assert "Initialization 0" in out and "Iteration 3" in out and "lower bound" in out
+    # scikit-learn's line, then the objective and the time per iteration.
+    line = next(text for text in out.splitlines() if "Iteration 2" in text)
+    assert re.fullmatch(r"  Iteration 2\t time lapse [0-9.]+s\t ll change -?[0-9.]+"
+                        r"\t lower bound -?[0-9.]+\t [0-9.]+ ms/iter", line), line
