@@ -77,6 +77,7 @@ class RowBlocks:
         self.n_samples = self.n_features = None
         self.dtype = None
         self.largest = 0.0
+        self.n_positive = None
         self.weight_factor = 1.0
         self.weighted = sample_weight is not None
 
@@ -157,6 +158,7 @@ class RowBlocks:
         if first:
             raise ValueError("The data have no blocks of rows")
         self.n_samples, self.largest = n_samples, largest
+        self.n_positive = positive if self.weighted else n_samples
         if self.weighted:
             if not weight_max > 0:
                 raise ValueError("sample_weight has only zero weights: at least one must be "
@@ -169,6 +171,20 @@ class RowBlocks:
                     total += float(np.sum(np.asarray(w, dtype=np.float64) / weight_max))
             self.weight_factor = positive / total / weight_max
         return self
+
+    def column_variance(self, scale: float = 1.0) -> np.ndarray:
+        """Weighted per-feature variance of ``scale`` times the rows (two passes)."""
+        total, weight = np.zeros(self.n_features), 0.0
+        for X, w in self:
+            Z = np.asarray(X, dtype=np.float64) * scale
+            total += Z.sum(axis=0) if w is None else w @ Z
+            weight += Z.shape[0] if w is None else float(w.sum())
+        mean = total / weight
+        squares = np.zeros(self.n_features)
+        for X, w in self:
+            dev = np.asarray(X, dtype=np.float64) * scale - mean
+            squares += np.einsum("ij,ij->j", dev, dev) if w is None else w @ (dev * dev)
+        return squares / weight
 
     def sample(self, n_rows: int, random_state) -> tuple[np.ndarray, np.ndarray | None]:
         """About ``n_rows`` rows drawn uniformly (each kept with probability

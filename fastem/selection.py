@@ -36,11 +36,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _threads, em
 from ._validation import check_sample_weight
+from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import COVARIANCE_TYPES, n_free_parameters, precisions_from_cholesky
-from .initialization import Hierarchy, kmeans_plusplus, lloyd
+from .initialization import Hierarchy, column_variance, kmeans_plusplus, lloyd
 from .mixture import GaussianMixture, fitted_mixture, rescaled_result
 from .scaling import DataScale
-from .sources import InMemorySource
+from .sources import BlockSource, InMemorySource
 from .stats import (
     GaussianParameters,
     MaximumLikelihood,
@@ -129,27 +130,35 @@ def classification_entropy(model: GaussianMixture, X, sample_weight=None) -> flo
     Computed in row slabs so no full (N, K) array is held.
     """
     X = validate_data(model, X, dtype=[np.float64, np.float32], reset=False, order="C")
-    return _loglik_and_entropy(model, X, sample_weight)[1]
+    sample_weight = check_sample_weight(sample_weight, X.shape[0])
+    return _loglik_and_entropy(model, _slabs(X, sample_weight))[1]
 
 
-def _loglik_and_entropy(model: GaussianMixture, X, sample_weight) -> tuple[float, float]:
+def _slabs(X, sample_weight):
+    """(rows, weights) slabs of an in-memory data set (no full (N, K) array at once)."""
+    return [(X[start:start + _SLAB],
+             None if sample_weight is None else sample_weight[start:start + _SLAB])
+            for start in range(0, X.shape[0], _SLAB)]
+
+
+def _loglik_and_entropy(model: GaussianMixture, slabs) -> tuple[float, float]:
     """log L of the final parameters (not the lower bound of the last E-step)
-    and the entropy of the responsibilities, in one pass over row slabs of
-    ``X`` (already validated, C-contiguous)."""
+    and the entropy of the responsibilities, in one pass over ``slabs``
+    ((rows, weights) pairs, validated, C-contiguous: :func:`_slabs` or the
+    blocks of streamed data)."""
     params = GaussianParameters(*(np.asarray(a, dtype=np.float64) for a in (
         model.weights_, model.means_, model.covariances_, model.precisions_cholesky_)))
     loglik = entropy = 0.0
     with _threads.limit(model.n_threads):
-        for start in range(0, X.shape[0], _SLAB):
-            proba, log_norm = log_responsibilities(X[start:start + _SLAB], params,
-                                                   model.covariance_type, probabilities=True)
+        for X, w in slabs:
+            proba, log_norm = log_responsibilities(X, params, model.covariance_type,
+                                                   probabilities=True)
             with np.errstate(divide="ignore", invalid="ignore"):
                 terms = np.where(proba > 0, proba * np.log(proba), 0.0).sum(axis=1)
-            if sample_weight is None:
+            if w is None:
                 loglik += log_norm.sum()
                 entropy -= terms.sum()
             else:
-                w = sample_weight[start:start + _SLAB]
                 loglik += log_norm @ w
                 entropy -= terms @ w
     return float(loglik), float(entropy)
@@ -231,16 +240,19 @@ def degeneracy(model: GaussianMixture, n_samples: float, data_variance: np.ndarr
 
 
 def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwargs,
-              n_eff, data_variance, extra_starts, rescaled=DataScale()):
+              n_eff, data_variance, extra_starts, rescaled=DataScale(), source=None):
     """Fit one grid cell from each start and keep the best non-degenerate fit.
 
     Returns (model, reason): reason is '' for a sound fit; otherwise every
     start (including up to ``len(extra_starts)`` fresh ones tried after the
     shared starts all degenerated) gave a degenerate fit, the best of which is
-    returned with the reason. ``X`` and the starts are the data rescaled by
-    ``rescaled`` (:mod:`fastem.scaling`); the models are in the data's units.
+    returned with the reason. ``X`` (the rows the starts were computed on: the
+    data, or a sample of streamed data whose ``source`` is given) and the
+    starts are rescaled by ``rescaled`` (:mod:`fastem.scaling`); the models are
+    in the data's units.
     """
-    source = InMemorySource(X, sample_weight, covariance_type)
+    if source is None:
+        source = InMemorySource(X, sample_weight, covariance_type)
     m_step = MaximumLikelihood(covariance_type, rescaled.reg_covar(fit_kwargs["reg_covar"]))
     shift = rescaled.log_density_shift(X.shape[1])
     monitor = em.ConvergenceMonitor(fit_kwargs["tol"])
@@ -339,34 +351,54 @@ def select_model(
     ks, covariance_types, criterion = _check_grid(
         n_components, covariance_types, criterion, n_init=n_init, init_params=init_params,
         reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
-    # Validated as an estimator would be: DataFrame column names are kept and
-    # given to every fitted model (feature_names_in_).
     shape_of = GaussianMixture()
-    X = validate_data(shape_of, X, dtype=[np.float64, np.float32], order="C",
-                      ensure_min_samples=2, reset=True)
-    sample_weight = check_sample_weight(sample_weight, X.shape[0])
     rng = check_random_state(random_state)
-    # Fitted rescaled by a power of two when the data's squares would leave
-    # the float range (fastem.scaling); the models are in the data's units.
-    rescaled = DataScale.of(X)
-    data = X
-    X = rescaled.data(X)
-    n_rows = X.shape[0]
-    # Weights are relative (see check_sample_weight): n is the rows that count.
-    n_eff = n_rows if sample_weight is None else int(np.count_nonzero(sample_weight))
-    fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
-    from .initialization import column_variance
+    if is_out_of_core(X):
+        # Streamed or memory-mapped: EM passes over the row blocks, the starts
+        # on a random sample of about INIT_SAMPLE_ROWS rows (as GaussianMixture.fit).
+        blocks = blocks_of(X, sample_weight)
+        rescaled = DataScale.of_largest(blocks.largest, blocks.dtype)
+        sample, sample_weight = blocks.sample(INIT_SAMPLE_ROWS, rng)
+        X = rescaled.data(sample)
+        n_rows, n_eff = blocks.n_samples, blocks.n_positive
+        shape_of.n_features_in_ = blocks.n_features
+        data_variance = blocks.column_variance(rescaled.scale) / rescaled.scale**2
+        scored = blocks
 
-    data_variance = column_variance(X, sample_weight) / rescaled.scale**2
+        def source_for(covariance_type):
+            return BlockSource(blocks, covariance_type, rescaled.scale)
+    else:
+        # Validated as an estimator would be: DataFrame column names are kept and
+        # given to every fitted model (feature_names_in_).
+        X = validate_data(shape_of, X, dtype=[np.float64, np.float32], order="C",
+                          ensure_min_samples=2, reset=True)
+        sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        # Fitted rescaled by a power of two when the data's squares would leave
+        # the float range (fastem.scaling); the models are in the data's units.
+        rescaled = DataScale.of(X)
+        scored = _slabs(X, sample_weight)
+        X = rescaled.data(X)
+        n_rows = X.shape[0]
+        # Weights are relative (see check_sample_weight): n is the rows that count.
+        n_eff = n_rows if sample_weight is None else int(np.count_nonzero(sample_weight))
+        data_variance = column_variance(X, sample_weight) / rescaled.scale**2
+        in_memory, in_memory_weight = X, sample_weight
+
+        def source_for(covariance_type):
+            return InMemorySource(in_memory, in_memory_weight, covariance_type)
+    if n_rows < 2:
+        raise ValueError(f"Found array with {n_rows} sample(s) while a minimum of 2 is "
+                         "required by select_model.")
+    fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
     hierarchy = None
-    if init_params == "hierarchical" and n_rows >= 2:
+    if init_params == "hierarchical" and X.shape[0] >= 2:
         hierarchy = Hierarchy(X, sample_weight, rng)
 
     rows, models = [], {}
     n_cells = len(ks) * len(covariance_types)
     for k in ks:
         starts = None
-        if k <= n_rows:
+        if k <= min(n_rows, X.shape[0]):
             starts = _shared_starts(X, sample_weight, k, init_params, int(n_init), rng,
                                     hierarchy)
             extra = [functools.partial(_kmeans_start, X, sample_weight, k, "kmeans", rng)
@@ -383,14 +415,14 @@ def select_model(
                 try:
                     model, reason = _fit_cell(X, sample_weight, k, covariance_type, starts,
                                               fit_kwargs, n_eff, data_variance, extra,
-                                              rescaled)
+                                              rescaled, source_for(covariance_type))
                 except Exception as exc:  # a failed cell is a row of the table, not a crash
                     _fail(row, f"failed: {exc}"[:80])
                 else:
                     for name in ("n_features_in_", "feature_names_in_"):
                         if hasattr(shape_of, name):
                             setattr(model, name, getattr(shape_of, name))
-                    _score(row, model, data, sample_weight, n_eff)
+                    _score(row, model, scored, n_eff)
                     if reason:
                         row["status"] = f"degenerate: {reason}"[:80]
                     models[(k, covariance_type)] = model
@@ -457,8 +489,8 @@ def _fail(row, status):
     row["status"] = status
 
 
-def _score(row, model, X, sample_weight, n_eff):
-    loglik, entropy = _loglik_and_entropy(model, X, sample_weight)
+def _score(row, model, slabs, n_eff):
+    loglik, entropy = _loglik_and_entropy(model, slabs)
     p = row["n_parameters"]
     row["log_likelihood"] = loglik
     row["bic"] = -2.0 * loglik + p * math.log(n_eff)

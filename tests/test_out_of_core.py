@@ -147,3 +147,36 @@ def test_warm_start_and_predictions_on_a_memory_map(saved):
     _fit_again = model.fit(mapped)
     assert _fit_again is model and model.n_iter_ >= 1 and first == 3
     np.testing.assert_array_equal(model.predict(mapped[:500]), model.predict(X[:500]))
+
+
+def test_select_model_streams_memory_mapped_data(saved):
+    from fastem.selection import select_model
+
+    X, weights, folder = saved
+    mapped = np.load(folder / "X.npy", mmap_mode="r")
+    mapped_w = np.load(folder / "w.npy", mmap_mode="r")
+    grid = dict(n_components=[2, 3], covariance_types=["full", "diag"], n_init=2,
+                random_state=0)
+    for data, w in ((mapped, None), (mapped, mapped_w)):
+        streamed = select_model(data, sample_weight=w, **grid)
+        in_memory = select_model(X, sample_weight=None if w is None else weights, **grid)
+        # Fewer rows than INIT_SAMPLE_ROWS: the same starts; EM through the
+        # Python-driven loop instead of the compiled one, so equal to rounding.
+        np.testing.assert_array_equal(streamed.table["status"], in_memory.table["status"])
+        for column in ("log_likelihood", "bic", "icl"):
+            np.testing.assert_allclose(streamed.table[column], in_memory.table[column],
+                                       rtol=1e-9)
+        assert streamed.best_params == in_memory.best_params
+
+
+def test_select_model_on_a_stream_of_blocks(saved, monkeypatch):
+    from fastem import selection
+    from fastem.selection import select_model
+
+    X, _, _ = saved
+    monkeypatch.setattr(selection, "INIT_SAMPLE_ROWS", 5000)
+    result = select_model(lambda: (X[i:i + 4000] for i in range(0, X.shape[0], 4000)),
+                          n_components=[1, 2, 3, 4], covariance_types=["full"], n_init=2,
+                          random_state=0)
+    assert result.best_params == (3, "full")
+    assert result.best_model.n_features_in_ == 3
