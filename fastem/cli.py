@@ -603,12 +603,21 @@ def _parse_columns(spec: str | None) -> list[str] | None:
 def _read_data(path: Path, columns: list[str] | None) -> Table:
     """``load_table``, refusing missing and non-finite values with the row that has one."""
     table = load_table(path, columns)
-    bad = ~np.isfinite(table.X).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{path}: {int(bad.sum())} of {table.X.shape[0]} rows have missing "
-                         f"or non-finite values (the first is data row {np.argmax(bad) + 1}); "
+    # In slabs: a memory-mapped .npy is never read whole into memory.
+    n_bad, first = 0, None
+    for start in range(0, table.X.shape[0], _CHECK_ROWS):
+        bad = ~np.isfinite(table.X[start:start + _CHECK_ROWS]).all(axis=1)
+        if bad.any():
+            n_bad += int(bad.sum())
+            first = start + int(np.argmax(bad)) if first is None else first
+    if n_bad:
+        raise ValueError(f"{path}: {n_bad} of {table.X.shape[0]} rows have missing "
+                         f"or non-finite values (the first is data row {first + 1}); "
                          "remove or fill them first")
     return table
+
+
+_CHECK_ROWS = 1 << 16
 
 
 def _load_model(path: Path):
