@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _threads, em
+from . import _threads, distributed, em
 from . import io as model_files
 from ._validation import check_means, check_precisions, check_sample_weight, check_weights
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
@@ -182,6 +182,8 @@ default='kmeans'
         self._validate_params()
         # A fit starts any later partial_fit afresh.
         self._running = None
+        if distributed.is_dask_array(X):
+            return distributed.fit(self, X, sample_weight)
         if is_out_of_core(X):
             return self._fit_out_of_core(X, sample_weight)
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
@@ -432,6 +434,8 @@ default='kmeans'
         -------
         ndarray of shape (n_samples,)
         """
+        if distributed.is_dask_array(X):
+            return distributed.score_samples(self, X)
         _, log_norm, dtype = self._log_resp(X)
         # A row far from every component can have a log-density beyond the
         # float32 range: it is -inf in float32, as computed there.
@@ -449,11 +453,15 @@ default='kmeans'
         -------
         ndarray of shape (n_samples, n_components)
         """
+        if distributed.is_dask_array(X):
+            return distributed.predict_proba(self, X)
         resp, _, dtype = self._log_resp(X, probabilities=True)
         return resp.astype(dtype, copy=False)
 
     def predict(self, X):
         """Most probable component of each row."""
+        if distributed.is_dask_array(X):
+            return distributed.predict(self, X)
         log_resp, _, _ = self._log_resp(X)
         return log_resp.argmax(axis=1)
 
