@@ -96,13 +96,13 @@ _EM_CASES = {
 _D10 = _EM_CASES["d10"]
 # Canonical order: cases sharing the D=10 data set run back to back.
 CASES = ("small", "d2", "d10", "float32", "fit", "outofcore", "d100", "diag50", "memory",
-         "import", "warm", "online", "cold", "selection")
+         "import", "warm", "online", "cold", "selection", "spark")
 # Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
 # n_init=20 grids (about a minute) and mclust when Rscript is installed;
 # 'outofcore' writes the D=10 data set to a temporary .npy, 'online' fits
-# 400,000 rows several times.
+# 400,000 rows several times, 'spark' starts Spark (pyspark and Java needed).
 DEFAULT_CASES = tuple(c for c in CASES if c not in ("cold", "selection", "outofcore",
-                                                   "online"))
+                                                   "online", "spark"))
 _SMALL_COMPONENTS = 3
 _SMALL_ITERATIONS = 100
 _FAITHFUL_COMPONENTS = 2
@@ -641,6 +641,62 @@ def _case_online(settings: _Settings, data: _Datasets) -> list[Result]:
                             "batch_rows": batch})]
 
 
+def _case_spark(settings: _Settings, data: _Datasets) -> list[Result]:
+    """Spark MLlib's GaussianMixture (pyspark, local[2]) as a peer: time per EM
+    iteration (differenced over maxIter) and the log-likelihood each reaches
+    from its own start. Skipped without pyspark or Java; never a dependency."""
+    import shutil
+
+    try:
+        from pyspark.ml.clustering import GaussianMixture as SparkGaussianMixture
+        from pyspark.ml.linalg import Vectors
+        from pyspark.sql import SparkSession
+    except ImportError:
+        _log("spark: pyspark is not installed (pip install pyspark): skipped")
+        return []
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        _log("spark: no Java runtime found: skipped")
+        return []
+    n_samples, n_features, n_components = settings.size(200_000), 10, 5
+    X = data.get(n_samples, n_features, n_components)
+    init = data.init(n_samples, n_features, n_components, "full")
+    spark = (SparkSession.builder.master("local[2]").appName("fastem-bench")
+             .config("spark.ui.enabled", "false").config("spark.driver.memory", "4g")
+             .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        frame = spark.createDataFrame([(Vectors.dense(row),) for row in X.tolist()],
+                                      ["features"]).cache()
+        frame.count()
+        outcome = {}
+
+        def spark_run(n_iter):
+            start = perf_counter()
+            model = SparkGaussianMixture(k=n_components, maxIter=n_iter, tol=0.0,
+                                         seed=0).fit(frame)
+            outcome["spark"] = model.summary.logLikelihood / n_samples
+            return perf_counter() - start
+
+        timings = _measure({
+            "fastem": _em_runner(GaussianMixture, X, n_components, "full", init),
+            "spark": _Runner(spark_run, fixed=2, min_units=10),
+        }, settings)
+    finally:
+        spark.stop()
+    fitted = GaussianMixture(n_components, random_state=0)
+    _quietly(partial(fitted.fit, X))
+    outcome["fastem"] = fitted.score(X)
+    _log(f"spark: log-likelihood per row, fastem (default start, converged) "
+         f"{outcome['fastem']:.5f}; Spark MLlib (its random start, after the timed "
+         f"iterations) {outcome['spark']:.5f}")
+    row = _per_iteration_row("spark", timings, (n_samples, n_features, n_components), "full",
+                             "float64")
+    _log(f"spark: EM iteration {row.values['spark']:.1f} ms against fastem's "
+         f"{row.values['fastem']:.1f} ms ({row.speedup('spark'):.1f}x)")
+    row.details["log_likelihood"] = outcome
+    return [row]
+
+
 def _case_small(settings: _Settings, data: _Datasets) -> list[Result]:
     """The model-selection workload: many fits of a tiny data set (Old Faithful)."""
     X = _faithful()
@@ -920,6 +976,7 @@ _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "selection": _case_selection,
     "outofcore": _case_outofcore,
     "online": _case_online,
+    "spark": _case_spark,
 }
 
 
