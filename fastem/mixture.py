@@ -43,6 +43,10 @@ from .stats import GaussianParameters, MaximumLikelihood, log_responsibilities
 __all__ = ["DegenerateDataWarning", "GaussianMixture", "fitted_mixture"]
 
 
+# EM iterations (at most) on the first batch of a mini-batch fit.
+_FIRST_BATCH_ITERATIONS = 100
+
+
 class GaussianMixture(DensityMixin, BaseEstimator):
     r"""Gaussian mixture model fitted by EM, a drop-in for scikit-learn's.
 
@@ -87,6 +91,17 @@ default='kmeans'
     learning_decay : float in (0.5, 1], default=0.7
         :math:`\kappa` of that step size, how quickly it shrinks: 1 averages all
         batches alike; values near 0.5 keep weighing recent batches more.
+    batch_size : int or None, default=None
+        With an int (smaller than the number of rows), ``fit`` of an in-memory
+        array runs mini-batch EM first: ``n_epochs`` passes over the rows in a
+        new random order each, one stepwise-EM step (as :meth:`partial_fit`)
+        per batch of ``batch_size`` rows, after EM on the first batch from a
+        start computed on a sample of about ``fastem.blocks.INIT_SAMPLE_ROWS``
+        rows; full-batch EM then polishes the result for at most
+        ``max_iter`` iterations (``max_iter=0``: none; ``n_iter_`` counts
+        these). None: full-batch EM only.
+    n_epochs : int, default=2
+        Passes of mini-batch EM (with ``batch_size``).
 
     Attributes
     ----------
@@ -120,6 +135,8 @@ default='kmeans'
         "n_threads": [Interval(Integral, 1, None, closed="left"), None],
         "learning_offset": [Interval(Real, 0.0, None, closed="left")],
         "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "n_epochs": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -142,6 +159,8 @@ default='kmeans'
         n_threads=None,
         learning_offset=1.0,
         learning_decay=0.7,
+        batch_size=None,
+        n_epochs=2,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -160,6 +179,8 @@ default='kmeans'
         self.n_threads = n_threads
         self.learning_offset = learning_offset
         self.learning_decay = learning_decay
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, sample_weight=None):
@@ -195,8 +216,47 @@ default='kmeans'
         rescaled = DataScale.of(X)
         X_fit = rescaled.data(X)
         source = InMemorySource(X_fit, sample_weight, self.covariance_type)
+        start_with = None
+        if self.batch_size is not None and self.batch_size < X.shape[0]:
+            def start_with(random_state, user_init):
+                return self._minibatch_epochs(X_fit, sample_weight, random_state, user_init,
+                                              rescaled)
         return self._fit_source(source, X.shape[1], X.dtype, rescaled,
-                                lambda: (X_fit, sample_weight))
+                                lambda: (X_fit, sample_weight), start_with=start_with)
+
+    def _minibatch_epochs(self, X, sample_weight, random_state, user_init, rescaled):
+        """Mini-batch EM (``batch_size``, ``n_epochs``): stepwise EM over shuffled
+        batches of ``X`` (rescaled by ``rescaled``), from a start on the first
+        batch. Returns the parameters it ends with."""
+        n_samples = X.shape[0]
+        m_step = MaximumLikelihood(self.covariance_type, rescaled.reg_covar(self.reg_covar))
+        params = running = None
+        steps = 0
+        for _ in range(self.n_epochs):
+            order = random_state.permutation(n_samples)
+            for first in range(0, n_samples, self.batch_size):
+                # In row order within the batch: the same batch in any order
+                # gives the same statistics, and memory is read forwards.
+                rows = np.sort(order[first:first + self.batch_size])
+                batch = np.ascontiguousarray(X[rows])
+                weights = None if sample_weight is None else sample_weight[rows]
+                source = InMemorySource(batch, weights, self.covariance_type)
+                if params is None:
+                    # The start on a sample of about INIT_SAMPLE_ROWS rows (as for
+                    # out-of-core data: a batch alone gives a noisy start), then,
+                    # as partial_fit's first call, EM on the first batch.
+                    sample = np.sort(order[:max(self.batch_size, INIT_SAMPLE_ROWS)])
+                    start = self._initial_parameters(
+                        np.ascontiguousarray(X[sample]),
+                        None if sample_weight is None else sample_weight[sample],
+                        random_state, user_init, rescaled)
+                    params = em.run_em(source, m_step, start, em.ConvergenceMonitor(self.tol),
+                                       _FIRST_BATCH_ITERATIONS).params
+                step_size = (steps + self.learning_offset) ** -self.learning_decay
+                params, running, _ = em.stepwise_update(source, m_step, params, running,
+                                                        step_size)
+                steps += 1
+        return params
 
     def _fit_out_of_core(self, X, sample_weight):
         """Fit streamed or memory-mapped data (:mod:`fastem.blocks`): EM passes
@@ -228,10 +288,12 @@ default='kmeans'
                 f"{self.n_components}, n_samples = {n_samples}"
             )
 
-    def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None):
+    def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None,
+                    start_with=None):
         """EM on ``source`` (data rescaled by ``rescaled``): ``n_init`` starts
         from ``init_data()`` (the rows and weights the initialisation runs on),
-        or the last fit with ``warm_start``."""
+        or from ``start_with(random_state, user_init)`` when given, or the last
+        fit with ``warm_start``."""
         shape_of = np.empty((0, n_features))
         user_init = self._check_initial_parameters(shape_of)
         do_init = not (self.warm_start and hasattr(self, "converged_"))
@@ -246,6 +308,8 @@ default='kmeans'
         def start(index):
             if not do_init:
                 return rescaled.parameters_in(self._current_parameters())
+            if start_with is not None:
+                return start_with(random_state, user_init)
             if not initial:
                 initial.append(init_data())
             X_init, weights = initial[0]
@@ -688,7 +752,7 @@ def _check_initial_arrays(model) -> None:
 model_files.register_model_format(model_files.ModelFormat(
     name="fastem.GaussianMixture",
     # 2: every constructor parameter is stored (1 left out a RandomState random_state).
-    # 3: learning_offset and learning_decay (partial_fit).
+    # 3: learning_offset and learning_decay (partial_fit), batch_size and n_epochs.
     version=3,
     estimator=GaussianMixture,
     fitted_arrays=("weights_", "means_", "covariances_", "precisions_",

@@ -189,18 +189,20 @@ NON_DEFAULT_PARAMS = {
     "n_threads": 1,
     "learning_offset": 3.0,
     "learning_decay": 0.9,
+    "batch_size": 100,
+    "n_epochs": 3,
 }
 
 
 def test_a_version_2_file_loads_with_the_default_learning_parameters(model_file):
-    """Version 2 predates learning_offset and learning_decay (partial_fit)."""
+    """Version 2 predates learning_offset, learning_decay, batch_size and n_epochs."""
     rewrite(model_file, meta_changes={"format_version": 2},
-            drop_params=("learning_offset", "learning_decay"))
+            drop_params=("learning_offset", "learning_decay", "batch_size", "n_epochs"))
     loaded = load_model(model_file)
     assert loaded.learning_offset == 1.0 and loaded.learning_decay == 0.7
     # The current version must store them.
     rewrite(model_file, meta_changes={"format_version": 3})
-    with pytest.raises(ValueError, match="lacks the parameters 'learning_"):
+    with pytest.raises(ValueError, match="lacks the parameters 'batch_size', 'learning_"):
         load_model(model_file)
 
 

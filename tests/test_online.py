@@ -110,3 +110,33 @@ def test_a_saved_online_model_keeps_its_learning_parameters(tmp_path):
     assert loaded.learning_offset == 5.0 and loaded.learning_decay == 0.9
     _quiet(loaded.partial_fit, X)  # continues, its running statistics restarted
     assert loaded.n_iter_ == model.n_iter_ + 1
+
+
+def test_minibatch_fit_reaches_full_em_and_polishing_converges():
+    X = make_mixture(n_samples=100_000, n_features=3, n_components=4, seed=3, separation=3.0)
+    full = _quiet(GaussianMixture(4, random_state=0).fit, X)
+    rough = _quiet(GaussianMixture(4, random_state=0, batch_size=5000, n_epochs=1,
+                                   max_iter=0).fit, X)
+    gap = (full.score(X) - rough.score(X)) / abs(full.score(X))
+    assert gap < 0.005, gap
+    polished = _quiet(GaussianMixture(4, random_state=0, batch_size=5000).fit, X)
+    assert polished.converged_
+    assert polished.score(X) >= full.score(X) - 1e-3 * abs(full.score(X))
+
+
+def test_minibatch_fit_with_weights_and_batches_as_large_as_the_data():
+    X = make_mixture(n_samples=4000, n_features=2, n_components=3, seed=6)
+    weights = np.random.default_rng(0).uniform(0.5, 2.0, size=X.shape[0])
+    plain = _quiet(GaussianMixture(3, random_state=0).fit, X, sample_weight=weights)
+    whole = _quiet(GaussianMixture(3, random_state=0, batch_size=4000).fit, X,
+                   sample_weight=weights)
+    np.testing.assert_array_equal(whole.means_, plain.means_)  # one batch: plain EM
+    scaled = _quiet(GaussianMixture(3, random_state=0, batch_size=500).fit, X,
+                    sample_weight=weights * 1e-9)
+    again = _quiet(GaussianMixture(3, random_state=0, batch_size=500).fit, X,
+                   sample_weight=weights)
+    np.testing.assert_allclose(scaled.means_, again.means_, rtol=1e-9)
+    with pytest.raises(ValueError, match="batch_size"):
+        GaussianMixture(3, batch_size=0).fit(X)
+    with pytest.raises(ValueError, match="n_epochs"):
+        GaussianMixture(3, batch_size=10, n_epochs=0).fit(X)
