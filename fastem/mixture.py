@@ -188,7 +188,13 @@ default='kmeans'
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features), memory-mapped array, callable or dask array
+            An in-memory array; a memory-mapped array, a ``fastem.blocks.RowBlocks``
+            or a callable returning a fresh iterator of row blocks (streamed
+            once per iteration, see :mod:`fastem.blocks`); or a ``dask.array``
+            chunked by rows (EM passes on the workers, see
+            :mod:`fastem.distributed`). ``batch_size`` applies to in-memory
+            arrays only; the others always run full-batch EM.
         y : ignored
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative row weights; an integer weight fits as repeating the
