@@ -208,8 +208,11 @@ def _in_own_thread(function, *args):
             done.set()
 
     _interrupted.clear()
-    threading.Thread(target=work, name="fastem-command", daemon=True).start()
+    worker = threading.Thread(target=work, name="fastem-command", daemon=True)
     try:
+        # start() inside the try: it waits for the thread to begin, and under
+        # load the command can already be writing when Ctrl-C arrives there.
+        worker.start()
         done.wait()
     except KeyboardInterrupt:
         _interrupted.set()
