@@ -75,10 +75,11 @@ from typing import TextIO
 import numpy as np
 
 from . import __version__
+from .blocks import INIT_SAMPLE_ROWS, RowBlocks
 from .covariance import COVARIANCE_TYPES
 from .io import load_model, save_model
 from .selection import CRITERIA, SelectionResult, select_model
-from .tables import MissingColumnsError, Table, load_demo_data, load_table
+from .tables import MissingColumnsError, ParquetBlocks, Table, load_demo_data, load_table
 
 PROG = "fastem"
 DEMO_PICTURE = "fastem-demo.png"
@@ -437,7 +438,7 @@ def _fit(args, report: _Report) -> int:
     if args.out is not None and args.plot is not None and (
             args.out.resolve() == args.plot.resolve()):
         raise ValueError(f"--out and --plot are the same file, {args.out}")
-    table = _read_data(args.data, _parse_columns(args.columns))
+    table = _read_data(args.data, _parse_columns(args.columns), stream=True)
     X, names = table.X, table.names
     if table.named and args.out is not None:
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -603,16 +604,35 @@ def _parse_columns(spec: str | None) -> list[str] | None:
 # ---------------------------------------------------------------------------
 
 
-def _read_data(path: Path, columns: list[str] | None) -> Table:
-    """``load_table``, refusing missing and non-finite values with the row that has one."""
-    table = load_table(path, columns)
-    # In slabs: a memory-mapped .npy is never read whole into memory.
-    n_bad, first = 0, None
-    for start in range(0, table.X.shape[0], _CHECK_ROWS):
-        bad = ~np.isfinite(table.X[start:start + _CHECK_ROWS]).all(axis=1)
+def _read_data(path: Path, columns: list[str] | None, stream: bool = False) -> Table:
+    """``load_table``, refusing missing and non-finite values with the row that has one.
+
+    With ``stream``, a Parquet file of more than ``_STREAM_BYTES`` of data is
+    not read but streamed by row groups (``X`` is a
+    :class:`~fastem.tables.ParquetBlocks`), as a fit streams a memory-mapped
+    ``.npy``. Smaller ones are read: decoding them again on every EM pass
+    would cost more than the pass.
+    """
+    blocks = None
+    if stream and path.suffix.lower() == ".parquet":
+        blocks = ParquetBlocks(path, columns)
+        if 8 * blocks.shape[0] * blocks.shape[1] <= _STREAM_BYTES:
+            blocks = None
+    if blocks is not None:
+        table = Table(blocks, blocks.names, True)
+        slabs = blocks()
+    else:
+        table = load_table(path, columns)
+        # In slabs: a memory-mapped .npy is never read whole into memory.
+        slabs = (table.X[start:start + _CHECK_ROWS]
+                 for start in range(0, table.X.shape[0], _CHECK_ROWS))
+    n_bad, first, start = 0, None, 0
+    for slab in slabs:
+        bad = ~np.isfinite(slab).all(axis=1)
         if bad.any():
             n_bad += int(bad.sum())
             first = start + int(np.argmax(bad)) if first is None else first
+        start += slab.shape[0]
     if n_bad:
         raise ValueError(f"{path}: {n_bad} of {table.X.shape[0]} rows have missing "
                          f"or non-finite values (the first is data row {first + 1}); "
@@ -621,6 +641,8 @@ def _read_data(path: Path, columns: list[str] | None) -> Table:
 
 
 _CHECK_ROWS = 1 << 16
+# Parquet data beyond this (as float64) are streamed by row groups in a fit.
+_STREAM_BYTES = 1 << 30
 
 
 def _load_model(path: Path):
@@ -897,6 +919,9 @@ def _draw(result: SelectionResult, X: np.ndarray, names: list[str], path: Path) 
     k, covariance_type = result.best_params
     plot_criterion(result.table, result.criterion, result.best_params, ax=left)
     left.set_title(f"{result.criterion.upper()} of every cell (lower is better)")
+    if not isinstance(X, np.ndarray):
+        # Streamed data: the picture shows a random sample of the rows.
+        X, _ = RowBlocks(X).survey().sample(INIT_SAMPLE_ROWS, np.random.RandomState(0))
     plot_mixture(result.best_model, X, ax=right)
     right.set_title(f"chosen model: K={k}, {covariance_type} covariance")
     # plot_mixture names plain-array features x0, x1; the file has real names.

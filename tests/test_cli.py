@@ -789,3 +789,34 @@ def test_sigint_leaves_a_command_that_does_not_stop_and_removes_its_files(files,
     assert err == "fastem: interrupted\n"
     assert time.perf_counter() - start < 10
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_streams_a_large_parquet_file_and_chooses_as_from_csv(files, tmp_path, monkeypatch,
+                                                                  capsys):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    X = files["X"]
+    path = tmp_path / "blobs.parquet"
+    pq.write_table(pa.table({"x": X[:, 0], "y": X[:, 1]}), path, row_group_size=25)
+    _, from_csv, _ = run(capsys, "fit", files["blobs"], "-k", "1-3", "--covariance", "full,diag")
+    monkeypatch.setattr(fastem.cli, "_STREAM_BYTES", 0)  # every Parquet file is "large"
+    streamed = []
+    real_select = fastem.cli.select_model
+
+    def spy(X, *args, **kwargs):
+        streamed.append(isinstance(X, fastem.tables.ParquetBlocks))
+        return real_select(X, *args, **kwargs)
+
+    monkeypatch.setattr(fastem.cli, "select_model", spy)
+    code, out, err = run(capsys, "fit", path, "-k", "1-3", "--covariance", "full,diag",
+                         "--out", tmp_path / "m.npz", "--plot", tmp_path / "p.png")
+    assert code == 0, err
+    assert streamed == [True]
+    assert table_rows(out) == table_rows(from_csv)
+    assert load_model(tmp_path / "m.npz").feature_names_in_.tolist() == ["x", "y"]
+    assert (tmp_path / "p.png").stat().st_size > 0
+    pq.write_table(pa.table({"x": pa.array([1.0, 2.0, None, 4.0]), "y": [1.0] * 4}),
+                   tmp_path / "null.parquet", row_group_size=2)
+    code, _, err = run(capsys, "fit", tmp_path / "null.parquet", "-k", "1")
+    assert_one_line_error(code, err, "1 of 4 rows have missing or non-finite values "
+                                     "(the first is data row 3)")

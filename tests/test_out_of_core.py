@@ -180,3 +180,21 @@ def test_select_model_on_a_stream_of_blocks(saved, monkeypatch):
                           random_state=0)
     assert result.best_params == (3, "full")
     assert result.best_model.n_features_in_ == 3
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_a_parquet_file_streamed_by_row_groups_fits_as_the_array(saved, tmp_path,
+                                                                  covariance_type):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from fastem.tables import ParquetBlocks
+
+    X = saved[0]
+    table = pa.table({"a": X[:, 0], "label": np.arange(X.shape[0]) % 3, "b": X[:, 1],
+                      "c": X[:, 2]})
+    pq.write_table(table, tmp_path / "X.parquet", row_group_size=7_000)
+    blocks = ParquetBlocks(tmp_path / "X.parquet", columns=["a", "b", "c"], block_rows=5_000)
+    passes = [block.shape[0] for block in blocks()]
+    assert sum(passes) == X.shape[0] and max(passes) <= 5_000 and len(passes) > 6
+    params = _same_start(X, covariance_type)
+    _assert_same_fit(_fit(blocks, **params), _fit(X, **params))

@@ -328,3 +328,38 @@ def test_csv_errors_name_the_file_and_line(tmp_path):
     path.write_text("a,b\n1,2\n3," + "9" * 200_000 + "\n")
     with pytest.raises(ValueError, match=r"d.csv: line 3: field larger than field limit"):
         read_table(path)
+
+
+def test_parquet_blocks_follow_the_row_groups_and_read_the_same_values(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from fastem.tables import ParquetBlocks
+
+    rng = np.random.default_rng(0)
+    n = 1_000
+    ints = rng.integers(-5, 5, n)
+    table = pa.table({
+        "f": pa.array(rng.normal(size=n)),
+        "i": pa.array(ints, mask=ints == 0, type=pa.int32()),
+        "flag": pa.array(ints > 0),
+        "name": pa.array(["r"] * n),
+    })
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path, row_group_size=300)
+    blocks = ParquetBlocks(path, columns=["i", 0, "flag"], block_rows=200)
+    assert blocks.names == ["i", "f", "flag"] and blocks.shape == (n, 3)
+    sizes = [b.shape[0] for b in blocks()]
+    # Never more than block_rows, and never across a row group's end (300 = 200 + 100).
+    assert sizes[:2] == [200, 100] and sum(sizes) == n
+    expected = np.column_stack([np.where(ints == 0, np.nan, ints), table["f"].to_numpy(),
+                                ints > 0])
+    np.testing.assert_array_equal(np.concatenate(list(blocks())), expected)
+    np.testing.assert_array_equal(blocks.read(), expected)
+    np.testing.assert_array_equal(read_table(path, columns=["i", "f", "flag"])[0], expected)
+    with pytest.raises(ValueError, match="non-numeric columns: 'name'"):
+        ParquetBlocks(path)
+    with pytest.raises(ValueError, match="unknown columns: 'z'"):
+        ParquetBlocks(path, columns=["z"])
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="cannot read it as a Parquet file"):
+        ParquetBlocks(tmp_path / "bad.parquet")
