@@ -96,13 +96,14 @@ _EM_CASES = {
 _D10 = _EM_CASES["d10"]
 # Canonical order: cases sharing the D=10 data set run back to back.
 CASES = ("small", "d2", "d10", "float32", "fit", "outofcore", "d100", "diag50", "memory",
-         "import", "warm", "online", "cold", "selection", "spark")
+         "import", "warm", "online", "cold", "selection", "dask", "spark")
 # Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
 # n_init=20 grids (about a minute) and mclust when Rscript is installed;
 # 'outofcore' writes the D=10 data set to a temporary .npy, 'online' fits
-# 400,000 rows several times, 'spark' starts Spark (pyspark and Java needed).
+# 400,000 rows several times, 'dask' starts a LocalCluster (dask and
+# distributed needed), 'spark' starts Spark (pyspark and Java needed).
 DEFAULT_CASES = tuple(c for c in CASES if c not in ("cold", "selection", "outofcore",
-                                                   "online", "spark"))
+                                                   "online", "dask", "spark"))
 _SMALL_COMPONENTS = 3
 _SMALL_ITERATIONS = 100
 _FAITHFUL_COMPONENTS = 2
@@ -641,6 +642,44 @@ def _case_online(settings: _Settings, data: _Datasets) -> list[Result]:
                             "batch_rows": batch})]
 
 
+def _case_dask(settings: _Settings, data: _Datasets) -> list[Result]:
+    """EM iteration on a Dask array (a 2-worker LocalCluster of processes, one
+    thread each, one row chunk per worker, persisted) against the same array
+    in memory, from the same start. Skipped without dask and distributed."""
+    try:
+        import dask
+        import dask.array as da
+        from distributed import Client, LocalCluster
+    except ImportError:
+        _log("dask: dask and distributed are not installed (pip install fastem[dask]): "
+             "skipped")
+        return []
+    full_size, n_features, n_components, covariance_type = _D10
+    shape = (settings.size(full_size), n_features, n_components)
+    X = data.get(*shape)
+    init = data.init(*shape, covariance_type)
+    n_workers = 2
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(n_workers)
+        # Scattered, not embedded in the graph: each worker holds its chunk.
+        bounds = np.linspace(0, shape[0], n_workers + 1).astype(int)
+        parts = client.scatter([X[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        chunked = da.concatenate([
+            da.from_delayed(dask.delayed(part), shape=(b - a, n_features), dtype=X.dtype)
+            for part, a, b in zip(parts, bounds[:-1], bounds[1:])]).persist()
+        timings = _measure({
+            "fastem": _em_runner(GaussianMixture, chunked, n_components, covariance_type, init),
+            "in memory": _em_runner(GaussianMixture, X, n_components, covariance_type, init),
+        }, settings)
+    row = _per_iteration_row("dask", timings, shape, covariance_type, "float64")
+    _log(f"dask: EM iteration {row.values['fastem']:.1f} ms on {n_workers} workers against "
+         f"{row.values['in memory']:.1f} ms in memory "
+         f"({row.values['fastem'] / row.values['in memory']:.2f}x)")
+    return [row]
+
+
 def _case_spark(settings: _Settings, data: _Datasets) -> list[Result]:
     """Spark MLlib's GaussianMixture (pyspark, local[2]) as a peer: time per EM
     iteration (differenced over maxIter) and the log-likelihood each reaches
@@ -977,6 +1016,7 @@ _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "outofcore": _case_outofcore,
     "online": _case_online,
     "spark": _case_spark,
+    "dask": _case_dask,
 }
 
 

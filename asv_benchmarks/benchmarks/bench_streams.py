@@ -1,4 +1,5 @@
-"""Out-of-core and online EM: a memory-mapped fit against the in-memory one, and
+"""Out-of-core, Dask and online EM: a memory-mapped fit and a Dask fit against the
+in-memory one, and
 one pass of ``partial_fit`` against a full fit."""
 
 from __future__ import annotations
@@ -86,3 +87,50 @@ class OnlinePass(Benchmark):
         return 100.0 * (full - self.online_pass().score(self.X)) / abs(full)
 
     track_log_likelihood_gap_percent.unit = "%"
+
+
+class DaskFit(Benchmark):
+    """``FIT_ITERATIONS`` EM iterations on a Dask array: a 2-worker LocalCluster
+    (processes, one thread each), one persisted row chunk per worker, against
+    the array in memory. Skipped without dask and distributed."""
+
+    param_names, params = grid(*_AXES)
+    n_workers = 2
+
+    def setup(self, n_samples, n_features, n_components, covariance_type):
+        try:
+            import dask
+            import dask.array as da
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise NotImplementedError("dask and distributed are not installed") from None
+        self.X = dataset(n_samples, n_features, n_components)
+        self.start = starting_point(n_samples, n_features, n_components, covariance_type)
+        self.n_components, self.covariance_type = n_components, covariance_type
+        self.cluster = LocalCluster(n_workers=self.n_workers, threads_per_worker=1,
+                                    processes=True, host="127.0.0.1", dashboard_address=None)
+        self.client = Client(self.cluster)
+        self.client.wait_for_workers(self.n_workers)
+        bounds = np.linspace(0, n_samples, self.n_workers + 1).astype(int)
+        # Scattered rather than embedded in the graph: each worker holds its chunk.
+        parts = self.client.scatter([self.X[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        self.chunked = da.concatenate([
+            da.from_delayed(dask.delayed(part), shape=(b - a, n_features), dtype=self.X.dtype)
+            for part, a, b in zip(parts, bounds[:-1], bounds[1:])]).persist()
+        self.fit(self.chunked)  # kernels compiled (or loaded) on the workers
+
+    def teardown(self, *params):
+        self.client.close()
+        self.cluster.close()
+
+    def fit(self, X):
+        _fastem_fit(X, self.start, self.n_components, self.covariance_type, FIT_ITERATIONS)
+
+    def time_fit_dask(self, *params):
+        self.fit(self.chunked)
+
+    def track_speed_vs_in_memory(self, *params):
+        # Above 1: the Dask fit is faster than the in-memory one.
+        return speedup(lambda: self.fit(self.chunked), lambda: self.fit(self.X))
+
+    track_speed_vs_in_memory.unit = "x in memory"
