@@ -5,10 +5,12 @@
 
 from .compilation import compile_kernels as compile
 from .mixture import DegenerateDataWarning, GaussianMixture
+from .priors import GaussianPrior
 
 __version__ = "0.1.0"
 
-__all__ = ["DegenerateDataWarning", "GaussianMixture", "__version__", "compile", "load"]
+__all__ = ["DegenerateDataWarning", "GaussianMixture", "GaussianPrior", "__version__", "compile",
+           "load"]
 
 
 def load(path):

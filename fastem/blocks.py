@@ -174,17 +174,29 @@ class RowBlocks:
 
     def column_variance(self, scale: float = 1.0) -> np.ndarray:
         """Weighted per-feature variance of ``scale`` times the rows (two passes)."""
+        _, squares, weight = self._scatter(scale, full=False)
+        return squares / weight
+
+    def moments(self, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Weighted mean and covariance (denominator :math:`\sum w - 1`, R's
+        ``var`` for unit weights) of ``scale`` times the rows (two passes)."""
+        mean, scatter, weight = self._scatter(scale, full=True)
+        return mean, scatter / max(weight - 1.0, 1e-300)
+
+    def _scatter(self, scale: float, full: bool):
+        """Weighted mean, scatter around it (full matrix or diagonal) and total weight."""
         total, weight = np.zeros(self.n_features), 0.0
         for X, w in self:
             Z = np.asarray(X, dtype=np.float64) * scale
             total += Z.sum(axis=0) if w is None else w @ Z
             weight += Z.shape[0] if w is None else float(w.sum())
         mean = total / weight
-        squares = np.zeros(self.n_features)
+        scatter = np.zeros((self.n_features,) * (2 if full else 1))
         for X, w in self:
             dev = np.asarray(X, dtype=np.float64) * scale - mean
-            squares += np.einsum("ij,ij->j", dev, dev) if w is None else w @ (dev * dev)
-        return squares / weight
+            weighted = dev if w is None else w[:, None] * dev
+            scatter += weighted.T @ dev if full else np.einsum("ij,ij->j", weighted, dev)
+        return mean, scatter, weight
 
     def sample(self, n_rows: int, random_state) -> tuple[np.ndarray, np.ndarray | None]:
         """About ``n_rows`` rows drawn uniformly (each kept with probability

@@ -13,8 +13,9 @@ A source provides ``statistics(params) -> GaussianStatistics`` and may provide
 ``compiled_em(params, m_step, lower_bound, tol, max_iter)``, a whole loop in
 compiled code that stops before any M-step needing repair (see
 :class:`fastem.sources.InMemorySource`). An M-step provides ``__call__(stats)
--> (params, jitter)``, ``objective(stats)`` and ``reseed(params, components,
-point, weight)`` (see :class:`fastem.stats.MaximumLikelihood`). Everything
+-> (params, jitter)``, ``objective(stats, params)`` (of the statistics taken
+under ``params``) and ``reseed(params, components, point, weight)`` (see
+:class:`fastem.stats.MaximumLikelihood` and :class:`fastem.priors.MaximumPosterior`). Everything
 else here knows nothing of Gaussians.
 """
 
@@ -159,7 +160,7 @@ def _python_em(source, m_step, params, monitor, max_iter, lower_bound, lower_bou
         n_iter += 1
         previous = lower_bound
         stats = source.statistics(params)
-        lower_bound = m_step.objective(stats)
+        lower_bound = m_step.objective(stats, params)
         params, reseeded = _m_step_with_repairs(m_step, stats, reseeded)
         lower_bounds.append(lower_bound)
         if monitor.converged(n_iter, lower_bound - previous, lower_bound):
@@ -282,7 +283,7 @@ def stepwise_update(source, m_step, params, running, step_size: float):
         running = replace(blended, count=stats.count, worst_loglik=stats.worst_loglik,
                           worst_point=stats.worst_point)
     new_params, _ = _m_step_with_repairs(m_step, running, None)
-    return new_params, running, m_step.objective(stats)
+    return new_params, running, m_step.objective(stats, params)
 
 
 def best_result(results: Sequence[EMResult]) -> int:

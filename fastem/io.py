@@ -119,7 +119,7 @@ import sys
 import uuid
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from types import MappingProxyType
@@ -129,6 +129,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 __all__ = [
+    "JSONCodec",
     "META_KEY",
     "ModelFormat",
     "load_model",
@@ -193,6 +194,13 @@ class ModelFormat:
         validation, and the fitted scalars (already type-checked). It may
         raise ``ValueError`` for values the estimator cannot have. Without it,
         shapes are not checked.
+    param_codecs : mapping of str to JSONCodec, default={}
+        Constructor parameters that are neither JSON scalars nor arrays (a
+        prior object, say), stored in the metadata as the JSON value their
+        codec encodes them to and decoded on loading.
+    fitted_codecs : mapping of str to JSONCodec, default={}
+        Fitted attributes stored the same way; a file of an older version
+        may lack them (decoded from ``None`` then).
     check_fitted : callable, optional
         ``check_fitted(model)``: called with the rebuilt model, every
         parameter and attribute set (arrays finite, of the right shapes);
@@ -209,15 +217,30 @@ class ModelFormat:
     fitted_lists: tuple[str, ...] = ()
     array_params: tuple[str, ...] = ()
     array_shapes: Callable[[Mapping, Mapping], Mapping[str, tuple[int, ...]]] | None = None
+    param_codecs: Mapping[str, JSONCodec] = field(default_factory=dict)
+    fitted_codecs: Mapping[str, JSONCodec] = field(default_factory=dict)
     check_fitted: Callable[[object], None] | None = None
 
     def __post_init__(self):
         # Frozen, so that a registered format cannot change under saved files.
         for name in ("fitted_arrays", "fitted_lists", "array_params"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(
-            self, "fitted_scalars", MappingProxyType(dict(self.fitted_scalars))
-        )
+        for name in ("fitted_scalars", "param_codecs", "fitted_codecs"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+
+@dataclass(frozen=True)
+class JSONCodec:
+    """How a value that is neither a JSON scalar nor an array goes into a model file.
+
+    ``encode(value)`` returns a JSON value (None, numbers, strings, lists and
+    dicts of them; floats are written with ``repr`` and read back exactly);
+    ``decode(json_value)`` rebuilds the value and raises ``ValueError`` for
+    anything it did not encode.
+    """
+
+    encode: Callable[[object], object]
+    decode: Callable[[object], object]
 
 
 def register_model_format(model_format: ModelFormat) -> None:
@@ -357,6 +380,9 @@ def save_model(model, path: str | os.PathLike) -> None:
 
     params = {}
     for name, value in model.get_params(deep=False).items():
+        if name in fmt.param_codecs:
+            params[name] = fmt.param_codecs[name].encode(value)
+            continue
         kept, json_value = _as_json_scalar(value)
         if kept:
             params[name] = json_value
@@ -376,6 +402,8 @@ def save_model(model, path: str | os.PathLike) -> None:
         kept, fitted[name] = _as_json_scalar(value)
         if not kept:
             raise ValueError(f"{cannot}: the fitted attribute {name}={value!r} is not a number")
+    for name, codec in fmt.fitted_codecs.items():
+        fitted[name] = codec.encode(getattr(model, name, None))
 
     # Check what is about to be written as load_model would: a file that does
     # not load is worse than no file.
@@ -761,7 +789,10 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted,
     messages do not name the file; the callers add it. Nothing passed in is
     modified.
     """
-    params, fitted = _json_object(params), _json_object(fitted)
+    # Copies: the decoding below pops entries, and nothing passed in is modified.
+    params, fitted = dict(_json_object(params)), dict(_json_object(fitted))
+    decoded_fitted = {name: fmt.fitted_codecs[name].decode(fitted.pop(name, None))
+                      for name in fmt.fitted_codecs}
     _check_fitted_scalars(fmt, fitted)
     _check_layouts(fmt, layouts, fitted)
     array_params = [name for name in fmt.array_params if name in layouts]
@@ -776,13 +807,16 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted,
     if twice:
         raise ValueError(f"parameters stored twice (in the metadata and as arrays): "
                          f"{_quoted(twice)}")
+    decoded = {name: fmt.param_codecs[name].decode(params.pop(name))
+               for name in list(params) if name in fmt.param_codecs}
     not_scalar = [name for name, value in params.items() if not _as_json_scalar(value)[0]]
     if not_scalar:
         raise ValueError(
             f"parameters {_quoted(not_scalar)} are neither None, a boolean, a number "
             "nor a string"
         )
-    missing = [name for name in defaults if name not in params and name not in array_params]
+    missing = [name for name in defaults
+               if name not in params and name not in decoded and name not in array_params]
     # Older versions may predate a parameter or (version 1 of the Gaussian
     # mixture format) have left it out; the current version stores them all.
     if missing and version >= fmt.version:
@@ -792,7 +826,7 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted,
         )
 
     model = fmt.estimator()
-    model.set_params(**params)
+    model.set_params(**params, **decoded)
     _validate_params(model)
 
     if fmt.array_shapes is not None:
@@ -824,6 +858,8 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted,
     for name, kind in fmt.fitted_scalars.items():
         value = fitted[name]
         setattr(model, name, np.float64(value) if kind is float else kind(value))
+    for name, value in decoded_fitted.items():
+        setattr(model, name, value)
     if fmt.check_fitted is not None:
         fmt.check_fitted(model)
     return model

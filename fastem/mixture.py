@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _threads, distributed, em
+from . import _threads, distributed, em, priors
 from . import io as model_files
 from ._validation import check_means, check_precisions, check_sample_weight, check_weights
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
@@ -36,6 +36,7 @@ from .covariance import (
 )
 from .em import DegenerateDataWarning
 from .initialization import INIT_METHODS, initial_statistics
+from .priors import GaussianPrior, data_moments, m_step_for
 from .scaling import DataScale
 from .sources import BlockSource, InMemorySource
 from .stats import GaussianParameters, MaximumLikelihood, log_responsibilities
@@ -102,6 +103,18 @@ default='kmeans'
         these). None: full-batch EM only.
     n_epochs : int, default=2
         Passes of mini-batch EM (with ``batch_size``).
+    prior : None, 'default' or fastem.GaussianPrior, default=None
+        None: maximum likelihood. Otherwise MAP EM under a conjugate prior on
+        the means and covariances (Fraley & Raftery 2007, as R mclust's
+        ``priorControl``; formulas in :mod:`fastem.priors`): 'default' takes
+        mclust's defaults from the data (mean: the data's; shrinkage 0.01;
+        dof D + 2; scale from the data's covariance divided by
+        :math:`K^{2/D}`), a :class:`~fastem.priors.GaussianPrior` sets any of
+        them. The objective (``lower_bound_``) is then the average log
+        posterior; ``score``, ``bic`` and ``aic`` stay log-likelihoods at the
+        MAP estimate, as in mclust. ``reg_covar`` is added on top (set it to 0
+        for mclust's estimates). In-memory and streamed data; not with
+        ``batch_size``, :meth:`partial_fit` or Dask arrays.
 
     Attributes
     ----------
@@ -113,6 +126,8 @@ default='kmeans'
         Lower bound per iteration of the best start.
     init_lower_bounds_ : list of list of float
         Lower bound per iteration of every start (fastem only).
+    prior_ : fastem.priors.ResolvedPrior or None
+        The prior's hyperparameters as fitted (None without a prior).
     n_features_in_ : int
     feature_names_in_ : ndarray of str
     """
@@ -137,6 +152,7 @@ default='kmeans'
         "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "n_epochs": [Interval(Integral, 1, None, closed="left")],
+        "prior": [None, StrOptions({"default"}), GaussianPrior],
     }
 
     def __init__(
@@ -161,6 +177,7 @@ default='kmeans'
         learning_decay=0.7,
         batch_size=None,
         n_epochs=2,
+        prior=None,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -181,6 +198,7 @@ default='kmeans'
         self.learning_decay = learning_decay
         self.batch_size = batch_size
         self.n_epochs = n_epochs
+        self.prior = prior
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, sample_weight=None):
@@ -210,6 +228,7 @@ default='kmeans'
         # A fit starts any later partial_fit afresh.
         self._running = None
         if distributed.is_dask_array(X):
+            self._refuse_prior("Dask arrays")
             return distributed.fit(self, X, sample_weight)
         if is_out_of_core(X):
             return self._fit_out_of_core(X, sample_weight)
@@ -224,11 +243,14 @@ default='kmeans'
         source = InMemorySource(X_fit, sample_weight, self.covariance_type)
         start_with = None
         if self.batch_size is not None and self.batch_size < X.shape[0]:
+            self._refuse_prior("batch_size")
+
             def start_with(random_state, user_init):
                 return self._minibatch_epochs(X_fit, sample_weight, random_state, user_init,
                                               rescaled)
         return self._fit_source(source, X.shape[1], X.dtype, rescaled,
-                                lambda: (X_fit, sample_weight), start_with=start_with)
+                                lambda: (X_fit, sample_weight), start_with=start_with,
+                                moments=lambda: data_moments(X_fit, sample_weight))
 
     def _minibatch_epochs(self, X, sample_weight, random_state, user_init, rescaled):
         """Mini-batch EM (``batch_size``, ``n_epochs``): stepwise EM over shuffled
@@ -282,7 +304,12 @@ default='kmeans'
             return rescaled.data(sample), weights
 
         return self._fit_source(source, blocks.n_features, blocks.dtype, rescaled, init_data,
-                                random_state)
+                                random_state, moments=lambda: blocks.moments(rescaled.scale))
+
+    def _refuse_prior(self, what: str) -> None:
+        if self.prior is not None:
+            raise ValueError(f"prior={self.prior!r} is not supported with {what} yet; "
+                             "fit the whole data with fit (in memory or streamed)")
 
     def _check_n_samples(self, n_samples):
         if n_samples < 2:
@@ -295,17 +322,19 @@ default='kmeans'
             )
 
     def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None,
-                    start_with=None):
+                    start_with=None, moments=None):
         """EM on ``source`` (data rescaled by ``rescaled``): ``n_init`` starts
         from ``init_data()`` (the rows and weights the initialisation runs on),
         or from ``start_with(random_state, user_init)`` when given, or the last
-        fit with ``warm_start``."""
+        fit with ``warm_start``. ``moments()`` gives the data's mean and
+        covariance (as fitted) for a prior."""
         shape_of = np.empty((0, n_features))
         user_init = self._check_initial_parameters(shape_of)
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         if not do_init:
             self._check_warm_start(shape_of)
-        m_step = MaximumLikelihood(self.covariance_type, rescaled.reg_covar(self.reg_covar))
+        m_step, self.prior_ = m_step_for(self.covariance_type, self.reg_covar, self.prior,
+                                         self.n_components, moments, rescaled)
         shift = rescaled.log_density_shift(n_features)
         if random_state is None:
             random_state = check_random_state(self.random_state)
@@ -319,7 +348,8 @@ default='kmeans'
             if not initial:
                 initial.append(init_data())
             X_init, weights = initial[0]
-            return self._initial_parameters(X_init, weights, random_state, user_init, rescaled)
+            return self._initial_parameters(X_init, weights, random_state, user_init, rescaled,
+                                            m_step)
 
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             best, results = em.fit_em(
@@ -362,6 +392,7 @@ default='kmeans'
         self
         """
         self._validate_params()
+        self._refuse_prior("partial_fit")
         if not hasattr(self, "converged_"):
             self.fit(X, sample_weight=sample_weight)
             X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False,
@@ -440,15 +471,17 @@ default='kmeans'
         self.lower_bounds_ = result.lower_bounds
 
     def _initial_parameters(self, X, sample_weight, random_state, user_init,
-                            rescaled=DataScale()):
+                            rescaled=DataScale(), m_step=None):
         """Initial parameters: from the chosen init, overridden by user values
-        (given in the data's units, ``X`` being the data rescaled by ``rescaled``)."""
+        (given in the data's units, ``X`` being the data rescaled by ``rescaled``).
+        The init's statistics go through ``m_step`` (default: maximum likelihood)."""
         needs_data_init = any(v is None for v in user_init.values())
         if needs_data_init:
             stats = initial_statistics(X, sample_weight, self.n_components, self.init_params,
                                        self.covariance_type, random_state)
-            weights, means, cov, prec_chol = MaximumLikelihood(self.covariance_type,
-                                                               self.reg_covar)(stats)[0]
+            if m_step is None:
+                m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
+            weights, means, cov, prec_chol = m_step(stats)[0]
         else:
             weights = means = cov = prec_chol = None
         if user_init["weights"] is not None:
@@ -759,7 +792,8 @@ model_files.register_model_format(model_files.ModelFormat(
     name="fastem.GaussianMixture",
     # 2: every constructor parameter is stored (1 left out a RandomState random_state).
     # 3: learning_offset and learning_decay (partial_fit), batch_size and n_epochs.
-    version=3,
+    # 4: prior (MAP EM) and the fitted prior_.
+    version=4,
     estimator=GaussianMixture,
     fitted_arrays=("weights_", "means_", "covariances_", "precisions_",
                    "precisions_cholesky_"),
@@ -768,5 +802,9 @@ model_files.register_model_format(model_files.ModelFormat(
                     "n_features_in_": int},
     array_params=("weights_init", "means_init", "precisions_init"),
     array_shapes=_saved_array_shapes,
+    param_codecs={"prior": model_files.JSONCodec(priors.encode_prior_param,
+                                                 priors.decode_prior_param)},
+    fitted_codecs={"prior_": model_files.JSONCodec(priors.encode_resolved_prior,
+                                                   priors.decode_resolved_prior)},
     check_fitted=_check_saved_mixture,
 ))

@@ -40,14 +40,10 @@ from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import COVARIANCE_TYPES, n_free_parameters, precisions_from_cholesky
 from .initialization import Hierarchy, column_variance, kmeans_plusplus, lloyd
 from .mixture import GaussianMixture, fitted_mixture, rescaled_result
+from .priors import check_prior, data_moments, m_step_for
 from .scaling import DataScale
 from .sources import BlockSource, InMemorySource
-from .stats import (
-    GaussianParameters,
-    MaximumLikelihood,
-    label_statistics_of,
-    log_responsibilities,
-)
+from .stats import GaussianParameters, label_statistics_of, log_responsibilities
 
 CRITERIA = ("bic", "aic", "icl")
 SELECTION_INITS = ("hierarchical", "kmeans", "k-means++")
@@ -240,7 +236,8 @@ def degeneracy(model: GaussianMixture, n_samples: float, data_variance: np.ndarr
 
 
 def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwargs,
-              n_eff, data_variance, extra_starts, rescaled=DataScale(), source=None):
+              n_eff, data_variance, extra_starts, rescaled=DataScale(), source=None,
+              moments=None):
     """Fit one grid cell from each start and keep the best non-degenerate fit.
 
     Returns (model, reason): reason is '' for a sound fit; otherwise every
@@ -249,11 +246,17 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
     returned with the reason. ``X`` (the rows the starts were computed on: the
     data, or a sample of streamed data whose ``source`` is given) and the
     starts are rescaled by ``rescaled`` (:mod:`fastem.scaling`); the models are
-    in the data's units.
+    in the data's units. ``moments()`` gives the data's mean and covariance
+    (rescaled) for a prior.
     """
     if source is None:
         source = InMemorySource(X, sample_weight, covariance_type)
-    m_step = MaximumLikelihood(covariance_type, rescaled.reg_covar(fit_kwargs["reg_covar"]))
+    if moments is None:
+        def moments():
+            return data_moments(X, sample_weight)
+    m_step, resolved_prior = m_step_for(covariance_type, fit_kwargs["reg_covar"],
+                                        fit_kwargs.get("prior"), n_components, moments,
+                                        rescaled)
     shift = rescaled.log_density_shift(X.shape[1])
     monitor = em.ConvergenceMonitor(fit_kwargs["tol"])
     best, best_degenerate, reason = None, None, ""
@@ -269,6 +272,7 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
             weights_init=params.weights, means_init=params.means,
             precisions_init=precisions_from_cholesky(params.precisions_cholesky,
                                                      covariance_type), **fit_kwargs)
+        model.prior_ = resolved_prior
         why = degeneracy(model, n_eff, data_variance)
         if why:
             if best_degenerate is None or model.lower_bound_ > best_degenerate.lower_bound_:
@@ -309,6 +313,7 @@ def select_model(
     max_iter: int = 500,
     n_threads: int | None = None,
     progress: ProgressCallback | None = None,
+    prior=None,
 ) -> SelectionResult:
     """Fit every (K, covariance type) cell and choose the best by ``criterion``.
 
@@ -338,6 +343,11 @@ def select_model(
     progress : callable, optional
         Called as ``progress(cell, n_cells, K, covariance_type, status)``
         after every cell.
+    prior : None, 'default' or fastem.GaussianPrior
+        As for :class:`~fastem.GaussianMixture`: every cell is fitted by MAP
+        EM under this prior (its defaults resolved per cell, as mclust's
+        ``defaultPrior`` depends on K and the model), and the criteria use the
+        log-likelihood at the MAP estimate, as mclust's do.
 
     Returns
     -------
@@ -365,6 +375,9 @@ def select_model(
         data_variance = blocks.column_variance(rescaled.scale) / rescaled.scale**2
         scored = blocks
 
+        def moments():
+            return blocks.moments(rescaled.scale)
+
         def source_for(covariance_type):
             return BlockSource(blocks, covariance_type, rescaled.scale)
     else:
@@ -384,12 +397,18 @@ def select_model(
         data_variance = column_variance(X, sample_weight) / rescaled.scale**2
         in_memory, in_memory_weight = X, sample_weight
 
+        def moments():
+            return data_moments(in_memory, in_memory_weight)
+
         def source_for(covariance_type):
             return InMemorySource(in_memory, in_memory_weight, covariance_type)
     if n_rows < 2:
         raise ValueError(f"Found array with {n_rows} sample(s) while a minimum of 2 is "
                          "required by select_model.")
-    fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads)
+    check_prior(prior)
+    fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads,
+                      prior=prior)
+    moments = functools.lru_cache(maxsize=1)(moments)
     hierarchy = None
     if init_params == "hierarchical" and X.shape[0] >= 2:
         hierarchy = Hierarchy(X, sample_weight, rng)
@@ -415,7 +434,7 @@ def select_model(
                 try:
                     model, reason = _fit_cell(X, sample_weight, k, covariance_type, starts,
                                               fit_kwargs, n_eff, data_variance, extra,
-                                              rescaled, source_for(covariance_type))
+                                              rescaled, source_for(covariance_type), moments)
                 except Exception as exc:  # a failed cell is a row of the table, not a crash
                     _fail(row, f"failed: {exc}"[:80])
                 else:
@@ -517,7 +536,7 @@ class GaussianMixtureSelector(DensityMixin, BaseEstimator):
 
     def __init__(self, n_components=range(1, 10), covariance_types=COVARIANCE_TYPES,
                  criterion="bic", *, n_init=5, init_params="hierarchical", random_state=None,
-                 reg_covar=1e-6, tol=1e-6, max_iter=500, n_threads=None):
+                 reg_covar=1e-6, tol=1e-6, max_iter=500, n_threads=None, prior=None):
         self.n_components = n_components
         self.covariance_types = covariance_types
         self.criterion = criterion
@@ -528,6 +547,7 @@ class GaussianMixtureSelector(DensityMixin, BaseEstimator):
         self.tol = tol
         self.max_iter = max_iter
         self.n_threads = n_threads
+        self.prior = prior
 
     def fit(self, X, y=None, sample_weight=None):
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
@@ -535,7 +555,7 @@ class GaussianMixtureSelector(DensityMixin, BaseEstimator):
             X, self.n_components, self.covariance_types, self.criterion, n_init=self.n_init,
             init_params=self.init_params, random_state=self.random_state,
             sample_weight=sample_weight, reg_covar=self.reg_covar, tol=self.tol,
-            max_iter=self.max_iter, n_threads=self.n_threads,
+            max_iter=self.max_iter, n_threads=self.n_threads, prior=self.prior,
         )
         self.best_estimator_ = result.best_model
         self.n_components_, self.covariance_type_ = result.best_params

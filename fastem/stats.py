@@ -315,7 +315,10 @@ class MaximumLikelihood:
     def __call__(self, stats: GaussianStatistics):
         return m_step(stats, self.reg_covar, self.covariance_type)
 
-    def objective(self, stats: GaussianStatistics) -> float:
+    def objective(self, stats: GaussianStatistics, params: GaussianParameters = None
+                  ) -> float:
+        """Average log-likelihood of ``stats`` (taken under ``params``, which a
+        prior's M-step needs and this one does not)."""
         return stats.loglik / stats.weight
 
     @property

@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["MissingColumnsError", "ParquetBlocks", "Table", "load_demo_data", "load_table", "read_table"]
+__all__ = ["MissingColumnsError", "ParquetBlocks", "Table", "load_demo_data", "load_table",
+           "read_table"]
 
 # Fields read as missing values (NaN) in text tables.
 _MISSING_TOKENS = frozenset({"", "NA"})

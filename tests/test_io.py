@@ -191,6 +191,7 @@ NON_DEFAULT_PARAMS = {
     "learning_decay": 0.9,
     "batch_size": 100,
     "n_epochs": 3,
+    "prior": "default",
 }
 
 
@@ -201,8 +202,31 @@ def test_a_version_2_file_loads_with_the_default_learning_parameters(model_file)
     loaded = load_model(model_file)
     assert loaded.learning_offset == 1.0 and loaded.learning_decay == 0.7
     # The current version must store them.
-    rewrite(model_file, meta_changes={"format_version": 3})
+    rewrite(model_file, meta_changes={"format_version": 4})
     with pytest.raises(ValueError, match="lacks the parameters 'batch_size', 'learning_"):
+        load_model(model_file)
+
+
+def test_a_version_3_file_loads_without_a_prior(model_file):
+    """Version 3 predates prior (MAP EM) and the fitted prior_."""
+    with np.load(model_file, allow_pickle=False) as archive:
+        meta = json.loads(str(archive[META_KEY]))
+    del meta["fitted"]["prior_"]
+    rewrite(model_file, meta_changes={"format_version": 3, "fitted": meta["fitted"]},
+            drop_params=("prior",))
+    loaded = load_model(model_file)
+    assert loaded.prior is None and loaded.prior_ is None
+    rewrite(model_file, meta_changes={"format_version": 4})
+    with pytest.raises(ValueError, match="lacks the parameters 'prior'"):
+        load_model(model_file)
+
+
+@pytest.mark.parametrize("bad", [{"GaussianPrior": {"mean": "x"}}, {"Other": {}}, 3.5,
+                                 {"GaussianPrior": {"mean": None, "shrinkage": [1, 2],
+                                                    "dof": None, "scale": None}}])
+def test_a_malformed_prior_is_refused(model_file, bad):
+    rewrite(model_file, params={"prior": bad})
+    with pytest.raises(ValueError, match="prior"):
         load_model(model_file)
 
 
@@ -353,7 +377,7 @@ def test_metadata_entry_holds_format_and_scalars(model_file, fitted):
     assert raw.ndim == 0 and raw.dtype.kind == "U"
     meta = json.loads(str(raw))
     assert meta["format"] == GM_FORMAT.name == "fastem.GaussianMixture"
-    assert meta["format_version"] == GM_FORMAT.version == 3
+    assert meta["format_version"] == GM_FORMAT.version == 4
     assert isinstance(meta["fastem_version"], str)
     # Every constructor parameter, None included.
     assert meta["params"] == fitted.get_params(deep=False)
