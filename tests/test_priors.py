@@ -4,7 +4,6 @@ files, streamed data, model selection, and R mclust's priorControl()."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import warnings
