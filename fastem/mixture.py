@@ -36,6 +36,9 @@ from .covariance import (
 )
 from .em import DegenerateDataWarning
 from .initialization import INIT_METHODS, initial_statistics
+from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled
+from .missing import impute as impute_missing
+from .missing import log_responsibilities as missing_log_responsibilities
 from .priors import GaussianPrior, data_moments, m_step_for
 from .scaling import DataScale
 from .sources import BlockSource, InMemorySource
@@ -115,6 +118,20 @@ default='kmeans'
         MAP estimate, as in mclust. ``reg_covar`` is added on top (set it to 0
         for mclust's estimates). In-memory and streamed data; not with
         ``batch_size``, :meth:`partial_fit` or Dask arrays.
+    missing : {'error', 'em'}, default='error'
+        'error': NaN in the data is an error (scikit-learn's behaviour).
+        'em': NaN entries are missing at random and EM fits the observed
+        entries themselves (:mod:`fastem.missing`): the E-step uses each
+        row's marginal density over its observed coordinates and the
+        statistics add the conditional means and covariances of the missing
+        ones, so ``lower_bound_`` is the observed-data log-likelihood (which
+        never decreases). The start (``init_params``) is computed on the rows
+        with their missing entries set to their column's observed mean. Rows
+        with nothing observed are ignored, with a warning. ``score_samples``,
+        ``predict`` and ``predict_proba`` then accept NaN and marginalise, and
+        :meth:`impute` fills the holes. In-memory arrays only; not with
+        ``batch_size`` or :meth:`partial_fit`. Without any NaN the fit is the
+        plain fit.
 
     Attributes
     ----------
@@ -153,6 +170,7 @@ default='kmeans'
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "n_epochs": [Interval(Integral, 1, None, closed="left")],
         "prior": [None, StrOptions({"default"}), GaussianPrior],
+        "missing": [StrOptions(set(MISSING_OPTIONS))],
     }
 
     def __init__(
@@ -178,6 +196,7 @@ default='kmeans'
         batch_size=None,
         n_epochs=2,
         prior=None,
+        missing="error",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -199,6 +218,7 @@ default='kmeans'
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.prior = prior
+        self.missing = missing
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, sample_weight=None):
@@ -233,7 +253,9 @@ default='kmeans'
         if is_out_of_core(X):
             return self._fit_out_of_core(X, sample_weight)
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
-                          order="C")
+                          order="C", ensure_all_finite=self._finite_rule())
+        if self.missing == "em" and np.isnan(X).any():
+            return self._fit_missing(X, sample_weight)
         self._check_n_samples(X.shape[0])
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
         # Data whose squares would leave the float range are fitted rescaled
@@ -305,6 +327,32 @@ default='kmeans'
 
         return self._fit_source(source, blocks.n_features, blocks.dtype, rescaled, init_data,
                                 random_state, moments=lambda: blocks.moments(rescaled.scale))
+
+    def _finite_rule(self):
+        """What scikit-learn's validation accepts: NaN too with ``missing='em'``."""
+        return "allow-nan" if self.missing == "em" else True
+
+    def _fit_missing(self, X, sample_weight):
+        """EM on the observed entries of ``X`` (:class:`fastem.missing.MissingValueSource`)."""
+        if self.batch_size is not None and self.batch_size < X.shape[0]:
+            raise ValueError("missing='em' is not supported with batch_size yet; "
+                             "set batch_size=None")
+        sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        filled = mean_filled(X)
+        rescaled = DataScale.of(filled)
+        X_fit = rescaled.data(X)
+        source = MissingValueSource(X_fit, sample_weight, self.covariance_type)
+        kept = source.patterns.rows
+        n_empty = source.patterns.empty_rows.size
+        if n_empty:
+            warnings.warn(f"{n_empty} row(s) of X have every entry missing; they are ignored",
+                          UserWarning, stacklevel=3)
+        self._check_n_samples(kept.size)
+        init_rows = np.ascontiguousarray(rescaled.data(filled)[np.sort(kept)])
+        init_weights = None if sample_weight is None else sample_weight[np.sort(kept)]
+        return self._fit_source(source, X.shape[1], X.dtype, rescaled,
+                                lambda: (init_rows, init_weights),
+                                moments=lambda: data_moments(init_rows, init_weights))
 
     def _refuse_prior(self, what: str) -> None:
         if self.prior is not None:
@@ -393,6 +441,8 @@ default='kmeans'
         """
         self._validate_params()
         self._refuse_prior("partial_fit")
+        if self.missing == "em":
+            raise ValueError("missing='em' is not supported with partial_fit yet")
         if not hasattr(self, "converged_"):
             self.fit(X, sample_weight=sample_weight)
             X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False,
@@ -523,12 +573,57 @@ default='kmeans'
     # ------------------------------------------------------------ predict
     def _log_resp(self, X, probabilities=False):
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
+                          ensure_all_finite=self._finite_rule())
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
-            log_resp, log_norm = log_responsibilities(X, self._current_parameters(),
-                                                      self.covariance_type,
-                                                      probabilities=probabilities)
+            if self.missing == "em" and np.isnan(X).any():
+                # Marginal densities of the observed entries (fastem.missing).
+                log_resp, log_norm = missing_log_responsibilities(
+                    X, self._current_parameters(), self.covariance_type)
+                if probabilities:
+                    log_resp = np.exp(log_resp)
+            else:
+                log_resp, log_norm = log_responsibilities(X, self._current_parameters(),
+                                                          self.covariance_type,
+                                                          probabilities=probabilities)
         return log_resp, log_norm, X.dtype
+
+    def impute(self, X, n_draws=None, random_state=None):
+        r"""Fill the NaN entries of ``X`` under the fitted mixture.
+
+        Without ``n_draws``: conditional-mean imputation,
+
+        .. math::
+
+            \hat x_m = \sum_k r_k(x_o)\,\big(\mu_{k,m} + \Sigma_{k,mo}
+            \Sigma_{k,oo}^{-1}(x_o - \mu_{k,o})\big),
+
+        the components mixed by their posterior given the row's observed
+        entries ``o``. With ``n_draws=m``: m multiple imputations, an array
+        (m, n_samples, n_features), each drawing a component from that
+        posterior and the missing entries from their conditional Gaussian
+        (``random_state`` seeds them). A row with nothing observed gets the
+        mixture's mean (or draws from the mixture).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), NaN where missing
+        n_draws : int, optional
+        random_state : int, RandomState instance or None
+
+        Returns
+        -------
+        ndarray (n_samples, n_features), or (n_draws, n_samples, n_features)
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
+                          ensure_all_finite="allow-nan")
+        if n_draws is not None and (not isinstance(n_draws, Integral) or n_draws < 1):
+            raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
+            filled = impute_missing(X, self._current_parameters(), self.covariance_type,
+                                    n_draws, random_state)
+        return filled.astype(X.dtype, copy=False)
 
     def score_samples(self, X):
         r"""Log-likelihood of each row, :math:`\log\sum_k\pi_k\mathcal N(x\mid\mu_k,\Sigma_k)`.
@@ -792,7 +887,7 @@ model_files.register_model_format(model_files.ModelFormat(
     name="fastem.GaussianMixture",
     # 2: every constructor parameter is stored (1 left out a RandomState random_state).
     # 3: learning_offset and learning_decay (partial_fit), batch_size and n_epochs.
-    # 4: prior (MAP EM) and the fitted prior_.
+    # 4: prior (MAP EM) and the fitted prior_, missing (EM with missing values).
     version=4,
     estimator=GaussianMixture,
     fitted_arrays=("weights_", "means_", "covariances_", "precisions_",

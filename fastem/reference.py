@@ -35,6 +35,7 @@ __all__ = [
     "log_gaussian_prob",
     "log_responsibilities",
     "m_step",
+    "missing_value_statistics",
     "precision_cholesky",
     "statistics_from_labels",
     "sufficient_statistics",
@@ -459,3 +460,65 @@ def hierarchical_merges(X, weights, omega):
         merges.append((a, b))
         costs.append(cost)
     return np.asarray(merges, dtype=np.int64).reshape(-1, 2), np.asarray(costs)
+
+
+def missing_value_statistics(X, weights, means, covariances, sample_weight=None):
+    r"""Statistics of data with NaN for missing entries, row by row (twin of
+    :func:`fastem._kernels.missing.missing_pass`).
+
+    For row :math:`x` with observed coordinates ``o`` and missing ``m``, and
+    component k: :math:`\log p_k = \log N(x_o; \mu_o, \Sigma_{oo})`, the
+    conditional mean :math:`\hat x_m = \mu_m + \Sigma_{mo}\Sigma_{oo}^{-1}(x_o - \mu_o)`
+    and covariance :math:`C = \Sigma_{mm} - \Sigma_{mo}\Sigma_{oo}^{-1}\Sigma_{om}`;
+    :math:`N_k = \sum r`, :math:`s_k = \sum r(\hat x - \mu_k)`,
+    :math:`S_k = \sum r((\hat x - \mu_k)(\hat x - \mu_k)^T + C)` with C in the
+    missing block. ``covariances`` is (K, D, D). Rows with nothing observed
+    are skipped.
+
+    Returns
+    -------
+    nk (K,), sx (K, D), sxx (K, D, D), loglik (float), log_norm (N,) and
+    log_resp (N, K) (NaN for skipped rows).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n_samples, n_features = X.shape
+    n_components = means.shape[0]
+    nk = np.zeros(n_components)
+    sx = np.zeros((n_components, n_features))
+    sxx = np.zeros((n_components, n_features, n_features))
+    log_norm = np.full(n_samples, np.nan)
+    log_resp = np.full((n_samples, n_components), np.nan)
+    loglik = 0.0
+    w = np.ones(n_samples) if sample_weight is None else np.asarray(sample_weight, float)
+    for i in range(n_samples):
+        o = ~np.isnan(X[i])
+        m = ~o
+        if not o.any():
+            continue
+        log_p = np.empty(n_components)
+        completed = np.empty((n_components, n_features))
+        conditional = []
+        for k in range(n_components):
+            S = covariances[k]
+            S_oo = S[np.ix_(o, o)]
+            diff = X[i, o] - means[k, o]
+            _, logdet = np.linalg.slogdet(S_oo)
+            solved = np.linalg.solve(S_oo, diff)
+            log_p[k] = (np.log(weights[k]) - 0.5 * (o.sum() * np.log(2 * np.pi) + logdet
+                                                     + diff @ solved))
+            completed[k, o] = X[i, o]
+            completed[k, m] = means[k, m] + S[np.ix_(m, o)] @ solved
+            conditional.append(S[np.ix_(m, m)] - S[np.ix_(m, o)] @ np.linalg.solve(
+                S_oo, S[np.ix_(o, m)]))
+        top = log_p.max()
+        lse = top + np.log(np.exp(log_p - top).sum())
+        log_norm[i], log_resp[i] = lse, log_p - lse
+        loglik += w[i] * lse
+        for k in range(n_components):
+            r = w[i] * np.exp(log_p[k] - lse)
+            e = completed[k] - means[k]
+            nk[k] += r
+            sx[k] += r * e
+            sxx[k] += r * np.outer(e, e)
+            sxx[k][np.ix_(m, m)] += r * conditional[k]
+    return nk, sx, sxx, loglik, log_norm, log_resp

@@ -39,6 +39,8 @@ from ._validation import check_sample_weight
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import COVARIANCE_TYPES, n_free_parameters, precisions_from_cholesky
 from .initialization import Hierarchy, column_variance, kmeans_plusplus, lloyd
+from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled
+from .missing import log_responsibilities as missing_log_responsibilities
 from .mixture import GaussianMixture, fitted_mixture, rescaled_result
 from .priors import check_prior, data_moments, m_step_for
 from .scaling import DataScale
@@ -147,8 +149,13 @@ def _loglik_and_entropy(model: GaussianMixture, slabs) -> tuple[float, float]:
     loglik = entropy = 0.0
     with _threads.limit(model.n_threads):
         for X, w in slabs:
-            proba, log_norm = log_responsibilities(X, params, model.covariance_type,
-                                                   probabilities=True)
+            if np.isnan(X).any():  # missing values: marginal densities (fastem.missing)
+                log_resp, log_norm = missing_log_responsibilities(X, params,
+                                                                  model.covariance_type)
+                proba = np.exp(log_resp)
+            else:
+                proba, log_norm = log_responsibilities(X, params, model.covariance_type,
+                                                       probabilities=True)
             with np.errstate(divide="ignore", invalid="ignore"):
                 terms = np.where(proba > 0, proba * np.log(proba), 0.0).sum(axis=1)
             if w is None:
@@ -314,6 +321,7 @@ def select_model(
     n_threads: int | None = None,
     progress: ProgressCallback | None = None,
     prior=None,
+    missing: str = "error",
 ) -> SelectionResult:
     """Fit every (K, covariance type) cell and choose the best by ``criterion``.
 
@@ -348,6 +356,13 @@ def select_model(
         EM under this prior (its defaults resolved per cell, as mclust's
         ``defaultPrior`` depends on K and the model), and the criteria use the
         log-likelihood at the MAP estimate, as mclust's do.
+    missing : {'error', 'em'}
+        As for :class:`~fastem.GaussianMixture`: with 'em', NaN entries are
+        missing at random, every cell is fitted to the observed entries and
+        the criteria use the observed-data log-likelihood; parameters are
+        counted as usual and :math:`n` is the number of rows with an observed
+        entry (rows with none are left out, with a warning). The starts run
+        on the data with each missing entry set to its column's mean.
 
     Returns
     -------
@@ -383,13 +398,28 @@ def select_model(
     else:
         # Validated as an estimator would be: DataFrame column names are kept and
         # given to every fitted model (feature_names_in_).
+        if missing not in MISSING_OPTIONS:
+            raise ValueError(f"missing must be one of {MISSING_OPTIONS}, got {missing!r}")
         X = validate_data(shape_of, X, dtype=[np.float64, np.float32], order="C",
-                          ensure_min_samples=2, reset=True)
+                          ensure_min_samples=2, reset=True,
+                          ensure_all_finite="allow-nan" if missing == "em" else True)
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        with_holes = None
+        if missing == "em" and np.isnan(X).any():
+            empty = np.isnan(X).all(axis=1)
+            if empty.any():
+                warnings.warn(f"{int(empty.sum())} row(s) of X have every entry missing; "
+                              "they are ignored", UserWarning, stacklevel=2)
+                X = np.ascontiguousarray(X[~empty])
+                sample_weight = check_sample_weight(
+                    None if sample_weight is None else sample_weight[~empty], X.shape[0])
+            # EM on the observed entries; starts, hierarchy and moments on the
+            # mean-filled rows.
+            with_holes, X = X, mean_filled(X)
         # Fitted rescaled by a power of two when the data's squares would leave
         # the float range (fastem.scaling); the models are in the data's units.
         rescaled = DataScale.of(X)
-        scored = _slabs(X, sample_weight)
+        scored = _slabs(X if with_holes is None else with_holes, sample_weight)
         X = rescaled.data(X)
         n_rows = X.shape[0]
         # Weights are relative (see check_sample_weight): n is the rows that count.
@@ -401,13 +431,16 @@ def select_model(
             return data_moments(in_memory, in_memory_weight)
 
         def source_for(covariance_type):
+            if with_holes is not None:
+                return MissingValueSource(rescaled.data(with_holes), in_memory_weight,
+                                          covariance_type)
             return InMemorySource(in_memory, in_memory_weight, covariance_type)
     if n_rows < 2:
         raise ValueError(f"Found array with {n_rows} sample(s) while a minimum of 2 is "
                          "required by select_model.")
     check_prior(prior)
     fit_kwargs = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_threads=n_threads,
-                      prior=prior)
+                      prior=prior, missing=missing)
     moments = functools.lru_cache(maxsize=1)(moments)
     hierarchy = None
     if init_params == "hierarchical" and X.shape[0] >= 2:
@@ -536,7 +569,8 @@ class GaussianMixtureSelector(DensityMixin, BaseEstimator):
 
     def __init__(self, n_components=range(1, 10), covariance_types=COVARIANCE_TYPES,
                  criterion="bic", *, n_init=5, init_params="hierarchical", random_state=None,
-                 reg_covar=1e-6, tol=1e-6, max_iter=500, n_threads=None, prior=None):
+                 reg_covar=1e-6, tol=1e-6, max_iter=500, n_threads=None, prior=None,
+                 missing="error"):
         self.n_components = n_components
         self.covariance_types = covariance_types
         self.criterion = criterion
@@ -548,14 +582,17 @@ class GaussianMixtureSelector(DensityMixin, BaseEstimator):
         self.max_iter = max_iter
         self.n_threads = n_threads
         self.prior = prior
+        self.missing = missing
 
     def fit(self, X, y=None, sample_weight=None):
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
+                          ensure_all_finite="allow-nan" if self.missing == "em" else True)
         result = select_model(
             X, self.n_components, self.covariance_types, self.criterion, n_init=self.n_init,
             init_params=self.init_params, random_state=self.random_state,
             sample_weight=sample_weight, reg_covar=self.reg_covar, tol=self.tol,
             max_iter=self.max_iter, n_threads=self.n_threads, prior=self.prior,
+            missing=self.missing,
         )
         self.best_estimator_ = result.best_model
         self.n_components_, self.covariance_type_ = result.best_params

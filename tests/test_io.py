@@ -192,6 +192,7 @@ NON_DEFAULT_PARAMS = {
     "batch_size": 100,
     "n_epochs": 3,
     "prior": "default",
+    "missing": "em",
 }
 
 
