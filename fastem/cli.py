@@ -78,6 +78,7 @@ from . import __version__
 from .blocks import INIT_SAMPLE_ROWS, RowBlocks
 from .covariance import COVARIANCE_TYPES
 from .io import load_model, save_model
+from .missing import MISSING_OPTIONS
 from .selection import CRITERIA, SelectionResult, select_model
 from .tables import MissingColumnsError, ParquetBlocks, Table, load_demo_data, load_table
 
@@ -300,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=_seed, default=DEMO_SEED, metavar="S",
                      help=f"random seed of the starts, 0 to 2**32 - 1 (default: {DEMO_SEED})")
     _add_columns(fit)
+    fit.add_argument("--missing", choices=MISSING_OPTIONS, default="error",
+                     help="'em': empty fields, NA and NaN are missing values and every cell is "
+                          "fitted to the observed entries (EM with missing values); 'error' "
+                          "(default): refuse them")
     fit.add_argument("--out", type=Path, metavar="MODEL",
                      help="save the chosen model to this .npz file (with the column names, "
                           "when the data file has a header)")
@@ -331,6 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(score)
     _add_model_columns(score)
     score.set_defaults(run=_score)
+
+    impute = commands.add_parser(
+        "impute", help="fill the missing values of a data file under a saved model",
+        description="Write the data with every missing value (empty field, NA, NaN) replaced "
+                    "by its conditional mean given the row's observed values under the "
+                    "model, as CSV with the model's column names; with --draws M, M "
+                    "multiple imputations drawn from the conditional distribution, "
+                    "stacked, with a first column 'draw'.",
+    )
+    _add_model(impute)
+    _add_data(impute)
+    _add_model_columns(impute)
+    impute.add_argument("--draws", type=_positive_int, metavar="M",
+                        help="M multiple imputations instead of the conditional mean")
+    impute.add_argument("--seed", type=_seed, default=DEMO_SEED, metavar="S",
+                        help=f"random seed of the draws (default: {DEMO_SEED})")
+    impute.add_argument("--out", type=Path, metavar="CSV",
+                        help="write here instead of to standard output")
+    impute.set_defaults(run=_impute)
 
     compile_ = commands.add_parser(
         "compile", help="compile and cache every kernel (for images and CI caches)",
@@ -438,7 +462,8 @@ def _fit(args, report: _Report) -> int:
     if args.out is not None and args.plot is not None and (
             args.out.resolve() == args.plot.resolve()):
         raise ValueError(f"--out and --plot are the same file, {args.out}")
-    table = _read_data(args.data, _parse_columns(args.columns), stream=True)
+    table = _read_data(args.data, _parse_columns(args.columns), stream=True,
+                       missing=args.missing == "em")
     X, names = table.X, table.names
     if table.named and args.out is not None:
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -452,7 +477,7 @@ def _fit(args, report: _Report) -> int:
     ks = sorted({k for low, high in ranges for k in range(low, high + 1)})
     report.print(f"{args.data}: {X.shape[0]} rows x {X.shape[1]} columns ({', '.join(names)})")
     result = _select(report, X, ks, covariance_types, args.criterion, args.n_init, args.seed,
-                     args.quiet)
+                     args.quiet, missing=args.missing)
     if table.named:
         # As scikit-learn names the features of a model fitted on a DataFrame:
         # predict and score find a new file's columns by these names.
@@ -487,6 +512,30 @@ def _predict(args, report: _Report) -> int:
     if args.out is None:
         # Not through the report: when the reader goes away there is nothing
         # left to do, and main() stops quietly.
+        _write_csv(sys.stdout, header, body)
+    else:
+        with _replaced_atomically(args.out) as tmp, open(tmp, "x", newline="") as handle:
+            _write_csv(handle, header, body)
+    return 0
+
+
+def _impute(args, report: _Report) -> int:
+    if args.out is not None:
+        _check_output("--out", args.out)
+    model = _load_model(args.model)
+    X = _read_model_data(model, args)
+    names = getattr(model, "feature_names_in_", None)
+    names = ([str(name) for name in names] if names is not None
+             else [f"x{j}" for j in range(X.shape[1])])
+    if args.draws is None:
+        header = ",".join(names)
+        body = (",".join(map(repr, row)) for row in model.impute(X).tolist())
+    else:
+        draws = model.impute(X, n_draws=args.draws, random_state=args.seed)
+        header = ",".join(["draw", *names])
+        body = (",".join([str(d), *map(repr, row)])
+                for d in range(draws.shape[0]) for row in draws[d].tolist())
+    if args.out is None:
         _write_csv(sys.stdout, header, body)
     else:
         with _replaced_atomically(args.out) as tmp, open(tmp, "x", newline="") as handle:
@@ -604,8 +653,11 @@ def _parse_columns(spec: str | None) -> list[str] | None:
 # ---------------------------------------------------------------------------
 
 
-def _read_data(path: Path, columns: list[str] | None, stream: bool = False) -> Table:
-    """``load_table``, refusing missing and non-finite values with the row that has one.
+def _read_data(path: Path, columns: list[str] | None, stream: bool = False,
+               missing: bool = False) -> Table:
+    """``load_table``, refusing missing and non-finite values with the row that has one
+    (with ``missing``, only infinities: NaN and empty fields are missing values,
+    and the data are read into memory).
 
     With ``stream``, a Parquet file of more than ``_STREAM_BYTES`` of data is
     not read but streamed by row groups (``X`` is a
@@ -614,7 +666,7 @@ def _read_data(path: Path, columns: list[str] | None, stream: bool = False) -> T
     would cost more than the pass.
     """
     blocks = None
-    if stream and path.suffix.lower() == ".parquet":
+    if stream and not missing and path.suffix.lower() == ".parquet":
         blocks = ParquetBlocks(path, columns)
         if 8 * blocks.shape[0] * blocks.shape[1] <= _STREAM_BYTES:
             blocks = None
@@ -623,20 +675,26 @@ def _read_data(path: Path, columns: list[str] | None, stream: bool = False) -> T
         slabs = blocks()
     else:
         table = load_table(path, columns)
+        if missing:
+            # EM with missing values runs in memory (a memory map is read).
+            table = table._replace(X=np.array(table.X, dtype=np.float64))
         # In slabs: a memory-mapped .npy is never read whole into memory.
         slabs = (table.X[start:start + _CHECK_ROWS]
                  for start in range(0, table.X.shape[0], _CHECK_ROWS))
     n_bad, first, start = 0, None, 0
     for slab in slabs:
-        bad = ~np.isfinite(slab).all(axis=1)
+        bad = (np.isinf(slab) if missing else ~np.isfinite(slab)).any(axis=1)
         if bad.any():
             n_bad += int(bad.sum())
             first = start + int(np.argmax(bad)) if first is None else first
         start += slab.shape[0]
+    if n_bad and missing:
+        raise ValueError(f"{path}: {n_bad} of {table.X.shape[0]} rows have infinite values "
+                         f"(the first is data row {first + 1}); remove them first")
     if n_bad:
         raise ValueError(f"{path}: {n_bad} of {table.X.shape[0]} rows have missing "
                          f"or non-finite values (the first is data row {first + 1}); "
-                         "remove or fill them first")
+                         "fit them with --missing em, or remove or fill them first")
     return table
 
 
@@ -660,8 +718,9 @@ def _read_model_data(model, args) -> np.ndarray:
     """
     names = getattr(model, "feature_names_in_", None)
     columns = _parse_columns(args.columns)
+    missing = getattr(model, "missing", "error") == "em" or args.command == "impute"
     if names is None or columns is not None:
-        table = _read_data(args.data, columns)
+        table = _read_data(args.data, columns, missing=missing)
         if table.X.shape[1] != model.n_features_in_:
             raise ValueError(f"{args.data} has {_count(table.X.shape[1], 'column')} but the "
                              f"model in {args.model} was fitted on {model.n_features_in_}; "
@@ -674,7 +733,7 @@ def _read_model_data(model, args) -> np.ndarray:
     unnamed = (f"{args.data} does not name its columns, but {fitted_on}; add a header row "
                "naming them, or give the file's columns in the model's order with --columns")
     try:
-        table = _read_data(args.data, names)
+        table = _read_data(args.data, names, missing=missing)
     except MissingColumnsError as exc:
         if not exc.named:
             raise ValueError(unnamed) from None
@@ -778,7 +837,7 @@ def _replaced_atomically(path: Path) -> Iterator[Path]:
 
 
 def _select(report: _Report, X, ks, covariance_types, criterion, n_init, seed,
-            quiet) -> SelectionResult:
+            quiet, missing="error") -> SelectionResult:
     report.print(f"Choosing K = {_describe_ks(ks)} and the covariance type "
                  f"({', '.join(covariance_types)}) by {criterion.upper()}; "
                  f"n_init={n_init}, random_state={seed}")
@@ -795,7 +854,7 @@ def _select(report: _Report, X, ks, covariance_types, criterion, n_init, seed,
 
     try:
         return select_model(X, ks, covariance_types, criterion, n_init=n_init,
-                            random_state=seed, progress=progress)
+                            random_state=seed, progress=progress, missing=missing)
     finally:
         if line is not None:
             line.close()
@@ -922,6 +981,8 @@ def _draw(result: SelectionResult, X: np.ndarray, names: list[str], path: Path) 
     if not isinstance(X, np.ndarray):
         # Streamed data: the picture shows a random sample of the rows.
         X, _ = RowBlocks(X).survey().sample(INIT_SAMPLE_ROWS, np.random.RandomState(0))
+    # Rows with missing values are not drawn (their place is unknown).
+    X = X[~np.isnan(X).any(axis=1)]
     plot_mixture(result.best_model, X, ax=right)
     right.set_title(f"chosen model: K={k}, {covariance_type} covariance")
     # plot_mixture names plain-array features x0, x1; the file has real names.

@@ -820,3 +820,39 @@ def test_fit_streams_a_large_parquet_file_and_chooses_as_from_csv(files, tmp_pat
     code, _, err = run(capsys, "fit", tmp_path / "null.parquet", "-k", "1")
     assert_one_line_error(code, err, "1 of 4 rows have missing or non-finite values "
                                      "(the first is data row 3)")
+
+
+def test_fit_with_missing_em_then_impute_predict_and_score(files, tmp_path, capsys):
+    X = files["X"]
+    rng = np.random.default_rng(0)
+    holes = rng.random(X.shape) < 0.2
+    holes[3] = True  # a row with nothing observed
+    lines = ["x,y"] + [",".join("" if hole else repr(v) for v, hole in zip(row, mask))
+                       for row, mask in zip(X.tolist(), holes)]
+    data = tmp_path / "holes.csv"
+    data.write_text("\n".join(lines) + "\n")
+    code, _, err = run(capsys, "fit", data, "-k", "1-2")
+    assert_one_line_error(code, err, "fit them with --missing em")
+    code, out, err = run(capsys, "fit", data, "-k", "1-3", "--covariance", "full,diag",
+                         "--missing", "em", "--out", tmp_path / "m.npz")
+    assert code == 0, err
+    assert "every entry missing" in err
+    model = load_model(tmp_path / "m.npz")
+    assert model.missing == "em" and model.feature_names_in_.tolist() == ["x", "y"]
+    code, out, err = run(capsys, "impute", tmp_path / "m.npz", data)
+    assert code == 0, err
+    header, *rows = out.strip().split("\n")
+    filled = np.array([[float(v) for v in row.split(",")] for row in rows])
+    assert header == "x,y" and filled.shape == X.shape and np.all(np.isfinite(filled))
+    np.testing.assert_array_equal(filled[~holes], X[~holes])
+    with_nan = np.where(holes, np.nan, X)
+    np.testing.assert_allclose(filled, model.impute(with_nan), rtol=1e-15)
+    code, out, err = run(capsys, "impute", tmp_path / "m.npz", data, "--draws", "3",
+                         "--out", tmp_path / "draws.csv")
+    assert code == 0, err
+    draws = (tmp_path / "draws.csv").read_text().strip().split("\n")
+    assert draws[0] == "draw,x,y" and len(draws) == 1 + 3 * len(X)
+    assert [row.split(",")[0] for row in draws[1::len(X)]] == ["0", "1", "2"]
+    code, out, err = run(capsys, "score", tmp_path / "m.npz", data)
+    assert code == 0, err
+    assert f"{model.score(with_nan):.10g}" in out
