@@ -96,7 +96,7 @@ _EM_CASES = {
 _D10 = _EM_CASES["d10"]
 # Canonical order: cases sharing the D=10 data set run back to back.
 CASES = ("small", "d2", "d10", "float32", "fit", "outofcore", "d100", "diag50", "memory",
-         "import", "warm", "online", "cold", "selection", "dask", "spark")
+         "import", "warm", "online", "missing", "cold", "selection", "dask", "spark")
 # Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
 # n_init=20 grids (about a minute) and mclust when Rscript is installed;
 # 'outofcore' writes the D=10 data set to a temporary .npy, 'online' fits
@@ -642,6 +642,34 @@ def _case_online(settings: _Settings, data: _Datasets) -> list[Result]:
                             "batch_rows": batch})]
 
 
+def _case_missing(settings: _Settings, data: _Datasets) -> list[Result]:
+    """EM iteration with 20 % of the entries missing completely at random
+    (``missing='em'``) against the complete data, from the same start."""
+    n_samples, n_features, n_components = settings.size(200_000), 10, 5
+    shape = (n_samples, n_features, n_components)
+    X = data.get(*shape)
+    init = data.init(*shape, "full")
+    holes = X.copy()
+    holes[np.random.default_rng(0).random(X.shape) < 0.2] = np.nan
+
+    def runner(data_set, **extra):
+        def run(n_iter):
+            model = GaussianMixture(n_components, tol=0.0, max_iter=n_iter,
+                                    weights_init=init.weights, means_init=init.means,
+                                    precisions_init=init.precisions, **extra)
+            return _quietly(lambda: model.fit(data_set))
+
+        return _Runner(run, warm_up=True, fixed=1, min_units=_MIN_DIFFERENCED_ITERATIONS)
+
+    timings = _measure({"fastem": runner(holes, missing="em"), "complete": runner(X)},
+                       settings)
+    row = _per_iteration_row("missing", timings, shape, "full", "float64")
+    _log(f"missing: EM iteration with 20% MCAR {row.values['fastem']:.1f} ms against "
+         f"{row.values['complete']:.1f} ms on the complete data "
+         f"({row.values['fastem'] / row.values['complete']:.2f}x)")
+    return [row]
+
+
 def _case_dask(settings: _Settings, data: _Datasets) -> list[Result]:
     """EM iteration on a Dask array (a 2-worker LocalCluster of processes, one
     thread each, one row chunk per worker, persisted) against the same array
@@ -1017,6 +1045,7 @@ _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "online": _case_online,
     "spark": _case_spark,
     "dask": _case_dask,
+    "missing": _case_missing,
 }
 
 

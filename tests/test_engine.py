@@ -43,6 +43,19 @@ _SCRIPT = textwrap.dedent("""
                     digest = hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes()
                                                      for p in parts)).hexdigest()
                     digests[f"{n_features}/{n_samples}/{np.dtype(dtype).name}/{cov}"] = digest
+        # EM with missing values (its own kernel) and MAP EM.
+        for n_features, n_samples in ((3, 20000), (26, 2000)):
+            X = rng.normal(size=(n_samples, n_features))
+            X[: n_samples // 3] += 3.0
+            X[rng.random(X.shape) < 0.2] = np.nan
+            for cov in ("full", "tied", "diag", "spherical"):
+                gm = GaussianMixture(3, covariance_type=cov, max_iter=8, tol=0.0,
+                                     random_state=0, missing="em", prior="default").fit(X)
+                parts = [gm.means_, gm.covariances_, gm.predict_proba(X[:500]),
+                         gm.impute(X[:500]), np.array(gm.lower_bounds_)]
+                digest = hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes()
+                                                 for p in parts)).hexdigest()
+                digests[f"missing/{n_features}/{cov}"] = digest
     print(json.dumps({"digests": digests, "compiled": sorted(seconds)}))
 """)
 

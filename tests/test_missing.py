@@ -217,8 +217,8 @@ def test_predictions_and_imputation_accept_nan():
     expected = np.zeros(m.sum())
     for k in range(3):
         S = model.covariances_[k]
-        expected += np.exp(log_resp[i, k]) * (model.means_[k, m] + S[np.ix_(m, o)] @ np.linalg.solve(
-            S[np.ix_(o, o)], holes[i, o] - model.means_[k, o]))
+        gain = S[np.ix_(m, o)] @ np.linalg.solve(S[np.ix_(o, o)], holes[i, o] - model.means_[k, o])
+        expected += np.exp(log_resp[i, k]) * (model.means_[k, m] + gain)
     np.testing.assert_allclose(filled[i, m], expected, rtol=1e-10)
     draws = model.impute(holes[:50], n_draws=400, random_state=0)
     assert draws.shape == (400, 50, 5)
