@@ -251,7 +251,8 @@ def run_starts(source, m_step, starts: Sequence, monitor: ConvergenceMonitor,
     return results
 
 
-def stepwise_update(source, m_step, params, running, step_size: float):
+def stepwise_update(source, m_step, params, running, step_size: float,
+                    m_step_weight: float = 1.0):
     r"""One step of stepwise (online) EM (Cappé & Moulines 2009; Liang & Klein 2009).
 
     The statistics of the batch ``source`` under ``params``, per unit weight
@@ -262,8 +263,10 @@ def stepwise_update(source, m_step, params, running, step_size: float):
 
         \bar s_t = (1-\rho_t)\,\bar s_{t-1} + \rho_t\,\hat s_t,
 
-    and the M-step (with the driver's repairs) turns them into parameters.
-    ``running`` None starts the sequence (:math:`\bar s_1 = \hat s_1`).
+    and the M-step (with the driver's repairs) turns them into parameters
+    (the running statistics times ``m_step_weight``: a MAP M-step weighs its
+    prior against that many rows). ``running`` None starts the sequence
+    (:math:`\bar s_1 = \hat s_1`).
 
     Returns
     -------
@@ -282,7 +285,9 @@ def stepwise_update(source, m_step, params, running, step_size: float):
         blended = running.scaled(1.0 - step_size) + batch.scaled(step_size)
         running = replace(blended, count=stats.count, worst_loglik=stats.worst_loglik,
                           worst_point=stats.worst_point)
-    new_params, _ = _m_step_with_repairs(m_step, running, None)
+    # A prior's M-step weighs the running statistics as ``m_step_weight`` rows.
+    blended = running if m_step_weight == 1.0 else running.scaled(m_step_weight)
+    new_params, _ = _m_step_with_repairs(m_step, blended, None)
     return new_params, running, m_step.objective(stats, params)
 
 

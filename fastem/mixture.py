@@ -39,7 +39,7 @@ from .initialization import INIT_METHODS, initial_statistics
 from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled
 from .missing import impute as impute_missing
 from .missing import log_responsibilities as missing_log_responsibilities
-from .priors import GaussianPrior, data_moments, m_step_for
+from .priors import GaussianPrior, MaximumPosterior, data_moments, m_step_for
 from .scaling import DataScale
 from .sources import BlockSource, InMemorySource
 from .stats import GaussianParameters, MaximumLikelihood, log_responsibilities
@@ -116,8 +116,9 @@ default='kmeans'
         them. The objective (``lower_bound_``) is then the average log
         posterior; ``score``, ``bic`` and ``aic`` stay log-likelihoods at the
         MAP estimate, as in mclust. ``reg_covar`` is added on top (set it to 0
-        for mclust's estimates). In-memory and streamed data; not with
-        ``batch_size``, :meth:`partial_fit` or Dask arrays.
+        for mclust's estimates). In-memory and streamed data and
+        :meth:`partial_fit` (the prior resolved on the first batch, weighed
+        against all rows seen); not with ``batch_size`` or Dask arrays.
     missing : {'error', 'em'}, default='error'
         'error': NaN in the data is an error (scikit-learn's behaviour).
         'em': NaN entries are missing at random and EM fits the observed
@@ -129,9 +130,9 @@ default='kmeans'
         with their missing entries set to their column's observed mean. Rows
         with nothing observed are ignored, with a warning. ``score_samples``,
         ``predict`` and ``predict_proba`` then accept NaN and marginalise, and
-        :meth:`impute` fills the holes. In-memory arrays only; not with
-        ``batch_size`` or :meth:`partial_fit`. Without any NaN the fit is the
-        plain fit.
+        :meth:`impute` fills the holes. In-memory arrays and :meth:`partial_fit`
+        batches; not with ``batch_size``. Without any NaN the fit is the plain
+        fit.
 
     Attributes
     ----------
@@ -328,6 +329,12 @@ default='kmeans'
         return self._fit_source(source, blocks.n_features, blocks.dtype, rescaled, init_data,
                                 random_state, moments=lambda: blocks.moments(rescaled.scale))
 
+    def _batch_source(self, X, sample_weight):
+        """The statistics source of an in-memory batch (rows with NaN: missing values)."""
+        if self.missing == "em" and np.isnan(X).any():
+            return MissingValueSource(X, sample_weight, self.covariance_type)
+        return InMemorySource(X, sample_weight, self.covariance_type)
+
     def _finite_rule(self):
         """What scikit-learn's validation accepts: NaN too with ``missing='em'``."""
         return "allow-nan" if self.missing == "em" else True
@@ -440,33 +447,43 @@ default='kmeans'
         self
         """
         self._validate_params()
-        self._refuse_prior("partial_fit")
-        if self.missing == "em":
-            raise ValueError("missing='em' is not supported with partial_fit yet")
         if not hasattr(self, "converged_"):
             self.fit(X, sample_weight=sample_weight)
             X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False,
-                              order="C")
+                              order="C", ensure_all_finite=self._finite_rule())
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
-            source = InMemorySource(X, sample_weight, self.covariance_type)
+            source = self._batch_source(X, sample_weight)
             self._running = source.statistics(self._current_parameters())
+            self._seen = self._running.weight
             self._running = dataclasses.replace(
                 self._running.scaled(1.0 / self._running.weight), count=self._running.count)
             self._steps = 1
             return self
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
+                          ensure_all_finite=self._finite_rule())
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
         running = getattr(self, "_running", None)
         steps = getattr(self, "_steps", 0) if running is not None else 0
         step_size = (steps + self.learning_offset) ** -self.learning_decay
-        source = InMemorySource(X, sample_weight, self.covariance_type)
-        m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
+        source = self._batch_source(X, sample_weight)
+        batch_weight = getattr(source, "weight", None)
+        if batch_weight is None:  # an InMemorySource: every row counts
+            batch_weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
+        prior = getattr(self, "prior_", None) if self.prior is not None else None
+        if prior is None:
+            m_step, m_step_weight = MaximumLikelihood(self.covariance_type, self.reg_covar), 1.0
+        else:
+            # The prior weighs against every row seen so far, not against one.
+            m_step = MaximumPosterior(self.covariance_type, self.reg_covar, prior)
+            m_step_weight = getattr(self, "_seen", 0.0) + batch_weight
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             params, running, objective = em.stepwise_update(
-                source, m_step, self._current_parameters(), running, step_size)
+                source, m_step, self._current_parameters(), running, step_size,
+                m_step_weight=m_step_weight)
         self._set_parameters(tuple(np.asarray(p, dtype=X.dtype) for p in params))
         self._fitted_covariance_type = self.covariance_type
         self._running, self._steps = running, steps + 1
+        self._seen = getattr(self, "_seen", 0.0) + batch_weight
         self.lower_bound_ = objective
         self.n_iter_ += 1
         self.lower_bounds_ = [*self.lower_bounds_, objective]
@@ -702,7 +719,8 @@ default='kmeans'
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
+        # NaN are missing values with missing='em', an error otherwise.
+        tags.input_tags.allow_nan = self.missing == "em"
         return tags
 
 

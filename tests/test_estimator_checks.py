@@ -17,7 +17,8 @@ EXPECTED_FAILED = {
 
 
 @parametrize_with_checks(
-    [GaussianMixture(), GaussianMixture(n_components=2, covariance_type="diag")],
+    [GaussianMixture(), GaussianMixture(n_components=2, covariance_type="diag"),
+     GaussianMixture(prior="default"), GaussianMixture(missing="em")],
     expected_failed_checks=lambda est: EXPECTED_FAILED if est.n_components > 1 else {},
 )
 def test_sklearn_estimator_contract(estimator, check):

@@ -240,8 +240,8 @@ def test_bad_missing_input_is_a_clear_error():
     X[0, 0] = np.inf
     with pytest.raises(ValueError, match="infinity"):
         GaussianMixture(2, missing="em").fit(X)
-    with pytest.raises(ValueError, match="partial_fit"):
-        GaussianMixture(2, missing="em").partial_fit(X)
+    with pytest.raises(ValueError, match="batch_size"):
+        GaussianMixture(2, missing="em", batch_size=10).fit(X)
 
 
 def test_select_model_fits_the_observed_entries():
@@ -254,3 +254,13 @@ def test_select_model_fits_the_observed_entries():
     row = result.table[(result.table["n_components"] == model.n_components)
                        & (result.table["covariance_type"] == model.covariance_type)][0]
     assert row["log_likelihood"] == pytest.approx(model.score(holes) * len(holes), rel=1e-9)
+
+
+def test_partial_fit_takes_batches_with_holes():
+    X, true_means = _mixture(4000, 12, n_features=3)
+    holes = _holes(X, 0.2, seed=12)
+    model = GaussianMixture(3, missing="em", random_state=0)
+    for start in range(0, 4000, 500):
+        model.partial_fit(holes[start:start + 500])
+    full = _fit(holes, n_components=3, missing="em", random_state=0)
+    assert model.score(holes) == pytest.approx(full.score(holes), rel=0.01)

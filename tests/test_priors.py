@@ -213,9 +213,24 @@ def test_bad_priors_are_clear_errors(data, bad, match):
         GaussianMixture(2, prior=bad).fit(data)
 
 
-def test_prior_with_partial_fit_is_refused(data):
-    with pytest.raises(ValueError, match="not supported with partial_fit"):
-        GaussianMixture(2, prior="default").partial_fit(data)
+def test_partial_fit_weighs_the_prior_against_every_row_seen(data):
+    from fastem.priors import MaximumPosterior
+    from fastem.sources import InMemorySource
+
+    model = GaussianMixture(2, prior="default", random_state=0)
+    for start in range(0, 400, 50):
+        model.partial_fit(data[start:start + 50])
+    assert model._seen == 400
+    # A step of size 1 (t = 1, t0 = 0, kappa = 1) on all 400 rows once more:
+    # the MAP M-step of their statistics, weighed as the 800 rows seen.
+    model.set_params(learning_offset=0.0, learning_decay=1.0)
+    model._steps = 1
+    params = model._current_parameters()
+    model.partial_fit(data)
+    stats = InMemorySource(data, None, "full").statistics(params)
+    expected, _ = MaximumPosterior("full", model.reg_covar, model.prior_)(stats.scaled(2.0))
+    np.testing.assert_allclose(model.means_, expected.means, rtol=1e-12)
+    np.testing.assert_allclose(model.covariances_, expected.covariances, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------
