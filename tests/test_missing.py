@@ -240,6 +240,7 @@ def test_bad_missing_input_is_a_clear_error():
     X[0, 0] = np.inf
     with pytest.raises(ValueError, match="infinity"):
         GaussianMixture(2, missing="em").fit(X)
+    X[0, 0] = np.nan
     with pytest.raises(ValueError, match="batch_size"):
         GaussianMixture(2, missing="em", batch_size=10).fit(X)
 
