@@ -95,6 +95,28 @@ def mean_filled(X) -> np.ndarray:
     return np.where(observed, X, column_means.astype(X.dtype))
 
 
+def observed_moments(X, sample_weight=None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of data with NaN (for a prior's defaults): the
+    observed mean of every column; off the diagonal the covariance of the
+    mean-filled rows, on it every column's observed variance (denominator
+    :math:`\sum w - 1`). Raising the diagonal keeps the matrix positive
+    semi-definite; the filled rows alone would shrink each variance by about
+    the column's observed fraction."""
+    from .priors import data_moments
+
+    X = np.asarray(X, dtype=np.float64)
+    mean, cov = data_moments(mean_filled(X), sample_weight)
+    observed = ~np.isnan(X)
+    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
+    weights = np.where(observed, w[:, None], 0.0)
+    totals = weights.sum(axis=0)
+    squares = np.where(observed, (X - mean) ** 2, 0.0)
+    variances = (weights * squares).sum(axis=0) / np.maximum(totals - 1.0, 1e-300)
+    cov = cov.copy()
+    cov[np.arange(X.shape[1]), np.arange(X.shape[1])] = np.maximum(np.diag(cov), variances)
+    return mean, cov
+
+
 def full_covariances(params: GaussianParameters, covariance_type: str) -> np.ndarray:
     """Every component's covariance as a (K, D, D) matrix."""
     means = np.asarray(params.means, dtype=np.float64)
@@ -166,6 +188,12 @@ class MissingValueSource:
         totals = np.where(observed, self.patterns.X, 0.0).sum(axis=0)
         self.fill = np.divide(totals, counts, out=np.zeros_like(totals), where=counts > 0)
         self.weight = float(rows.size if self.weights is None else self.weights.sum())
+        counts = self.patterns.n_observed[self.patterns.pattern].astype(np.float64)
+        # Average observed coordinates per row (weighted): the D of the
+        # log-density shift of rescaled data (fastem.scaling).
+        self.mean_observed = float(
+            (counts.mean() if self.weights is None
+             else counts @ self.weights / max(self.weight, 1e-300)) if rows.size else 0.0)
 
     def statistics(self, params: GaussianParameters) -> GaussianStatistics:
         nk, sx, sxx, loglik, worst, worst_index, _ = _pass(
@@ -255,4 +283,4 @@ def _draws(X, patterns: MissingPatterns, params, covariance_type, n_draws, rando
 
 
 __all__ = ["MISSING_OPTIONS", "MissingPatterns", "MissingValueSource", "full_covariances",
-           "impute", "log_responsibilities", "mean_filled"]
+           "impute", "log_responsibilities", "mean_filled", "observed_moments"]

@@ -36,7 +36,7 @@ from .covariance import (
 )
 from .em import DegenerateDataWarning
 from .initialization import INIT_METHODS, initial_statistics
-from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled
+from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled, observed_moments
 from .missing import impute as impute_missing
 from .missing import log_responsibilities as missing_log_responsibilities
 from .priors import GaussianPrior, MaximumPosterior, data_moments, m_step_for
@@ -354,12 +354,15 @@ default='kmeans'
         if n_empty:
             warnings.warn(f"{n_empty} row(s) of X have every entry missing; they are ignored",
                           UserWarning, stacklevel=3)
-        self._check_n_samples(kept.size)
-        init_rows = np.ascontiguousarray(rescaled.data(filled)[np.sort(kept)])
-        init_weights = None if sample_weight is None else sample_weight[np.sort(kept)]
-        return self._fit_source(source, X.shape[1], X.dtype, rescaled,
-                                lambda: (init_rows, init_weights),
-                                moments=lambda: data_moments(init_rows, init_weights))
+        self._check_n_samples(kept.size if sample_weight is None
+                              else int(np.count_nonzero(sample_weight[kept])))
+        rows = np.sort(kept)
+        init_rows = np.ascontiguousarray(rescaled.data(filled)[rows])
+        init_weights = None if sample_weight is None else sample_weight[rows]
+        return self._fit_source(
+            source, X.shape[1], X.dtype, rescaled, lambda: (init_rows, init_weights),
+            moments=lambda: observed_moments(rescaled.data(X[rows]), init_weights),
+            n_observed=source.mean_observed)
 
     def _refuse_prior(self, what: str) -> None:
         if self.prior is not None:
@@ -377,12 +380,14 @@ default='kmeans'
             )
 
     def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None,
-                    start_with=None, moments=None):
+                    start_with=None, moments=None, n_observed=None):
         """EM on ``source`` (data rescaled by ``rescaled``): ``n_init`` starts
         from ``init_data()`` (the rows and weights the initialisation runs on),
         or from ``start_with(random_state, user_init)`` when given, or the last
         fit with ``warm_start``. ``moments()`` gives the data's mean and
-        covariance (as fitted) for a prior."""
+        covariance (as fitted) for a prior; ``n_observed`` is the average
+        number of observed coordinates of a row (missing values), which the
+        objective's rescaling shift counts."""
         shape_of = np.empty((0, n_features))
         user_init = self._check_initial_parameters(shape_of)
         do_init = not (self.warm_start and hasattr(self, "converged_"))
@@ -390,7 +395,7 @@ default='kmeans'
             self._check_warm_start(shape_of)
         m_step, self.prior_ = m_step_for(self.covariance_type, self.reg_covar, self.prior,
                                          self.n_components, moments, rescaled)
-        shift = rescaled.log_density_shift(n_features)
+        shift = rescaled.log_density_shift(n_features if n_observed is None else n_observed)
         if random_state is None:
             random_state = check_random_state(self.random_state)
         initial = []
@@ -635,7 +640,8 @@ default='kmeans'
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
                           ensure_all_finite="allow-nan")
-        if n_draws is not None and (not isinstance(n_draws, Integral) or n_draws < 1):
+        if n_draws is not None and (not isinstance(n_draws, Integral)
+                                    or isinstance(n_draws, bool) or n_draws < 1):
             raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             filled = impute_missing(X, self._current_parameters(), self.covariance_type,
@@ -705,12 +711,23 @@ default='kmeans'
         return n_free_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
 
     def bic(self, X):
-        r"""Bayesian information criterion, :math:`-2\log L + p\log n` (lower is better)."""
-        return -2 * self.score(X) * X.shape[0] + self._n_parameters() * math.log(X.shape[0])
+        r"""Bayesian information criterion, :math:`-2\log L + p\log n` (lower is better).
+
+        With ``missing='em'``, :math:`n` counts the rows with an observed entry."""
+        log_likelihood, n_rows = self._total_log_likelihood(X)
+        return -2 * log_likelihood + self._n_parameters() * math.log(n_rows)
 
     def aic(self, X):
         r"""Akaike information criterion, :math:`-2\log L + 2p` (lower is better)."""
-        return -2 * self.score(X) * X.shape[0] + 2 * self._n_parameters()
+        return -2 * self._total_log_likelihood(X)[0] + 2 * self._n_parameters()
+
+    def _total_log_likelihood(self, X):
+        """:math:`\log L` of ``X`` and the number of rows that carry information."""
+        if self.missing != "em":  # scikit-learn's arithmetic
+            return self.score(X) * np.shape(X)[0], np.shape(X)[0]
+        values = np.asarray(X, dtype=np.float64)
+        n_rows = int(np.count_nonzero(~np.isnan(values).all(axis=1)))
+        return float(np.sum(self.score_samples(X), dtype=np.float64)), n_rows
 
     # ------------------------------------------------------------- misc
     def save(self, path):

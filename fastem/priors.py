@@ -48,7 +48,7 @@ from .stats import GaussianParameters, GaussianStatistics, MaximumLikelihood
 DEFAULT_SHRINKAGE = 0.01
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GaussianPrior:
     """Hyperparameters of the conjugate prior; None takes mclust's default.
 
@@ -60,14 +60,24 @@ class GaussianPrior:
         :math:`\\kappa_P \\ge 0`, the prior's weight on the mean in rows
         (0: no prior on the means); default 0.01.
     dof : float or None
-        :math:`\\nu_P > D - 1`; default :math:`D + 2`.
+        :math:`\\nu_P`, above :math:`D - 1` for 'full' and 'tied' (an
+        inverse-Wishart), above 0 for 'diag' and 'spherical' (inverse-gamma);
+        default :math:`D + 2`.
     scale : array or float or None
         :math:`\\Lambda_P`: a (D, D) matrix for 'full' and 'tied', a scalar or a
         (D,) diagonal (or a matrix, whose diagonal is used) for 'diag', a
         scalar for 'spherical'. Default, as mclust's ``defaultPrior``, from
         the data's covariance :math:`S` (denominator N - 1) and
         :math:`f = K^{-2/D}`: :math:`fS` for 'full' and 'tied' and the scalar
-        :math:`f\\,\\mathrm{tr}(S)/D` for 'diag' and 'spherical'.
+        :math:`f\\,\\mathrm{tr}(S)/D` for 'diag' and 'spherical'. When
+        :math:`S` is singular (N <= D, a constant or collinear column), the
+        diagonal of :math:`S` is used instead, as mclust does for N <= D, with
+        zero variances raised to ``1e-6`` of the average variance.
+
+    The data count as the rows of positive weight against the prior: sample
+    weights are relative (see ``GaussianMixture.fit``), so integer weights fit
+    as repeated rows do only without a prior. Equality is identity (the fields
+    may be arrays).
     """
 
     mean: object = None
@@ -87,20 +97,40 @@ class GaussianPrior:
         shrinkage = float(self.shrinkage)
         if not (np.isfinite(shrinkage) and shrinkage >= 0):
             raise ValueError(f"prior shrinkage must be finite and >= 0, got {self.shrinkage}")
+        if shrinkage == 0 and self.mean is not None:
+            raise ValueError("a prior mean needs shrinkage > 0 (with shrinkage=0 the means "
+                             "have no prior)")
         dof = float(n_features + 2 if self.dof is None else self.dof)
-        if not (np.isfinite(dof) and dof > n_features - 1):
-            raise ValueError(f"prior dof must be finite and > n_features - 1 = "
-                             f"{n_features - 1}, got {self.dof}")
+        wishart = covariance_type in ("full", "tied")
+        least = n_features - 1 if wishart else 0
+        if not (np.isfinite(dof) and dof > least):
+            raise ValueError(f"prior dof must be finite and > {least} for covariance_type="
+                             f"{covariance_type!r}, got {self.dof}")
         if self.scale is None:
-            factor = float(n_components) ** (-2.0 / n_features)
-            cov = np.atleast_2d(np.asarray(data_covariance, dtype=np.float64))
-            if covariance_type in ("full", "tied"):
-                scale = factor * cov
-            else:  # mclust: one scalar for every variance, 'diag' included
-                scale = factor * np.trace(cov) / n_features
+            scale = _default_scale(data_covariance, n_components, covariance_type)
         else:
             scale = _check_scale(self.scale, covariance_type, n_features)
         return ResolvedPrior(mean, shrinkage, dof, np.asarray(scale, dtype=np.float64))
+
+
+def _default_scale(data_covariance, n_components: int, covariance_type: str):
+    """mclust's default scale, made positive definite for singular data."""
+    cov = np.atleast_2d(np.asarray(data_covariance, dtype=np.float64))
+    n_features = cov.shape[0]
+    factor = float(n_components) ** (-2.0 / n_features)
+    variances = np.diag(cov).copy()
+    if not np.all(np.isfinite(cov)):
+        raise ValueError("the data's covariance is not finite: cannot set the default prior")
+    typical = float(np.mean(variances)) if np.any(variances > 0) else 1.0
+    floored = np.maximum(variances, 1e-6 * typical)
+    if covariance_type in ("full", "tied"):
+        try:
+            np.linalg.cholesky(cov)
+            return factor * cov
+        except np.linalg.LinAlgError:  # N <= D, a constant or collinear column
+            return factor * np.diag(floored)
+    # mclust: one scalar for every variance, 'diag' included.
+    return factor * float(np.mean(floored))
 
 
 def _check_scale(scale, covariance_type: str, n_features: int) -> np.ndarray:

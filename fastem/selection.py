@@ -39,7 +39,7 @@ from ._validation import check_sample_weight
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import COVARIANCE_TYPES, n_free_parameters, precisions_from_cholesky
 from .initialization import Hierarchy, column_variance, kmeans_plusplus, lloyd
-from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled
+from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled, observed_moments
 from .missing import log_responsibilities as missing_log_responsibilities
 from .mixture import GaussianMixture, fitted_mixture, rescaled_result
 from .priors import check_prior, data_moments, m_step_for
@@ -264,7 +264,8 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
     m_step, resolved_prior = m_step_for(covariance_type, fit_kwargs["reg_covar"],
                                         fit_kwargs.get("prior"), n_components, moments,
                                         rescaled)
-    shift = rescaled.log_density_shift(X.shape[1])
+    # Rows with missing values have fewer coordinates to shift (fastem.missing).
+    shift = rescaled.log_density_shift(getattr(source, "mean_observed", X.shape[1]))
     monitor = em.ConvergenceMonitor(fit_kwargs["tol"])
     best, best_degenerate, reason = None, None, ""
 
@@ -426,8 +427,14 @@ def select_model(
         n_eff = n_rows if sample_weight is None else int(np.count_nonzero(sample_weight))
         data_variance = column_variance(X, sample_weight) / rescaled.scale**2
         in_memory, in_memory_weight = X, sample_weight
+        if with_holes is not None:
+            # The observed entries' variances, not the mean-filled rows'.
+            _, observed_cov = observed_moments(with_holes, sample_weight)
+            data_variance = np.diag(observed_cov).copy()
 
         def moments():
+            if with_holes is not None:
+                return observed_moments(rescaled.data(with_holes), in_memory_weight)
             return data_moments(in_memory, in_memory_weight)
 
         def source_for(covariance_type):

@@ -265,3 +265,29 @@ def test_partial_fit_takes_batches_with_holes():
         model.partial_fit(holes[start:start + 500])
     full = _fit(holes, n_components=3, missing="em", random_state=0)
     assert model.score(holes) == pytest.approx(full.score(holes), rel=0.01)
+
+
+def test_rescaled_data_with_holes_report_the_observed_data_likelihood():
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(1000, 3)), rng.normal(size=(1000, 3)) + [4, 0, -3]])
+    X = X * 1e13  # float32: fitted rescaled (fastem.scaling)
+    X[rng.random(X.shape) < 0.2] = np.nan
+    model = _fit(X.astype(np.float32), n_components=2, missing="em", random_state=0,
+                 tol=1e-8)
+    kept = ~np.isnan(X).all(axis=1)
+    scores = model.score_samples(X.astype(np.float32))[kept].astype(np.float64)
+    assert model.lower_bound_ == pytest.approx(scores.mean(), rel=1e-5)
+
+
+def test_rows_of_zero_weight_or_nothing_observed_do_not_count():
+    X, _ = _mixture(300, 2, n_features=3, n_components=2)
+    X = _holes(X, 0.2, seed=2)
+    X[:5] = np.nan
+    weights = np.zeros(len(X))
+    weights[:5] = 1.0
+    with pytest.raises(ValueError, match="0 sample"):
+        GaussianMixture(1, missing="em").fit(X, sample_weight=weights)
+    model = _fit(X, n_components=2, missing="em", random_state=0)
+    kept = int((~np.isnan(X).all(axis=1)).sum())
+    assert model.bic(X) == pytest.approx(
+        -2 * model.score_samples(X).sum() + model._n_parameters() * np.log(kept))

@@ -303,3 +303,25 @@ def test_same_map_fit_as_mclust_from_its_first_m_step(mclust_fits, covariance_ty
     np.testing.assert_allclose(model.covariances_, covariances(fit["sigma"]), rtol=1e-6,
                                atol=1e-9)
     assert model.score(X) * X.shape[0] == pytest.approx(float(fit["loglik"][0]), rel=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_the_default_prior_of_singular_data_is_proper(covariance_type):
+    rng = np.random.default_rng(0)
+    # A constant column: the data's covariance is singular.
+    X = np.column_stack([rng.normal(size=(600, 2)), np.ones(600)])
+    X[:300, 0] += 5
+    model = _fit(X, n_components=2, covariance_type=covariance_type, prior="default",
+                 random_state=0, max_iter=200)
+    assert model.converged_ and np.isfinite(model.lower_bound_)
+    scale = np.atleast_2d(model.prior_.scale)
+    assert np.all(np.linalg.eigvalsh(scale) > 0)
+
+
+def test_dof_and_mean_rules_follow_the_distributions(data):
+    # An inverse-gamma needs dof > 0 only; an inverse-Wishart dof > D - 1.
+    _fit(data, n_components=1, covariance_type="diag", prior=GaussianPrior(dof=0.5))
+    with pytest.raises(ValueError, match="> 2"):
+        _fit(data, n_components=1, covariance_type="full", prior=GaussianPrior(dof=0.5))
+    with pytest.raises(ValueError, match="shrinkage > 0"):
+        _fit(data, n_components=1, prior=GaussianPrior(mean=[0.0, 0.0, 0.0], shrinkage=0.0))
