@@ -37,7 +37,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._blocks import FAST_MATH, chunk_rows, helper
+from ._blocks import chunk_rows, exp_nonpositive, helper
 from .mstep import cholesky_lower
 
 MODE_STATISTICS = 0
@@ -51,7 +51,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 RUN_ROWS = 64
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST_MATH)
+@njit(cache=True, nogil=True, error_model="numpy")
 def missing_pass(first_chunk, last_chunk, n_chunks, mode, X, weights, pattern, observed,
                  n_observed, means, cov, log_weights, nk, sx, sxx, loglik, worst,
                  worst_index, out, log_norm):
@@ -91,7 +91,11 @@ def missing_pass(first_chunk, last_chunk, n_chunks, mode, X, weights, pattern, o
     log_dens = np.empty((n_components, RUN_ROWS))
     lse = np.empty(RUN_ROWS)
     resp = np.empty(RUN_ROWS)
-    weighted_d = np.empty(RUN_ROWS)
+    top = np.empty(RUN_ROWS)
+    totals = np.empty(RUN_ROWS)
+    expo = np.empty(RUN_ROWS)
+    bits = np.empty(RUN_ROWS, dtype=np.int64)
+    row_d = np.empty(n_features)
     run_nk = np.zeros(n_components)
     run_sx = np.zeros((n_components, n_features))
     run_sxx = np.zeros((n_components, n_features, n_features))
@@ -128,35 +132,44 @@ def missing_pass(first_chunk, last_chunk, n_chunks, mode, X, weights, pattern, o
                     for r in range(n_rows):
                         log_dens[k, r] = -np.inf
                     continue
+                # Loops over the group's rows on 1-D views: contiguous, and
+                # elementwise (they vectorise without reassociation).
                 for a in range(n_obs):
                     centre = mu[k, a]
+                    d_a, x_a, y_a = d[k, a], xo[a], y[a]
                     for r in range(n_rows):
-                        d[k, a, r] = xo[a, r] - centre
-                        y[a, r] = 0.0
+                        d_a[r] = x_a[r] - centre
+                        y_a[r] = 0.0
                 # y = L^{-1} d, by columns of L^{-1} (rows of the stored L^{-T}).
                 for b in range(n_obs):
+                    d_b = d[k, b]
                     for a in range(b, n_obs):
                         coefficient = LinvT[k, b, a]
+                        y_a = y[a]
                         for r in range(n_rows):
-                            y[a, r] += coefficient * d[k, b, r]
+                            y_a[r] += coefficient * d_b[r]
                 for r in range(n_rows):
                     maha[r] = 0.0
                 for a in range(n_obs):
+                    y_a = y[a]
                     for r in range(n_rows):
-                        maha[r] += y[a, r] * y[a, r]
+                        maha[r] += y_a[r] * y_a[r]
                 constant = log_weights[k] - 0.5 * (n_obs * _LOG_2PI + log_det[k])
                 for r in range(n_rows):
                     log_dens[k, r] = constant - 0.5 * maha[r]
                     if log_dens[k, r] > lse[r]:
                         lse[r] = log_dens[k, r]
+            # log-sum-exp over the components, with the vectorisable exp.
             for r in range(n_rows):
-                top = lse[r]
-                if top > -np.inf:
-                    total = 0.0
-                    for k in range(n_components):
-                        if log_dens[k, r] > -np.inf:
-                            total += math.exp(log_dens[k, r] - top)
-                    lse[r] = top + math.log(total)
+                top[r] = lse[r]
+                totals[r] = 0.0
+            for k in range(n_components):
+                exp_nonpositive(log_dens[k], top, expo, bits, n_rows)
+                for r in range(n_rows):
+                    totals[r] += expo[r]
+            for r in range(n_rows):
+                if top[r] > -np.inf:
+                    lse[r] = top[r] + math.log(totals[r])
             if mode == MODE_LOG_RESP:
                 for r in range(n_rows):
                     log_norm[i + r] = lse[r]
@@ -191,26 +204,29 @@ def missing_pass(first_chunk, last_chunk, n_chunks, mode, X, weights, pattern, o
                 for k in range(n_components):
                     if not usable[k]:
                         continue
+                    exp_nonpositive(log_dens[k], lse, resp, bits, n_rows)
                     mass = 0.0
                     for r in range(n_rows):
-                        w = weights[i + r] if weighted else 1.0
-                        value = log_dens[k, r] - lse[r]
-                        resp[r] = w * math.exp(value) if value > -np.inf else 0.0
+                        if weighted:
+                            resp[r] *= weights[i + r]
                         mass += resp[r]
                     if mass == 0.0:
                         continue
                     run_nk[k] += mass
-                    for a in range(n_obs):
-                        total = 0.0
-                        for r in range(n_rows):
-                            weighted_d[r] = resp[r] * d[k, a, r]
-                            total += weighted_d[r]
-                        run_sx[k, a] += total
-                        for b in range(a + 1):
-                            total = 0.0
-                            for r in range(n_rows):
-                                total += weighted_d[r] * d[k, b, r]
-                            run_sxx[k, a, b] += total
+                    # Row by row, in order (exact arithmetic, no reassociation):
+                    # each update is elementwise over a contiguous row of d.
+                    for r in range(n_rows):
+                        weight = resp[r]
+                        if weight == 0.0:
+                            continue
+                        for a in range(n_obs):
+                            row_d[a] = d[k, a, r]
+                        for a in range(n_obs):
+                            ra = weight * row_d[a]
+                            run_sx[k, a] += ra
+                            target = run_sxx[k, a]
+                            for b in range(a + 1):
+                                target[b] += ra * row_d[b]
             i = stop
         if current >= 0 and mode == MODE_STATISTICS:
             _flush_run(chunk, observed[current], n_obs, run_nk, run_sx, run_sxx, B, C, nk,
