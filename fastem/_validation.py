@@ -46,9 +46,10 @@ def check_weights(weights, n_components):
                           input_name="weights_init")
     _check_shape(weights, (n_components,), "weights")
     if np.any(weights < 0.0) or np.any(weights > 1.0):
+        # scikit-learn's message word for word, its order of min and max included.
         raise ValueError(
             "The parameter 'weights' should be in the range [0, 1], but got max value "
-            f"{weights.max():.5f}, min value {weights.min():.5f}"
+            f"{weights.min():.5f}, min value {weights.max():.5f}"
         )
     if not np.allclose(abs(1.0 - weights.sum()), 0.0, atol=1e-6 if weights.dtype == np.float32
                        else 1e-8):

@@ -35,6 +35,13 @@ from . import _threads
 COLLAPSE_FRACTION = 1e-8
 
 
+# scikit-learn's message for a covariance that is not positive definite with reg_covar=0.
+ILL_DEFINED_COVARIANCE = (
+    "Fitting the mixture model failed because some components have ill-defined empirical "
+    "covariance (for instance caused by singleton or collapsed samples). Try to decrease "
+    "the number of components, increase reg_covar, or scale the input data.")
+
+
 class DegenerateDataWarning(UserWarning):
     """A component collapsed or a covariance needed extra diagonal loading."""
 
@@ -172,7 +179,8 @@ def _python_em(source, m_step, params, monitor, max_iter, lower_bound, lower_bou
 def _m_step_with_repairs(m_step, stats, reseeded):
     """The M-step, and the policy for what it could not do cleanly.
 
-    A covariance that needed diagonal loading warns; one that could not be
+    A covariance that needed diagonal loading warns (with ``reg_covar=0`` it
+    is scikit-learn's ``ValueError`` instead); one that could not be
     made positive definite (non-finite statistics) is an error. A component
     that no row is responsible for any more is re-seeded once per start at
     the worst-explained row, with the weight of one average row; if it
@@ -182,6 +190,9 @@ def _m_step_with_repairs(m_step, stats, reseeded):
     params, jitter = m_step(stats)
     if np.any(jitter < 0):
         raise ValueError(_unrepresentable(stats, np.flatnonzero(jitter < 0)))
+    if np.any(jitter > 0) and getattr(m_step, "reg_covar", None) == 0:
+        # No regularisation asked for: scikit-learn's error, not a repair.
+        raise ValueError(ILL_DEFINED_COVARIANCE)
     if np.any(jitter > 0):
         warnings.warn(
             f"covariance of component(s) {np.flatnonzero(jitter > 0).tolist()} was not "

@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _threads, distributed, em, priors
+from . import _threads, distributed, em, priors, reference
 from . import io as model_files
 from ._validation import check_means, check_precisions, check_sample_weight, check_weights
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
@@ -553,7 +553,9 @@ default='kmeans'
                                        self.covariance_type, random_state)
             if m_step is None:
                 m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
-            weights, means, cov, prec_chol = m_step(stats)[0]
+            (weights, means, cov, prec_chol), jitter = m_step(stats)
+            if self.reg_covar == 0 and np.any(jitter > 0):
+                raise ValueError(em.ILL_DEFINED_COVARIANCE)
         else:
             weights = means = cov = prec_chol = None
         if user_init["weights"] is not None:
@@ -584,13 +586,79 @@ default='kmeans'
         """``(weights_, means_, covariances_, precisions_cholesky_)``, as in scikit-learn."""
         return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
 
-    def _set_parameters(self, params):
+    def _set_parameters(self, params, xp=None):
         """Set ``(weights, means, covariances, precisions_cholesky)`` and derive
-        ``precisions_`` (scikit-learn's signature)."""
+        ``precisions_`` (scikit-learn's signature; ``xp``, its array namespace,
+        is NumPy here)."""
         weights, means, cov, prec_chol = params
         self.weights_, self.means_, self.covariances_ = weights, means, cov
         self.precisions_cholesky_ = prec_chol
         self.precisions_ = precisions_from_cholesky(prec_chol, self.covariance_type)
+
+    # ----------------------------------- scikit-learn's private interface
+    # Code in the wild builds and probes models through these; they keep
+    # scikit-learn's signatures (``xp`` is accepted and NumPy is used).
+    def _initialize(self, X, resp, xp=None):
+        """Parameters from responsibilities ``resp`` (or the user's initial values)."""
+        X = np.asarray(X)
+        weights = means = covariances = None
+        if resp is not None:
+            weights, means, covariances = reference.estimate_parameters(
+                X, resp, self.reg_covar, self.covariance_type)
+            if self.weights_init is None:
+                weights = weights / X.shape[0]
+        dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+        self.weights_ = np.asarray(weights if self.weights_init is None else self.weights_init,
+                                   dtype=dtype)
+        self.means_ = np.asarray(means if self.means_init is None else self.means_init,
+                                 dtype=dtype)
+        if self.precisions_init is None:
+            self.covariances_ = np.asarray(covariances, dtype=dtype)
+            prec_chol = _precision_cholesky_or_error(covariances, self.covariance_type)
+        else:
+            prec_chol = precision_cholesky_from_precisions(self.precisions_init,
+                                                           self.covariance_type)
+        self.precisions_cholesky_ = np.asarray(prec_chol, dtype=dtype)
+
+    def _estimate_log_weights(self, xp=None):
+        return np.log(self.weights_)
+
+    def _estimate_log_prob(self, X, xp=None):
+        """:math:`\log\mathcal N(x_n\mid\mu_k,\Sigma_k)`, (n_samples, n_components)."""
+        return self._estimate_weighted_log_prob(X) - self._estimate_log_weights()
+
+    def _estimate_weighted_log_prob(self, X, xp=None):
+        """:math:`\log\pi_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)`."""
+        log_prob_norm, log_resp = self._estimate_log_prob_resp(X)
+        return log_resp + log_prob_norm[:, np.newaxis]
+
+    def _estimate_log_prob_resp(self, X, xp=None):
+        """``(log p(x_n), log r_nk)``, as scikit-learn's ``BaseMixture`` returns them."""
+        X = np.ascontiguousarray(X)
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
+            log_resp, log_norm = log_responsibilities(
+                X if X.dtype in (np.float32, np.float64) else X.astype(np.float64),
+                self._current_parameters(), self.covariance_type)
+        return log_norm, log_resp
+
+    def _e_step(self, X, xp=None):
+        """``(mean log p(x), log r)``: scikit-learn's E-step."""
+        log_prob_norm, log_resp = self._estimate_log_prob_resp(X)
+        return float(np.mean(log_prob_norm)), log_resp
+
+    def _m_step(self, X, log_resp, xp=None):
+        """scikit-learn's M-step from log-responsibilities."""
+        X = np.asarray(X)
+        weights, means, covariances = reference.estimate_parameters(
+            X, np.exp(log_resp), self.reg_covar, self.covariance_type)
+        self.weights_ = (weights / weights.sum()).astype(X.dtype, copy=False)
+        self.means_ = means.astype(X.dtype, copy=False)
+        self.covariances_ = np.asarray(covariances).astype(X.dtype, copy=False)
+        self.precisions_cholesky_ = np.asarray(_precision_cholesky_or_error(
+            covariances, self.covariance_type)).astype(X.dtype, copy=False)
+
+    def _compute_lower_bound(self, _, log_prob_norm):
+        return log_prob_norm
 
     # ------------------------------------------------------------ predict
     def _log_resp(self, X, probabilities=False):
@@ -740,6 +808,15 @@ default='kmeans'
         tags.input_tags.allow_nan = self.missing == "em"
         return tags
 
+
+
+def _precision_cholesky_or_error(covariances, covariance_type):
+    """Precision factors of covariances estimated from responsibilities, or
+    scikit-learn's ``ValueError`` when one is not positive definite."""
+    try:
+        return reference.precision_cholesky(covariances, covariance_type)
+    except np.linalg.LinAlgError:
+        raise ValueError(em.ILL_DEFINED_COVARIANCE) from None
 
 
 def rescaled_result(result: em.EMResult, rescaled: DataScale, covariance_type: str,

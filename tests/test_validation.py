@@ -109,10 +109,18 @@ def test_constant_column_gives_finite_model(covariance_type):
     _assert_finite_model(gm)
 
 
-def test_zero_regularisation_on_singular_data_adds_jitter_with_warning():
+def test_zero_regularisation_on_singular_data_is_sklearns_error_and_positive_is_repaired():
     X = np.repeat(np.array([[0.0, 1.0], [5.0, 5.0]]), 50, axis=0)
+    # As scikit-learn: reg_covar=0 asks for no regularisation, so no repair.
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        GaussianMixture(2, reg_covar=0.0, random_state=0, max_iter=5).fit(X)
+    # Collinear columns: 1e-300 on the diagonal is lost to rounding, and the
+    # repair (with its warning) makes the covariances positive definite.
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(200, 1))
+    collinear = np.hstack([t, 3.0 * t + 1.0, t / 7.0])
     with pytest.warns(DegenerateDataWarning, match="positive definite"):
-        gm = GaussianMixture(2, reg_covar=0.0, random_state=0, max_iter=5).fit(X)
+        gm = GaussianMixture(2, reg_covar=1e-300, random_state=0, max_iter=5).fit(collinear)
     _assert_finite_model(gm)
 
 
