@@ -6,11 +6,12 @@
 from .compilation import compile_kernels as compile
 from .mixture import DegenerateDataWarning, GaussianMixture
 from .priors import GaussianPrior
+from .selection import select_model
 
 __version__ = "0.1.0"
 
 __all__ = ["DegenerateDataWarning", "GaussianMixture", "GaussianPrior", "__version__", "compile",
-           "load"]
+           "load", "select_model"]
 
 
 def load(path):

@@ -184,6 +184,12 @@ def _hierarchical_start(X, hierarchy, n_components):
     return labels, hierarchy.centres(X, labels, n_components)
 
 
+def _stream(base_seed: int, n_components: int, kind: int) -> np.random.RandomState:
+    """The random stream of one K's starts (``kind`` 0) or extra starts (1)."""
+    sequence = np.random.SeedSequence(base_seed, spawn_key=(n_components, kind))
+    return np.random.RandomState(sequence.generate_state(4))
+
+
 def _shared_starts(X, sample_weight, n_components, init_params, n_init, random_state,
                    hierarchy):
     """Hard assignments shared by every covariance type of one K.
@@ -453,15 +459,20 @@ def select_model(
     if init_params == "hierarchical" and X.shape[0] >= 2:
         hierarchy = Hierarchy(X, sample_weight, rng)
 
+    # Every K draws its starts from a stream of its own, and its extra starts
+    # from another: the starts of n_init = m + 1 begin with those of n_init = m,
+    # so more starts never choose a worse model.
+    base_seed = int(rng.randint(np.iinfo(np.int32).max))
     rows, models = [], {}
     n_cells = len(ks) * len(covariance_types)
     for k in ks:
         starts = None
         if k <= min(n_rows, X.shape[0]):
-            starts = _shared_starts(X, sample_weight, k, init_params, int(n_init), rng,
-                                    hierarchy)
-            extra = [functools.partial(_kmeans_start, X, sample_weight, k, "kmeans", rng)
-                     for _ in range(EXTRA_STARTS)]
+            starts = _shared_starts(X, sample_weight, k, init_params, int(n_init),
+                                    _stream(base_seed, k, 0), hierarchy)
+            extra_stream = _stream(base_seed, k, 1)
+            extra = [functools.partial(_kmeans_start, X, sample_weight, k, "kmeans",
+                                       extra_stream) for _ in range(EXTRA_STARTS)]
         for covariance_type in covariance_types:
             _threads.check_interrupt()
             t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from fastem.covariance import n_free_parameters
 from fastem.selection import TABLE_DTYPE, GaussianMixtureSelector, select_model
 from fastem.sources import InMemorySource
 from fastem.stats import MaximumLikelihood
+from fastem.tables import load_demo_data
 
 CRITERION_FIELDS = ("log_likelihood", "bic", "aic", "icl")
 
@@ -402,3 +403,28 @@ def test_starts_run_together_in_a_forked_child():
     with multiprocessing.get_context("fork").Pool(1) as pool:
         child = pool.apply_async(_fit_two_starts).get(timeout=120)
     assert child == parent
+
+
+def _nested_runs(X, n_inits, **params):
+    results = [select_model(X, n_init=n, random_state=0, **params) for n in n_inits]
+    return results
+
+
+@pytest.mark.parametrize("data", ["faithful", "crabs"])
+def test_more_starts_never_choose_a_worse_model_on_real_data(data):
+    if data == "faithful":
+        X = load_demo_data()[0]
+        params = dict(n_components=range(1, 6))
+    else:
+        X = shared_csv("crabs.csv", ["FL", "RW", "CL", "CW", "BD"])
+        params = dict(n_components=range(1, 5), init_params="kmeans")
+    results = _nested_runs(X, [1, 2, 4, 6], **params)
+    chosen = [result.table[result.criterion].min() for result in results]
+    # The starts of n_init = m + 1 begin with those of n_init = m: every cell's
+    # log-likelihood, and so the chosen criterion, can only improve.
+    for fewer, more in zip(results, results[1:]):
+        ok = (fewer.table["status"] == "ok") & (more.table["status"] == "ok")
+        assert np.all(more.table["log_likelihood"][ok]
+                      >= fewer.table["log_likelihood"][ok] - 1e-6 * np.abs(
+                          fewer.table["log_likelihood"][ok]))
+    assert all(b <= a + 1e-6 * abs(a) for a, b in zip(chosen, chosen[1:]))
