@@ -178,7 +178,7 @@ class RowBlocks:
         return squares / weight
 
     def moments(self, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """Weighted mean and covariance (denominator :math:`\sum w - 1`, R's
+        """Weighted mean and covariance (denominator :math:`\\sum w - 1`, R's
         ``var`` for unit weights) of ``scale`` times the rows (two passes)."""
         mean, scatter, weight = self._scatter(scale, full=True)
         return mean, scatter / max(weight - 1.0, 1e-300)

@@ -96,7 +96,7 @@ def mean_filled(X) -> np.ndarray:
 
 
 def observed_moments(X, sample_weight=None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of data with NaN (for a prior's defaults): the
+    r"""Mean and covariance of data with NaN (for a prior's defaults): the
     observed mean of every column; off the diagonal the covariance of the
     mean-filled rows, on it every column's observed variance (denominator
     :math:`\sum w - 1`). Raising the diagonal keeps the matrix positive

@@ -624,11 +624,11 @@ default='kmeans'
         return np.log(self.weights_)
 
     def _estimate_log_prob(self, X, xp=None):
-        """:math:`\log\mathcal N(x_n\mid\mu_k,\Sigma_k)`, (n_samples, n_components)."""
+        r""":math:`\log\mathcal N(x_n\mid\mu_k,\Sigma_k)`, (n_samples, n_components)."""
         return self._estimate_weighted_log_prob(X) - self._estimate_log_weights()
 
     def _estimate_weighted_log_prob(self, X, xp=None):
-        """:math:`\log\pi_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)`."""
+        r""":math:`\log\pi_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)`."""
         log_prob_norm, log_resp = self._estimate_log_prob_resp(X)
         return log_resp + log_prob_norm[:, np.newaxis]
 
@@ -790,7 +790,7 @@ default='kmeans'
         return -2 * self._total_log_likelihood(X)[0] + 2 * self._n_parameters()
 
     def _total_log_likelihood(self, X):
-        """:math:`\log L` of ``X`` and the number of rows that carry information."""
+        r""":math:`\log L` of ``X`` and the number of rows that carry information."""
         if self.missing != "em":  # scikit-learn's arithmetic
             return self.score(X) * np.shape(X)[0], np.shape(X)[0]
         values = np.asarray(X, dtype=np.float64)

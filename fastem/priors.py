@@ -226,7 +226,7 @@ def m_step_for(covariance_type: str, reg_covar: float, prior, n_components: int,
 def _log_jacobian(prior: ResolvedPrior, covariance_type: str, n_components: int,
                   n_features: int, scale: float) -> float:
     """:math:`\\log|\\partial\\theta'/\\partial\\theta|` of the rescaling
-    :math:`\mu' = s\mu`, :math:`\Sigma' = s^2\Sigma` over the parameters the
+    :math:`\\mu' = s\\mu`, :math:`\\Sigma' = s^2\\Sigma` over the parameters the
     prior is a density of: what turns the prior density of the rescaled
     parameters into that of the data's."""
     if scale == 1.0:

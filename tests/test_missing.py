@@ -96,7 +96,8 @@ def test_the_observed_data_log_likelihood_never_decreases(covariance_type, seed,
     assume(not any(issubclass(w.category, DegenerateDataWarning) for w in caught))
     bounds = np.array(model.lower_bounds_)
     assert np.all(np.isfinite(bounds))
-    assert np.all(np.diff(bounds) >= -1e-12 * np.abs(bounds[1:]))
+    # At the fixed point the objective only moves by the rounding of its sum.
+    assert np.all(np.diff(bounds) >= -1e-10 * np.abs(bounds[1:]))
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)

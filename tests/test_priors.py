@@ -132,7 +132,8 @@ def test_the_log_posterior_never_decreases(covariance_type, seed, n_components, 
     assume(not any(issubclass(w.category, DegenerateDataWarning) for w in caught))
     bounds = np.array(model.lower_bounds_)
     assert np.all(np.isfinite(bounds))
-    assert np.all(np.diff(bounds) >= -1e-12 * np.abs(bounds[1:]))
+    # At the fixed point the objective only moves by the rounding of its sum.
+    assert np.all(np.diff(bounds) >= -1e-10 * np.abs(bounds[1:]))
 
 
 # Not 'tied': one covariance pooled over every component does not collapse on ties.

@@ -55,7 +55,7 @@ RUN_ROWS = 64
 def missing_pass(first_chunk, last_chunk, n_chunks, mode, X, weights, pattern, observed,
                  n_observed, means, cov, log_weights, nk, sx, sxx, loglik, worst,
                  worst_index, out, log_norm):
-    """One pass over chunks ``[first_chunk, last_chunk)`` of pattern-sorted rows.
+    r"""One pass over chunks ``[first_chunk, last_chunk)`` of pattern-sorted rows.
 
     ``pattern[i]`` is row i's pattern; ``observed[p, :n_observed[p]]`` are the
     pattern's observed coordinates and the rest of the row its missing ones.
@@ -294,8 +294,8 @@ def _add_lower(sxx, chunk, k, row, column, value):
 
 @helper
 def _factor_pattern(cov, means, obs, n_obs, A, L, LinvT, B, C, mu, log_det, usable):
-    """Per component, for one pattern: the means in the pattern's order,
-    :math:`L^{-1}` (:math:`LL^T = \Sigma_{oo}`), :math:`\log|\Sigma_{oo}|`,
+    r"""Per component, for one pattern: the means in the pattern's order,
+    :math:`L^{-T}` (:math:`LL^T = \Sigma_{oo}`), :math:`\log|\Sigma_{oo}|`,
     :math:`B = \Sigma_{mo}\Sigma_{oo}^{-1}` and :math:`C = \Sigma_{mm} - B\Sigma_{om}`."""
     n_components, n_features, _ = cov.shape
     n_mis = n_features - n_obs
