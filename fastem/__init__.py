@@ -1,8 +1,10 @@
 """fastem: fast EM for latent-variable models.
 
-``from fastem import GaussianMixture`` is a drop-in for scikit-learn's class.
+``from fastem import GaussianMixture, BayesianGaussianMixture`` are drop-ins
+for scikit-learn's classes.
 """
 
+from .bayesian_mixture import BayesianGaussianMixture
 from .compilation import compile_kernels as compile
 from .mixture import DegenerateDataWarning, GaussianMixture
 from .priors import GaussianPrior
@@ -10,12 +12,12 @@ from .selection import select_model
 
 __version__ = "0.1.0"
 
-__all__ = ["DegenerateDataWarning", "GaussianMixture", "GaussianPrior", "__version__", "compile",
-           "load", "select_model"]
+__all__ = ["BayesianGaussianMixture", "DegenerateDataWarning", "GaussianMixture",
+           "GaussianPrior", "__version__", "compile", "load", "select_model"]
 
 
 def load(path):
-    """Load a model saved with ``GaussianMixture.save`` (no pickle involved)."""
+    """Load a model saved with ``save`` (no pickle involved)."""
     from .io import load_model
 
     return load_model(path)

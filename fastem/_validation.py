@@ -83,10 +83,15 @@ def check_precisions(precisions, covariance_type, n_components, n_features):
         if np.any(precisions <= 0.0):
             raise ValueError(f"'{covariance_type} precision' should be positive")
         return precisions
-    stack = precisions[None] if covariance_type == "tied" else precisions
+    check_positive_definite(precisions[None] if covariance_type == "tied" else precisions,
+                            covariance_type)
+    return precisions
+
+
+def check_positive_definite(stack, covariance_type):
+    """Each matrix of ``stack`` symmetric positive definite (scikit-learn's message)."""
     for matrix in stack:
         if not (np.allclose(matrix, matrix.T) and np.all(np.linalg.eigvalsh(matrix) > 0.0)):
             raise ValueError(
                 f"'{covariance_type} precision' should be symmetric, positive-definite"
             )
-    return precisions

@@ -15,8 +15,11 @@ compiled code that stops before any M-step needing repair (see
 :class:`fastem.sources.InMemorySource`). An M-step provides ``__call__(stats)
 -> (params, jitter)``, ``objective(stats, params)`` (of the statistics taken
 under ``params``) and ``reseed(params, components, point, weight)`` (see
-:class:`fastem.stats.MaximumLikelihood` and :class:`fastem.priors.MaximumPosterior`). Everything
-else here knows nothing of Gaussians.
+:class:`fastem.stats.MaximumLikelihood` and :class:`fastem.priors.MaximumPosterior`).
+A variational M-step (:class:`fastem.variational.VariationalUpdate`) says
+``objective_after_update`` (its bound is ``objective(stats, params, updated)``)
+and ``keeps_empty_components`` (no re-seeding). Everything else here knows
+nothing of Gaussians.
 """
 
 from __future__ import annotations
@@ -167,8 +170,15 @@ def _python_em(source, m_step, params, monitor, max_iter, lower_bound, lower_bou
         n_iter += 1
         previous = lower_bound
         stats = source.statistics(params)
-        lower_bound = m_step.objective(stats, params)
-        params, reseeded = _m_step_with_repairs(m_step, stats, reseeded)
+        if getattr(m_step, "objective_after_update", False):
+            # A variational bound takes the responsibilities of this E-step
+            # and the parameters the update makes of them.
+            updated, reseeded = _m_step_with_repairs(m_step, stats, reseeded)
+            lower_bound = m_step.objective(stats, params, updated)
+            params = updated
+        else:
+            lower_bound = m_step.objective(stats, params)
+            params, reseeded = _m_step_with_repairs(m_step, stats, reseeded)
         lower_bounds.append(lower_bound)
         if monitor.converged(n_iter, lower_bound - previous, lower_bound):
             converged = True
@@ -202,6 +212,9 @@ def _m_step_with_repairs(m_step, stats, reseeded):
         )
     if reseeded is None:
         reseeded = np.zeros(stats.nk.shape[0], dtype=bool)
+    if getattr(m_step, "keeps_empty_components", False):
+        # An emptied component is the prior's answer (variational EM prunes so).
+        return params, reseeded
     collapsed = stats.nk < COLLAPSE_FRACTION * stats.weight / max(stats.count, 1.0)
     if np.any(collapsed):
         reseed = collapsed & ~reseeded

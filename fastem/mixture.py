@@ -51,7 +51,224 @@ __all__ = ["DegenerateDataWarning", "GaussianMixture", "fitted_mixture"]
 _FIRST_BATCH_ITERATIONS = 100
 
 
-class GaussianMixture(DensityMixin, BaseEstimator):
+class EMMixture(DensityMixin, BaseEstimator):
+    """What every mixture fitted by fastem's EM driver shares: the fit from a
+    statistics source, predictions, sampling and model files.
+
+    A subclass provides ``_fitting_m_step(moments, rescaled)`` (the M-step of
+    the fit), ``_check_initial_parameters``, ``_initial_parameters``,
+    ``_current_parameters`` and ``_adopt_parameters``; the E-step is the
+    statistics kernel under the parameters it gives (see :mod:`fastem.em`).
+    """
+
+    # Features of GaussianMixture that other mixtures do not have.
+    missing = "error"
+    prior = None
+
+    def _finite_rule(self):
+        """What scikit-learn's validation accepts: NaN too with ``missing='em'``."""
+        return "allow-nan" if self.missing == "em" else True
+
+    def _check_n_samples(self, n_samples):
+        if n_samples < 2:
+            raise ValueError(f"Found array with {n_samples} sample(s) while a minimum of 2 "
+                             f"is required by {type(self).__name__}.")
+        if n_samples < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got n_components = "
+                f"{self.n_components}, n_samples = {n_samples}"
+            )
+
+    def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None,
+                    start_with=None, moments=None, n_observed=None):
+        """EM on ``source`` (data rescaled by ``rescaled``): ``n_init`` starts
+        from ``init_data()`` (the rows and weights the initialisation runs on),
+        or from ``start_with(random_state, user_init)`` when given, or the last
+        fit with ``warm_start``. ``moments()`` gives the data's mean and
+        covariance (as fitted) for a prior; ``n_observed`` is the average
+        number of observed coordinates of a row (missing values), which the
+        objective's rescaling shift counts."""
+        shape_of = np.empty((0, n_features))
+        user_init = self._check_initial_parameters(shape_of)
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        if not do_init:
+            self._check_warm_start(shape_of)
+        m_step = self._fitting_m_step(moments, rescaled)
+        shift = rescaled.log_density_shift(n_features if n_observed is None else n_observed)
+        if random_state is None:
+            random_state = check_random_state(self.random_state)
+        initial = []
+
+        def start(index):
+            if not do_init:
+                return rescaled.parameters_in(self._current_parameters())
+            if start_with is not None:
+                return start_with(random_state, user_init)
+            if not initial:
+                initial.append(init_data())
+            X_init, weights = initial[0]
+            return self._initial_parameters(X_init, weights, random_state, user_init, rescaled,
+                                            m_step)
+
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
+            best, results = em.fit_em(
+                source, m_step, start, self.n_init if do_init else 1, self._monitor(),
+                self.max_iter, -np.inf if do_init else self.lower_bound_ - shift)
+        self.init_lower_bounds_ = [[bound + shift for bound in r.lower_bounds]
+                                   for r in results]
+        self._adopt(rescaled_result(best, rescaled, self.covariance_type, shift), dtype)
+        return self
+
+    def _initialize_parameters(self, X, random_state, xp=None):
+        """Initial parameters from ``init_params`` on ``X`` (scikit-learn's name)."""
+        X = np.ascontiguousarray(X)
+        if X.dtype not in (np.float32, np.float64):
+            X = X.astype(np.float64)
+        m_step = self._fitting_m_step(lambda: data_moments(X, None), DataScale())
+        params = self._initial_parameters(X, None, check_random_state(random_state),
+                                          self._check_initial_parameters(X), DataScale(),
+                                          m_step)
+        self._adopt_parameters(params, X.dtype)
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then return the most probable component of every row of ``X``."""
+        return self.fit(X, y, sample_weight).predict(X)
+
+    def _check_warm_start(self, X):
+        """The last fit can start this one only if it has this fit's shapes."""
+        fitted = (self.means_.shape, np.shape(self.precisions_cholesky_))
+        wanted = ((self.n_components, X.shape[1]),
+                  covariance_shape(self.covariance_type, self.n_components, X.shape[1]))
+        # Shapes alone do not tell 'diag' from 'tied' when K equals D.
+        fitted_type = getattr(self, "_fitted_covariance_type", self.covariance_type)
+        if fitted != wanted or fitted_type != self.covariance_type:
+            raise ValueError(
+                f"warm_start=True starts from the last fit ({fitted_type!r}), whose means "
+                f"have shape {fitted[0]} and precisions {fitted[1]}, but n_components="
+                f"{self.n_components}, covariance_type={self.covariance_type!r} and "
+                f"{X.shape[1]} features need {wanted[0]} and {wanted[1]}. Set "
+                "warm_start=False to fit from a fresh start.")
+
+    def _monitor(self) -> em.ConvergenceMonitor:
+        return em.ConvergenceMonitor(self.tol, self.verbose, self.verbose_interval)
+
+    def _adopt(self, result: em.EMResult, dtype):
+        """Set the fitted attributes from the kept start's outcome."""
+        if not result.converged and self.max_iter > 0:
+            warnings.warn(
+                "Best performing initialization did not converge. Try different init "
+                "parameters, or increase max_iter, tol, or check for degenerate data.",
+                ConvergenceWarning,
+            )
+        self._adopt_parameters(result.params, dtype)
+        self._fitted_covariance_type = self.covariance_type
+        self.converged_ = result.converged
+        self.n_iter_ = result.n_iter
+        self.lower_bound_ = result.lower_bound
+        self.lower_bounds_ = result.lower_bounds
+
+    def _estimate_weighted_log_prob(self, X, xp=None):
+        r""":math:`\log\pi_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)`."""
+        log_prob_norm, log_resp = self._estimate_log_prob_resp(X)
+        return log_resp + log_prob_norm[:, np.newaxis]
+
+    def _estimate_log_prob_resp(self, X, xp=None):
+        """``(log p(x_n), log r_nk)``, as scikit-learn's ``BaseMixture`` returns them."""
+        X = np.ascontiguousarray(X)
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
+            log_resp, log_norm = log_responsibilities(
+                X if X.dtype in (np.float32, np.float64) else X.astype(np.float64),
+                self._current_parameters(), self.covariance_type)
+        return log_norm, log_resp
+
+    def _e_step(self, X, xp=None):
+        """``(mean log p(x), log r)``: scikit-learn's E-step."""
+        log_prob_norm, log_resp = self._estimate_log_prob_resp(X)
+        return float(np.mean(log_prob_norm)), log_resp
+
+    # ------------------------------------------------------------ predict
+    def _log_resp(self, X, probabilities=False):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
+                          ensure_all_finite=self._finite_rule())
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
+            if self.missing == "em" and np.isnan(X).any():
+                # Marginal densities of the observed entries (fastem.missing).
+                log_resp, log_norm = missing_log_responsibilities(
+                    X, self._current_parameters(), self.covariance_type)
+                if probabilities:
+                    log_resp = np.exp(log_resp)
+            else:
+                log_resp, log_norm = log_responsibilities(X, self._current_parameters(),
+                                                          self.covariance_type,
+                                                          probabilities=probabilities)
+        return log_resp, log_norm, X.dtype
+
+    def score_samples(self, X):
+        r"""Log-likelihood of each row, :math:`\log\sum_k\pi_k\mathcal N(x\mid\mu_k,\Sigma_k)`.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        if distributed.is_dask_array(X):
+            return distributed.score_samples(self, X)
+        _, log_norm, dtype = self._log_resp(X)
+        # A row far from every component can have a log-density beyond the
+        # float32 range: it is -inf in float32, as computed there.
+        with np.errstate(over="ignore"):
+            return log_norm.astype(dtype, copy=False)
+
+    def score(self, X, y=None):
+        """Average log-likelihood of the rows of ``X``."""
+        return float(np.mean(self.score_samples(X)))
+
+    def predict_proba(self, X):
+        r"""Responsibilities :math:`r_{nk} = \pi_k\mathcal N(x_n\mid k)/p(x_n)`.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_components)
+        """
+        if distributed.is_dask_array(X):
+            return distributed.predict_proba(self, X)
+        resp, _, dtype = self._log_resp(X, probabilities=True)
+        return resp.astype(dtype, copy=False)
+
+    def predict(self, X):
+        """Most probable component of each row."""
+        if distributed.is_dask_array(X):
+            return distributed.predict(self, X)
+        log_resp, _, _ = self._log_resp(X)
+        return log_resp.argmax(axis=1)
+
+    def sample(self, n_samples=1):
+        """Draw ``n_samples`` rows from the fitted mixture.
+
+        Returns
+        -------
+        X : ndarray (n_samples, n_features)
+        y : ndarray (n_samples,) component labels
+        """
+        check_is_fitted(self)
+        if n_samples < 1:
+            raise ValueError(
+                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
+                "least one sample."
+            )
+        rng = check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, np.asarray(self.weights_, dtype=np.float64))
+        X = sample_components(rng, self.means_, self.covariances_, self.covariance_type, counts)
+        labels = np.concatenate([np.full(c, k, dtype=np.int64) for k, c in enumerate(counts)])
+        return X, labels
+
+    # ------------------------------------------------------------- misc
+    def save(self, path):
+        """Save the fitted model to ``path`` (.npz with JSON metadata, no pickle)."""
+        model_files.save_model(self, path)
+
+
+class GaussianMixture(EMMixture):
     r"""Gaussian mixture model fitted by EM, a drop-in for scikit-learn's.
 
     Same parameters, attributes, methods and results as
@@ -335,10 +552,6 @@ default='kmeans'
             return MissingValueSource(X, sample_weight, self.covariance_type)
         return InMemorySource(X, sample_weight, self.covariance_type)
 
-    def _finite_rule(self):
-        """What scikit-learn's validation accepts: NaN too with ``missing='em'``."""
-        return "allow-nan" if self.missing == "em" else True
-
     def _fit_missing(self, X, sample_weight):
         """EM on the observed entries of ``X`` (:class:`fastem.missing.MissingValueSource`)."""
         if self.batch_size is not None and self.batch_size < X.shape[0]:
@@ -368,57 +581,6 @@ default='kmeans'
         if self.prior is not None:
             raise ValueError(f"prior={self.prior!r} is not supported with {what} yet; "
                              "fit the whole data with fit (in memory or streamed)")
-
-    def _check_n_samples(self, n_samples):
-        if n_samples < 2:
-            raise ValueError(f"Found array with {n_samples} sample(s) while a minimum of 2 "
-                             "is required by GaussianMixture.")
-        if n_samples < self.n_components:
-            raise ValueError(
-                "Expected n_samples >= n_components but got n_components = "
-                f"{self.n_components}, n_samples = {n_samples}"
-            )
-
-    def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None,
-                    start_with=None, moments=None, n_observed=None):
-        """EM on ``source`` (data rescaled by ``rescaled``): ``n_init`` starts
-        from ``init_data()`` (the rows and weights the initialisation runs on),
-        or from ``start_with(random_state, user_init)`` when given, or the last
-        fit with ``warm_start``. ``moments()`` gives the data's mean and
-        covariance (as fitted) for a prior; ``n_observed`` is the average
-        number of observed coordinates of a row (missing values), which the
-        objective's rescaling shift counts."""
-        shape_of = np.empty((0, n_features))
-        user_init = self._check_initial_parameters(shape_of)
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        if not do_init:
-            self._check_warm_start(shape_of)
-        m_step, self.prior_ = m_step_for(self.covariance_type, self.reg_covar, self.prior,
-                                         self.n_components, moments, rescaled)
-        shift = rescaled.log_density_shift(n_features if n_observed is None else n_observed)
-        if random_state is None:
-            random_state = check_random_state(self.random_state)
-        initial = []
-
-        def start(index):
-            if not do_init:
-                return rescaled.parameters_in(self._current_parameters())
-            if start_with is not None:
-                return start_with(random_state, user_init)
-            if not initial:
-                initial.append(init_data())
-            X_init, weights = initial[0]
-            return self._initial_parameters(X_init, weights, random_state, user_init, rescaled,
-                                            m_step)
-
-        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
-            best, results = em.fit_em(
-                source, m_step, start, self.n_init if do_init else 1, self._monitor(),
-                self.max_iter, -np.inf if do_init else self.lower_bound_ - shift)
-        self.init_lower_bounds_ = [[bound + shift for bound in r.lower_bounds]
-                                   for r in results]
-        self._adopt(rescaled_result(best, rescaled, self.covariance_type, shift), dtype)
-        return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
         r"""Update the model with one batch of rows by stepwise (online) EM.
@@ -494,27 +656,14 @@ default='kmeans'
         self.lower_bounds_ = [*self.lower_bounds_, objective]
         return self
 
-    def fit_predict(self, X, y=None, sample_weight=None):
-        """Fit, then return the most probable component of every row of ``X``."""
-        return self.fit(X, y, sample_weight).predict(X)
+    def _fitting_m_step(self, moments, rescaled):
+        """Maximum likelihood, or MAP EM under ``prior`` (and ``prior_`` set)."""
+        m_step, self.prior_ = m_step_for(self.covariance_type, self.reg_covar, self.prior,
+                                         self.n_components, moments, rescaled)
+        return m_step
 
-    def _check_warm_start(self, X):
-        """The last fit can start this one only if it has this fit's shapes."""
-        fitted = (self.means_.shape, np.shape(self.precisions_cholesky_))
-        wanted = ((self.n_components, X.shape[1]),
-                  covariance_shape(self.covariance_type, self.n_components, X.shape[1]))
-        # Shapes alone do not tell 'diag' from 'tied' when K equals D.
-        fitted_type = getattr(self, "_fitted_covariance_type", self.covariance_type)
-        if fitted != wanted or fitted_type != self.covariance_type:
-            raise ValueError(
-                f"warm_start=True starts from the last fit ({fitted_type!r}), whose means "
-                f"have shape {fitted[0]} and precisions {fitted[1]}, but n_components="
-                f"{self.n_components}, covariance_type={self.covariance_type!r} and "
-                f"{X.shape[1]} features need {wanted[0]} and {wanted[1]}. Set "
-                "warm_start=False to fit from a fresh start.")
-
-    def _monitor(self) -> em.ConvergenceMonitor:
-        return em.ConvergenceMonitor(self.tol, self.verbose, self.verbose_interval)
+    def _adopt_parameters(self, params, dtype):
+        self._set_parameters(tuple(np.asarray(p, dtype=dtype) for p in params))
 
     def _check_initial_parameters(self, X):
         n_features = X.shape[1]
@@ -526,21 +675,6 @@ default='kmeans'
             precisions=None if self.precisions_init is None else check_precisions(
                 self.precisions_init, self.covariance_type, K, n_features),
         )
-
-    def _adopt(self, result: em.EMResult, dtype):
-        """Set the fitted attributes from the kept start's outcome."""
-        if not result.converged and self.max_iter > 0:
-            warnings.warn(
-                "Best performing initialization did not converge. Try different init "
-                "parameters, or increase max_iter, tol, or check for degenerate data.",
-                ConvergenceWarning,
-            )
-        self._set_parameters(tuple(np.asarray(p, dtype=dtype) for p in result.params))
-        self._fitted_covariance_type = self.covariance_type
-        self.converged_ = result.converged
-        self.n_iter_ = result.n_iter
-        self.lower_bound_ = result.lower_bound
-        self.lower_bounds_ = result.lower_bounds
 
     def _initial_parameters(self, X, sample_weight, random_state, user_init,
                             rescaled=DataScale(), m_step=None):
@@ -627,25 +761,6 @@ default='kmeans'
         r""":math:`\log\mathcal N(x_n\mid\mu_k,\Sigma_k)`, (n_samples, n_components)."""
         return self._estimate_weighted_log_prob(X) - self._estimate_log_weights()
 
-    def _estimate_weighted_log_prob(self, X, xp=None):
-        r""":math:`\log\pi_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)`."""
-        log_prob_norm, log_resp = self._estimate_log_prob_resp(X)
-        return log_resp + log_prob_norm[:, np.newaxis]
-
-    def _estimate_log_prob_resp(self, X, xp=None):
-        """``(log p(x_n), log r_nk)``, as scikit-learn's ``BaseMixture`` returns them."""
-        X = np.ascontiguousarray(X)
-        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
-            log_resp, log_norm = log_responsibilities(
-                X if X.dtype in (np.float32, np.float64) else X.astype(np.float64),
-                self._current_parameters(), self.covariance_type)
-        return log_norm, log_resp
-
-    def _e_step(self, X, xp=None):
-        """``(mean log p(x), log r)``: scikit-learn's E-step."""
-        log_prob_norm, log_resp = self._estimate_log_prob_resp(X)
-        return float(np.mean(log_prob_norm)), log_resp
-
     def _m_step(self, X, log_resp, xp=None):
         """scikit-learn's M-step from log-responsibilities."""
         X = np.asarray(X)
@@ -659,24 +774,6 @@ default='kmeans'
 
     def _compute_lower_bound(self, _, log_prob_norm):
         return log_prob_norm
-
-    # ------------------------------------------------------------ predict
-    def _log_resp(self, X, probabilities=False):
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
-                          ensure_all_finite=self._finite_rule())
-        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
-            if self.missing == "em" and np.isnan(X).any():
-                # Marginal densities of the observed entries (fastem.missing).
-                log_resp, log_norm = missing_log_responsibilities(
-                    X, self._current_parameters(), self.covariance_type)
-                if probabilities:
-                    log_resp = np.exp(log_resp)
-            else:
-                log_resp, log_norm = log_responsibilities(X, self._current_parameters(),
-                                                          self.covariance_type,
-                                                          probabilities=probabilities)
-        return log_resp, log_norm, X.dtype
 
     def impute(self, X, n_draws=None, random_state=None):
         r"""Fill the NaN entries of ``X`` under the fitted mixture.
@@ -716,64 +813,6 @@ default='kmeans'
                                     n_draws, random_state)
         return filled.astype(X.dtype, copy=False)
 
-    def score_samples(self, X):
-        r"""Log-likelihood of each row, :math:`\log\sum_k\pi_k\mathcal N(x\mid\mu_k,\Sigma_k)`.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,)
-        """
-        if distributed.is_dask_array(X):
-            return distributed.score_samples(self, X)
-        _, log_norm, dtype = self._log_resp(X)
-        # A row far from every component can have a log-density beyond the
-        # float32 range: it is -inf in float32, as computed there.
-        with np.errstate(over="ignore"):
-            return log_norm.astype(dtype, copy=False)
-
-    def score(self, X, y=None):
-        """Average log-likelihood of the rows of ``X``."""
-        return float(np.mean(self.score_samples(X)))
-
-    def predict_proba(self, X):
-        r"""Responsibilities :math:`r_{nk} = \pi_k\mathcal N(x_n\mid k)/p(x_n)`.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_components)
-        """
-        if distributed.is_dask_array(X):
-            return distributed.predict_proba(self, X)
-        resp, _, dtype = self._log_resp(X, probabilities=True)
-        return resp.astype(dtype, copy=False)
-
-    def predict(self, X):
-        """Most probable component of each row."""
-        if distributed.is_dask_array(X):
-            return distributed.predict(self, X)
-        log_resp, _, _ = self._log_resp(X)
-        return log_resp.argmax(axis=1)
-
-    def sample(self, n_samples=1):
-        """Draw ``n_samples`` rows from the fitted mixture.
-
-        Returns
-        -------
-        X : ndarray (n_samples, n_features)
-        y : ndarray (n_samples,) component labels
-        """
-        check_is_fitted(self)
-        if n_samples < 1:
-            raise ValueError(
-                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
-                "least one sample."
-            )
-        rng = check_random_state(self.random_state)
-        counts = rng.multinomial(n_samples, np.asarray(self.weights_, dtype=np.float64))
-        X = sample_components(rng, self.means_, self.covariances_, self.covariance_type, counts)
-        labels = np.concatenate([np.full(c, k, dtype=np.int64) for k, c in enumerate(counts)])
-        return X, labels
-
     # -------------------------------------------------------- criteria
     def _n_parameters(self):
         return n_free_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
@@ -797,17 +836,11 @@ default='kmeans'
         n_rows = int(np.count_nonzero(~np.isnan(values).all(axis=1)))
         return float(np.sum(self.score_samples(X), dtype=np.float64)), n_rows
 
-    # ------------------------------------------------------------- misc
-    def save(self, path):
-        """Save the fitted model to ``path`` (.npz with JSON metadata, no pickle)."""
-        model_files.save_model(self, path)
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         # NaN are missing values with missing='em', an error otherwise.
         tags.input_tags.allow_nan = self.missing == "em"
         return tags
-
 
 
 def _precision_cholesky_or_error(covariances, covariance_type):
@@ -868,7 +901,16 @@ def _check_saved_mixture(model) -> None:
     float64 and stored in that dtype, so each stored value is off by at most
     half a unit, and each check allows for that rounding of its terms.
     """
-    names = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
+    check_saved_gaussians(model)
+    check_lower_bounds(model)
+    _check_initial_arrays(model)
+
+
+def check_saved_gaussians(model, extra_arrays=()) -> None:
+    """The weights and Gaussians of a loaded mixture (and ``extra_arrays``, of the
+    same dtype): see ``_check_saved_mixture``."""
+    names = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_",
+             *extra_arrays)
     dtypes = sorted({str(getattr(model, name).dtype) for name in names})
     if len(dtypes) > 1:
         raise ValueError(f"the fitted arrays mix the dtypes {', '.join(dtypes)}")
@@ -883,8 +925,6 @@ def _check_saved_mixture(model) -> None:
     else:
         _check_diagonal_covariances(covariances[..., 0], factors[..., 0], precisions[..., 0],
                                     unit)
-    _check_lower_bounds(model)
-    _check_initial_arrays(model)
 
 
 # The tolerance of fit for the sum of weights_init (which a model fitted with
@@ -967,7 +1007,7 @@ def _check_diagonal_covariances(variances, factors, precisions, unit: float) -> 
             raise ValueError(message.format(int(np.flatnonzero(~np.all(valid, axis=1))[0])))
 
 
-def _check_lower_bounds(model) -> None:
+def check_lower_bounds(model) -> None:
     # The EM driver records one lower bound per iteration and reports the last.
     bounds, n_iter = model.lower_bounds_, model.n_iter_
     if len(bounds) != n_iter:

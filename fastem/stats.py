@@ -150,12 +150,22 @@ def kernel_operands(params: GaussianParameters, covariance_type: str, dtype=np.f
     and spherical models pass (K, D, 1) precisions :math:`1/\\sigma^2` (one
     kernel signature serves both flavours). Computed by the same compiled
     function as in the compiled EM loop (see ``gaussian_operands``).
+
+    Parameters with ``expected_log_terms(n_features)`` (a variational
+    posterior, :class:`fastem.variational.VariationalParameters`) replace
+    :math:`\\log\\pi_k` by those terms: the variational E-step is this pass
+    with expected operands.
     """
     means = np.ascontiguousarray(params.means, dtype=dtype)
     kind = COVARIANCE_KIND[covariance_type]
+    expected_log_terms = getattr(params, "expected_log_terms", None)
+    weights = (np.ones(means.shape[0]) if expected_log_terms is not None
+               else np.ascontiguousarray(params.weights, dtype=np.float64))
     prec, log_const = gaussian_operands(
-        np.ascontiguousarray(params.weights, dtype=np.float64),
-        to_canonical(params.precisions_cholesky, covariance_type), kind, means.shape[1])
+        weights, to_canonical(params.precisions_cholesky, covariance_type), kind,
+        means.shape[1])
+    if expected_log_terms is not None:
+        log_const = log_const + expected_log_terms(means.shape[1])
     return means, prec.astype(dtype, copy=False), log_const, kind <= 1
 
 

@@ -1,8 +1,8 @@
 """scikit-learn's own mixture tests, run against fastem's classes.
 
 scikit-learn ships its tests with the package. A pytest plugin swaps
-``sklearn.mixture.GaussianMixture`` for :class:`fastem.GaussianMixture` before
-scikit-learn's test module imports it, and that module then runs unchanged
+``sklearn.mixture.GaussianMixture`` (or ``BayesianGaussianMixture``) for
+fastem's class before scikit-learn's test module imports it, and that module then runs unchanged
 against the installed scikit-learn, float32 included
 (``SKLEARN_RUN_FLOAT32_TESTS=1``). A scikit-learn release that changes what
 its estimator does shows up here.
@@ -20,7 +20,12 @@ import pytest
 
 sklearn = pytest.importorskip("sklearn")
 
-SUITE = "sklearn.mixture.tests.test_gaussian_mixture"
+# The suites, the class each swaps and the fewest tests that must pass
+# (scikit-learn 1.9, float32 included: 75 and 17).
+SUITES = {
+    "GaussianMixture": ("sklearn.mixture.tests.test_gaussian_mixture", 70),
+    "BayesianGaussianMixture": ("sklearn.mixture.tests.test_bayesian_mixture", 15),
+}
 
 # Tests that patch scikit-learn's own functions (they count calls of its
 # private _estimate_gaussian_parameters) or need the array API dispatch,
@@ -39,25 +44,37 @@ NOT_APPLICABLE = (
 )
 
 _PLUGIN = textwrap.dedent("""
+    import sys
+
     import sklearn.mixture
     import fastem
 
-    # Before scikit-learn's test module runs `from sklearn.mixture import GaussianMixture`.
-    sklearn.mixture.GaussianMixture = fastem.GaussianMixture
+    # Before scikit-learn's test module runs `from sklearn.mixture import {name}`.
+    sklearn.mixture.{name} = fastem.{name}
+
+
+    def pytest_sessionfinish(session):
+        # Which class the suite's module ran against, for the test to check.
+        module = sys.modules.get("{suite}")
+        with open("swapped.txt", "w") as out:
+            out.write(getattr(module, "{name}").__module__ if module else "not imported")
 """)
 
 
-def test_scikit_learns_gaussian_mixture_tests_pass_against_fastem(tmp_path):
-    (tmp_path / "fastem_swap.py").write_text(_PLUGIN)
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_scikit_learns_mixture_tests_pass_against_fastem(tmp_path, name):
+    suite, least = SUITES[name]
+    (tmp_path / "fastem_swap.py").write_text(_PLUGIN.format(name=name, suite=suite))
     env = {**os.environ, "SKLEARN_RUN_FLOAT32_TESTS": "1",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    keyword = " and ".join(f"not {name}" for name in NOT_APPLICABLE)
+    keyword = " and ".join(f"not {test}" for test in NOT_APPLICABLE)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "fastem_swap", "-p", "no:cacheprovider",
-         "--pyargs", SUITE, "-k", keyword, "-W", "ignore::DeprecationWarning"],
+         "--pyargs", suite, "-k", keyword, "-W", "ignore::DeprecationWarning"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert (tmp_path / "swapped.txt").read_text().startswith("fastem."), "the swap did not apply"
     passed = int(re.search(r"(\d+) passed", summary).group(1))
-    assert passed >= 70, summary  # 75 with scikit-learn 1.9 (float32 included)
+    assert passed >= least, summary
     assert "failed" not in summary and "error" not in summary, summary
