@@ -96,7 +96,8 @@ _EM_CASES = {
 _D10 = _EM_CASES["d10"]
 # Canonical order: cases sharing the D=10 data set run back to back.
 CASES = ("small", "d2", "d10", "float32", "fit", "outofcore", "d100", "diag50", "memory",
-         "import", "warm", "online", "missing", "cold", "selection", "dask", "spark")
+         "import", "warm", "online", "missing", "bayesian", "cold", "selection", "dask",
+         "spark")
 # Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
 # n_init=20 grids (about a minute) and mclust when Rscript is installed;
 # 'outofcore' writes the D=10 data set to a temporary .npy, 'online' fits
@@ -670,6 +671,42 @@ def _case_missing(settings: _Settings, data: _Datasets) -> list[Result]:
     return [row]
 
 
+def _case_bayesian(settings: _Settings, data: _Datasets) -> list[Result]:
+    """A variational EM iteration (``BayesianGaussianMixture``, D=10, K=5, full)
+    against scikit-learn's, both continuing from the same posterior."""
+    from .bayesian_mixture import BayesianGaussianMixture
+
+    full_size, n_features, n_components, covariance_type = _D10
+    shape = (settings.size(full_size), n_features, n_components)
+    X = data.get(*shape)
+    state = BayesianGaussianMixture(n_components=n_components, max_iter=1, random_state=0)
+    _quietly(lambda: state.fit(X))
+    start = state._get_parameters()
+
+    def runner(estimator):
+        def run(n_iter):
+            model = estimator(n_components=n_components, covariance_type=covariance_type,
+                              tol=0.0, max_iter=n_iter, warm_start=True)
+            # A warm start from the same posterior: no initialisation timed.
+            model._set_parameters(tuple(
+                tuple(p.copy() for p in value) if isinstance(value, tuple)
+                else np.copy(value) for value in start))
+            model.converged_, model.lower_bound_ = False, -np.inf
+            model.n_features_in_ = n_features
+            return _quietly(lambda: model.fit(X))
+
+        return _Runner(run, warm_up=estimator is BayesianGaussianMixture, fixed=1,
+                       min_units=_MIN_DIFFERENCED_ITERATIONS)
+
+    runners = {"fastem": runner(BayesianGaussianMixture)}
+    if settings.sklearn is not None:
+        from sklearn.mixture import BayesianGaussianMixture as SklearnBayesian
+
+        runners["sklearn"] = runner(SklearnBayesian)
+    timings = _measure(runners, settings)
+    return [_per_iteration_row("bayesian", timings, shape, covariance_type, "float64")]
+
+
 def _case_dask(settings: _Settings, data: _Datasets) -> list[Result]:
     """EM iteration on a Dask array (a 2-worker LocalCluster of processes, one
     thread each, one row chunk per worker, persisted) against the same array
@@ -1046,6 +1083,7 @@ _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "spark": _case_spark,
     "dask": _case_dask,
     "missing": _case_missing,
+    "bayesian": _case_bayesian,
 }
 
 
@@ -1118,6 +1156,8 @@ _TARGETS = (
       for name, need in (("d10", 20), ("d2", 30), ("d100", 4), ("diag50", 10))),
     _Target("fit", "fit: whole fit, default init, vs sklearn", ">= 10x", _speedup_of("fit"),
             lambda v: v >= 10, _D10[:3]),
+    _Target("bayesian", "bayesian: variational EM iteration vs sklearn", ">= 10x",
+            _speedup_of("bayesian"), lambda v: v >= 10, _D10[:3]),
     _Target("memory", "memory: peak extra memory of fit", "<= 25% of X", _memory_percent,
             lambda v: v <= 25, _D10[:3], suffix="% of X"),
     _Target("float32", "float32: EM iteration vs float64", ">= 1.5x", _float32_gain,

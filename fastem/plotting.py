@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_convergence", "plot_criterion", "plot_mixture", "save_figure"]
+__all__ = ["plot_convergence", "plot_criterion", "plot_mixture", "plot_weights", "save_figure"]
 
 # Fixed order so that each covariance type keeps its colour from plot to plot.
 _COVARIANCE_ORDER = ("full", "tied", "diag", "spherical")
@@ -153,6 +153,7 @@ def plot_mixture(
     ax: Axes | None = None,
     columns: tuple[int, int] | None = None,
     n_std: Sequence[float] = (1, 2, 3),
+    min_weight: float = 0.0,
 ) -> Axes:
     """Plot data with a fitted Gaussian mixture over it.
 
@@ -164,7 +165,7 @@ def plot_mixture(
 
     Parameters
     ----------
-    model : fitted fastem.GaussianMixture
+    model : fitted fastem.GaussianMixture or fastem.BayesianGaussianMixture
         Any covariance type: ``covariances_`` is read as ``(K, D, D)`` for
         ``"full"``, one shared ``(D, D)`` for ``"tied"``, ``(K, D)`` variances
         for ``"diag"`` and ``(K,)`` variances for ``"spherical"``.
@@ -182,6 +183,10 @@ def plot_mixture(
         ``W Sigma W^T``, which is the covariance of the projected component.
     n_std : sequence of float, default=(1, 2, 3)
         The ellipses drawn per component, in standard deviations.
+    min_weight : float, default=0.0
+        Components of smaller weight get no ellipse or mean marker (a
+        ``BayesianGaussianMixture`` leaves the components the data do not
+        use with weights near zero; 0.01 hides them).
 
     Returns
     -------
@@ -232,7 +237,8 @@ def plot_mixture(
     ax.scatter(
         points[:, 0], points[:, 1], c=colors[labels], s=10, alpha=0.6, label="data"
     )
-    for k in range(len(weights)):
+    shown = np.flatnonzero(weights >= min_weight)
+    for k in shown:
         eigenvalues, eigenvectors = np.linalg.eigh(projected_covariances[k])
         # eigh sorts ascending, so the last eigenvector is the major axis;
         # rounding can leave a tiny negative eigenvalue on a singular block.
@@ -251,9 +257,9 @@ def plot_mixture(
                 )
             )
     ax.scatter(
-        centres[:, 0],
-        centres[:, 1],
-        c=colors,
+        centres[shown, 0],
+        centres[shown, 1],
+        c=colors[shown],
         marker="X",
         s=120,
         edgecolor="black",
@@ -382,6 +388,37 @@ def plot_convergence(
     # Past ten restarts the legend hides more than it tells.
     if 0 < len(lower_bounds) <= 10:
         ax.legend()
+    return ax
+
+
+def plot_weights(model, ax: Axes | None = None, threshold: float = 0.01) -> Axes:
+    """Bar chart of a fitted mixture's weights, largest first.
+
+    For a ``BayesianGaussianMixture`` this shows how many components the data
+    use: the bars above ``threshold`` (drawn as a dashed line) are the
+    :meth:`~fastem.BayesianGaussianMixture.effective_n_components`.
+
+    Parameters
+    ----------
+    model : fitted fastem.GaussianMixture or fastem.BayesianGaussianMixture
+    ax : matplotlib.axes.Axes, optional
+    threshold : float, default=0.01
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+    """
+    ax = _new_axes(ax)
+    weights = np.asarray(model.weights_, dtype=np.float64)
+    order = np.argsort(-weights, kind="stable")
+    colors = _component_colors(len(weights))
+    ax.bar(np.arange(len(weights)), weights[order], color=colors[order])
+    ax.set_xticks(np.arange(len(weights)), [str(k) for k in order])
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1,
+               label=f"{int(np.count_nonzero(weights >= threshold))} above {threshold:g}")
+    ax.set_xlabel("component")
+    ax.set_ylabel("weight")
+    ax.legend()
     return ax
 
 

@@ -12,11 +12,12 @@ matplotlib.use("Agg")
 
 from matplotlib.patches import Ellipse
 
-from fastem import GaussianMixture
+from fastem import BayesianGaussianMixture, GaussianMixture
 from fastem.plotting import (
     plot_convergence,
     plot_criterion,
     plot_mixture,
+    plot_weights,
     save_figure,
 )
 
@@ -115,6 +116,27 @@ def test_mixture_2d_points_coloured_by_predicted_label():
         assert np.all(in_k == in_k[0]), f"component {k} has mixed colours"
     distinct = {tuple(colours[labels == k][0]) for k in range(3)}
     assert len(distinct) == 3
+
+
+def test_bayesian_mixture_plots_only_the_components_it_uses(tmp_path):
+    X = blobs()
+    model = BayesianGaussianMixture(n_components=8, n_init=3, random_state=0).fit(X)
+    used = np.flatnonzero(model.weights_ >= 0.01)
+    assert 0 < used.size < 8
+    ax = plot_mixture(model, X, n_std=(2,), min_weight=0.01)
+    assert len(ellipses(ax)) == used.size
+    np.testing.assert_allclose(collection(ax, "means").get_offsets(), model.means_[used])
+    assert_png(ax, tmp_path / "bayesian.png")
+
+
+def test_weights_bar_chart_sorted_with_the_effective_count():
+    X = blobs()
+    model = BayesianGaussianMixture(n_components=6, random_state=0).fit(X)
+    ax = plot_weights(model, threshold=0.01)
+    heights = [patch.get_height() for patch in ax.patches]
+    np.testing.assert_allclose(heights, np.sort(model.weights_)[::-1])
+    label = ax.get_legend().get_texts()[0].get_text()
+    assert label.startswith(f"{model.effective_n_components(0.01)} above")
 
 
 def test_ellipse_size_for_diagonal_covariance():
