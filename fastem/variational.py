@@ -43,7 +43,6 @@ import numpy as np
 from scipy.special import betaln, digamma, gammaln
 
 from .covariance import COVARIANCE_KIND, to_canonical
-from .reference import precision_cholesky
 from .stats import GaussianStatistics
 
 PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
@@ -232,7 +231,7 @@ class VariationalUpdate:
         try:
             if not np.all(np.isfinite(cov)):
                 raise np.linalg.LinAlgError
-            prec_chol = precision_cholesky(cov, self.covariance_type)
+            prec_chol = _precision_factors(cov, self.covariance_type)
         except np.linalg.LinAlgError:
             jitter[:] = -1.0
             prec_chol = np.full_like(cov, np.nan)
@@ -301,6 +300,22 @@ class VariationalUpdate:
             return float(-np.sum(betaln(concentration[0], concentration[1])))
         alpha = np.asarray(concentration)
         return float(gammaln(np.sum(alpha)) - np.sum(gammaln(alpha)))
+
+
+def _precision_factors(covariances, covariance_type: str) -> np.ndarray:
+    r"""Upper factors :math:`U = (L^{-1})^T` of the precisions, :math:`\Sigma = LL^T`,
+    for a whole stack at once (one batched LAPACK call each, not one per component:
+    per-call overhead dominates for small D). Raises ``LinAlgError`` when a
+    covariance is not positive definite."""
+    if covariance_type in ("diag", "spherical"):
+        if np.any(covariances <= 0.0):
+            raise np.linalg.LinAlgError("non-positive variance")
+        return 1.0 / np.sqrt(covariances)
+    stack = covariances[None] if covariance_type == "tied" else covariances
+    lower = np.linalg.cholesky(stack)
+    factors = np.linalg.solve(lower, np.broadcast_to(np.eye(stack.shape[-1]), stack.shape))
+    factors = np.ascontiguousarray(factors.transpose(0, 2, 1))
+    return factors[0] if covariance_type == "tied" else factors
 
 
 def _log_det_cholesky(prec_chol, kind: int, n_features: int) -> np.ndarray:

@@ -229,7 +229,7 @@ def test_model_files_round_trip(tmp_path, covariance_type, prior_type):
     loaded = fastem.load(tmp_path / "m.npz")
     assert type(loaded) is BayesianGaussianMixture
     assert np.array_equal(loaded.predict_proba(X), model.predict_proba(X))
-    assert loaded.get_params() .keys() == model.get_params().keys()
+    assert loaded.get_params().keys() == model.get_params().keys()
     assert isinstance(loaded.weight_concentration_, tuple) == (prior_type ==
                                                                "dirichlet_process")
     loaded.warm_start = model.warm_start = True
@@ -267,7 +267,8 @@ def test_no_methods_that_scikit_learns_class_does_not_have():
 
 
 def test_variational_parameters_are_the_kernel_operands():
-    """The E-step's constant per component is E[log pi] + E[log|Lambda|]/2 - D/(2 beta) - D/2 log 2pi."""
+    """The E-step's constant per component: E[log pi] + E[log|Lambda|]/2 - D/(2 beta)
+    - D/2 log 2pi, as the kernel computes it from the posterior's operands."""
     X = blobs(11)
     model = BayesianGaussianMixture(n_components=3, random_state=0).fit(X)
     params = model._current_parameters()
