@@ -6,13 +6,14 @@ for scikit-learn's classes.
 
 from .bayesian_mixture import BayesianGaussianMixture
 from .compilation import compile_kernels as compile
+from .hmm import GaussianHMM
 from .mixture import DegenerateDataWarning, GaussianMixture
 from .priors import GaussianPrior
 from .selection import select_model
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesianGaussianMixture", "DegenerateDataWarning", "GaussianMixture",
+__all__ = ["BayesianGaussianMixture", "DegenerateDataWarning", "GaussianHMM", "GaussianMixture",
            "GaussianPrior", "__version__", "compile", "load", "select_model"]
 
 

@@ -522,3 +522,129 @@ def missing_value_statistics(X, weights, means, covariances, sample_weight=None)
             sxx[k] += r * np.outer(e, e)
             sxx[k][np.ix_(m, m)] += r * conditional[k]
     return nk, sx, sxx, loglik, log_norm, log_resp
+
+
+def _hmm_sequences(lengths, n_rows):
+    """Row offsets of the sequences (one sequence of all rows for None)."""
+    lengths = np.asarray([n_rows] if lengths is None else lengths, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _hmm_logsumexp(a, axis=None):
+    """log(sum(exp(a))) along ``axis``, shifted by the maximum (-inf for all -inf)."""
+    top = np.max(a, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.sum(np.exp(a - top), axis=axis, keepdims=True)) + top
+    return float(out.reshape(())) if axis is None else np.squeeze(out, axis=axis)
+
+
+def hmm_forward_backward(log_emission, log_startprob, log_transmat, lengths=None):
+    r"""Forward–backward of an HMM in log space, sequence by sequence (twin of
+    :func:`fastem._kernels.hmm.forward_backward`).
+
+    .. math::
+
+        \alpha_0(j) = \log\pi_j + L_0(j),\quad
+        \alpha_t(j) = L_t(j) + \operatorname{logsumexp}_i\big(\alpha_{t-1}(i) + \log A_{ij}\big),
+
+        \beta_{T-1}(i) = 0,\quad
+        \beta_t(i) = \operatorname{logsumexp}_j\big(\log A_{ij} + L_{t+1}(j) + \beta_{t+1}(j)\big),
+
+        \log p(x) = \operatorname{logsumexp}_j \alpha_{T-1}(j),\quad
+        \gamma_t(i) = e^{\alpha_t(i) + \beta_t(i)
+          - \operatorname{logsumexp}_k(\alpha_t(k) + \beta_t(k))},
+
+        \xi_t(i, j) = e^{\alpha_t(i) + \log A_{ij} + L_{t+1}(j) + \beta_{t+1}(j) - \log p(x)}.
+
+    Parameters
+    ----------
+    log_emission : ndarray (T, K)
+        :math:`L_t(j) = \log p(x_t \mid z_t = j)`.
+    log_startprob : ndarray (K,)
+    log_transmat : ndarray (K, K)
+    lengths : sequence of int or None
+        Lengths of the sequences stored back to back in the rows.
+
+    Returns
+    -------
+    loglik : ndarray (S,)
+        :math:`\log p(x^{(s)})` per sequence.
+    gamma : ndarray (T, K)
+        Posteriors :math:`p(z_t \mid x)`.
+    trans : ndarray (K, K)
+        :math:`\sum_s\sum_t \xi_t(i, j)`, the expected transition counts.
+    start : ndarray (K,)
+        :math:`\sum_s \gamma^{(s)}_0`, the expected start counts.
+    """
+    L = np.asarray(log_emission, dtype=np.float64)
+    log_pi = np.asarray(log_startprob, dtype=np.float64)
+    log_A = np.asarray(log_transmat, dtype=np.float64)
+    bounds = _hmm_sequences(lengths, L.shape[0])
+    n_states = log_pi.shape[0]
+    loglik = np.empty(bounds.shape[0] - 1)
+    gamma = np.empty_like(L)
+    trans = np.zeros((n_states, n_states))
+    start = np.zeros(n_states)
+    for s in range(bounds.shape[0] - 1):
+        Ls = L[bounds[s]:bounds[s + 1]]
+        n = Ls.shape[0]
+        alpha = np.empty((n, n_states))
+        beta = np.zeros((n, n_states))
+        alpha[0] = log_pi + Ls[0]
+        for t in range(1, n):
+            alpha[t] = Ls[t] + _hmm_logsumexp(alpha[t - 1][:, None] + log_A, axis=0)
+        for t in range(n - 2, -1, -1):
+            beta[t] = _hmm_logsumexp(log_A + (Ls[t + 1] + beta[t + 1])[None, :], axis=1)
+        loglik[s] = _hmm_logsumexp(alpha[-1])
+        log_gamma = alpha + beta
+        log_gamma -= _hmm_logsumexp(log_gamma, axis=1)[:, None]
+        gamma[bounds[s]:bounds[s + 1]] = np.exp(log_gamma)
+        start += gamma[bounds[s]]
+        for t in range(n - 1):
+            trans += np.exp(alpha[t][:, None] + log_A + (Ls[t + 1] + beta[t + 1])[None, :]
+                            - loglik[s])
+    return loglik, gamma, trans, start
+
+
+def hmm_viterbi(log_emission, log_startprob, log_transmat, lengths=None):
+    r"""Most probable state path of every sequence (twin of
+    :func:`fastem._kernels.hmm.viterbi`).
+
+    .. math::
+
+        \delta_0(j) = \log\pi_j + L_0(j),\qquad
+        \delta_t(j) = L_t(j) + \max_i\big(\delta_{t-1}(i) + \log A_{ij}\big),
+
+    traced back from :math:`\arg\max_j\delta_{T-1}(j)` through the arg-maxes
+    (the first of equal values).
+
+    Returns
+    -------
+    logprob : ndarray (S,)
+        :math:`\max_j\delta_{T-1}(j)` per sequence, the log-probability of
+        the path and the sequence together.
+    path : ndarray (T,) int64
+    """
+    L = np.asarray(log_emission, dtype=np.float64)
+    log_pi = np.asarray(log_startprob, dtype=np.float64)
+    log_A = np.asarray(log_transmat, dtype=np.float64)
+    bounds = _hmm_sequences(lengths, L.shape[0])
+    logprob = np.empty(bounds.shape[0] - 1)
+    path = np.empty(L.shape[0], dtype=np.int64)
+    for s in range(bounds.shape[0] - 1):
+        Ls = L[bounds[s]:bounds[s + 1]]
+        n = Ls.shape[0]
+        delta = log_pi + Ls[0]
+        back = np.zeros((n, log_pi.shape[0]), dtype=np.int64)
+        for t in range(1, n):
+            scores = delta[:, None] + log_A
+            back[t] = np.argmax(scores, axis=0)
+            delta = Ls[t] + np.max(scores, axis=0)
+        state = int(np.argmax(delta))
+        logprob[s] = delta[state]
+        path[bounds[s + 1] - 1] = state
+        for t in range(n - 1, 0, -1):
+            state = int(back[t, state])
+            path[bounds[s] + t - 1] = state
+    return logprob, path
