@@ -96,8 +96,8 @@ _EM_CASES = {
 _D10 = _EM_CASES["d10"]
 # Canonical order: cases sharing the D=10 data set run back to back.
 CASES = ("small", "d2", "d10", "float32", "fit", "outofcore", "d100", "diag50", "memory",
-         "import", "warm", "online", "missing", "bayesian", "cold", "selection", "dask",
-         "spark")
+         "import", "warm", "online", "missing", "bayesian", "hmm", "cold", "selection",
+         "dask", "spark")
 # Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
 # n_init=20 grids (about a minute) and mclust when Rscript is installed;
 # 'outofcore' writes the D=10 data set to a temporary .npy, 'online' fits
@@ -707,6 +707,75 @@ def _case_bayesian(settings: _Settings, data: _Datasets) -> list[Result]:
     return [_per_iteration_row("bayesian", timings, shape, covariance_type, "float64")]
 
 
+_HMM_SHAPE = (1_000_000, 100, 8, 4)     # rows, sequences, states, features (diag)
+
+
+def hmm_problem(n_samples: int, n_sequences: int, n_states: int, n_features: int,
+                seed: int = 0):
+    """Sequences of a sticky Gaussian HMM and a start for Baum–Welch (diagonal).
+
+    Returns ``(X, lengths, start)``, ``start`` a dict of ``startprob_``,
+    ``transmat_``, ``means_`` and ``covars_`` that every library is given.
+    """
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=3.0, size=(n_states, n_features))
+    n_sequences = max(1, min(n_sequences, n_samples // 2))
+    lengths = np.full(n_sequences, n_samples // n_sequences)
+    lengths[: n_samples - lengths.sum()] += 1
+    # States change with probability 0.05 per step.
+    switches = rng.random(n_samples) < 0.05
+    states = np.cumsum(switches * rng.integers(1, n_states, size=n_samples)) % n_states
+    X = means[states] + rng.normal(size=(n_samples, n_features))
+    off = 0.1 / max(n_states - 1, 1)
+    start = {"startprob_": np.full(n_states, 1.0 / n_states),
+             "transmat_": np.full((n_states, n_states), off) + np.eye(n_states) * (0.9 - off),
+             "means_": means + rng.normal(scale=0.5, size=means.shape),
+             "covars_": np.full((n_states, n_features), 1.5)}
+    return X, lengths, start
+
+
+def _hmm_runner(estimator, X, lengths, start, implementation: str) -> _Runner:
+    def run(n_iter):
+        model = estimator(n_components=start["means_"].shape[0], covariance_type="diag",
+                          n_iter=n_iter, tol=-np.inf, init_params="", params="stmc",
+                          implementation=implementation)
+        for name, value in start.items():
+            setattr(model, name, value.copy())
+        seconds = _quietly(lambda: model.fit(X, lengths))
+        if model.monitor_.iter != n_iter:
+            raise RuntimeError(f"{estimator.__module__} ran {model.monitor_.iter} of "
+                               f"{n_iter} iterations")
+        return seconds
+
+    return _Runner(run, warm_up=True, fixed=1, min_units=_MIN_DIFFERENCED_ITERATIONS)
+
+
+def _case_hmm(settings: _Settings, data: _Datasets) -> list[Result]:
+    """A Baum–Welch iteration of ``fastem.GaussianHMM`` against hmmlearn's, from the
+    same start, for both implementations ('log', hmmlearn's default, and 'scaling')."""
+    from .hmm import GaussianHMM
+
+    n_samples, n_sequences, n_states, n_features = _HMM_SHAPE
+    X, lengths, start = hmm_problem(settings.size(n_samples), n_sequences, n_states,
+                                    n_features)
+    try:
+        from hmmlearn.hmm import GaussianHMM as HmmlearnHMM
+    except ImportError:
+        HmmlearnHMM = None
+        _log("hmm: hmmlearn is not installed; timing fastem alone")
+    rows = []
+    for implementation in ("log", "scaling"):
+        runners = {"fastem": _hmm_runner(GaussianHMM, X, lengths, start, implementation)}
+        if HmmlearnHMM is not None:
+            runners["hmmlearn"] = _hmm_runner(HmmlearnHMM, X, lengths, start, implementation)
+        timings = _measure(runners, settings)
+        case = "hmm" if implementation == "log" else "hmm-scaling"
+        rows.append(_per_iteration_row(case, timings, (X.shape[0], n_features, n_states),
+                                       "diag", "float64"))
+        rows[-1].details["sequences"] = int(len(lengths))
+    return rows
+
+
 def _case_dask(settings: _Settings, data: _Datasets) -> list[Result]:
     """EM iteration on a Dask array (a 2-worker LocalCluster of processes, one
     thread each, one row chunk per worker, persisted) against the same array
@@ -1084,6 +1153,7 @@ _CASE_FUNCTIONS: dict[str, Callable[[_Settings, _Datasets], list[Result]]] = {
     "dask": _case_dask,
     "missing": _case_missing,
     "bayesian": _case_bayesian,
+    "hmm": _case_hmm,
 }
 
 
@@ -1158,6 +1228,12 @@ _TARGETS = (
             lambda v: v >= 10, _D10[:3]),
     _Target("bayesian", "bayesian: variational EM iteration vs sklearn", ">= 10x",
             _speedup_of("bayesian"), lambda v: v >= 10, _D10[:3]),
+    _Target("hmm", "hmm: Baum-Welch iteration vs hmmlearn 'log'", ">= 10x",
+            _speed_relative_to("hmm", "hmmlearn"), lambda v: v >= 10,
+            (_HMM_SHAPE[0], _HMM_SHAPE[3], _HMM_SHAPE[2])),
+    _Target("hmm-scaling", "hmm: Baum-Welch iteration vs hmmlearn 'scaling'", ">= 5x",
+            _speed_relative_to("hmm-scaling", "hmmlearn"), lambda v: v >= 5,
+            (_HMM_SHAPE[0], _HMM_SHAPE[3], _HMM_SHAPE[2])),
     _Target("memory", "memory: peak extra memory of fit", "<= 25% of X", _memory_percent,
             lambda v: v <= 25, _D10[:3], suffix="% of X"),
     _Target("float32", "float32: EM iteration vs float64", ">= 1.5x", _float32_gain,
@@ -1229,16 +1305,20 @@ TARGET_COLUMNS = ["target", "required", "measured", "met"]
 
 
 def format_results(results: list[Result]) -> str:
-    """The measurements as a Markdown table (columns: ``RESULT_COLUMNS``)."""
+    """The measurements as a Markdown table (columns: ``RESULT_COLUMNS``, and
+    ``hmmlearn`` with its ratio when a row measured it)."""
+    hmmlearn = any("hmmlearn" in r.values for r in results)
     rows = []
     for r in results:
         memory = (f"{r.peak_memory_percent_of_x:.1f}% of X"
                   if r.peak_memory_percent_of_x is not None else "-")
+        extra = ([_number(r.values.get("hmmlearn")), _ratio(r.speedup("hmmlearn"))]
+                 if hmmlearn else [])
         rows.append([r.case, *(str(v) if v is not None else "-" for v in (
             r.n_samples, r.n_features, r.n_components, r.covariance_type, r.dtype)), r.unit,
             *(_number(r.values.get(lib)) for lib in ("fastem", "sklearn", "reference")),
-            _ratio(r.speedup("sklearn")), _ratio(r.speedup("reference")), memory])
-    return _table(RESULT_COLUMNS, rows)
+            _ratio(r.speedup("sklearn")), _ratio(r.speedup("reference")), memory, *extra])
+    return _table(RESULT_COLUMNS + (["hmmlearn", "vs hmmlearn"] if hmmlearn else []), rows)
 
 
 def format_targets(targets: list[dict]) -> str:

@@ -190,3 +190,16 @@ def test_a_difference_lost_in_noise_is_reported_as_a_whole_run_not_a_negative_ti
     assert timing.median > 0 and not timing.differenced
     whole_run = 0.010 + (1 + timing.units) * 0.0001
     assert math.isclose(timing.median, whole_run / (1 + timing.units))
+
+
+def test_bayesian_and_hmm_cases_time_fastem_against_their_peers(capsys):
+    pytest.importorskip("hmmlearn")
+    assert bench.main(["--cases", "bayesian", "hmm", "--n-samples", "2000", *FAST]) == 0
+    header, rows = _table_rows(capsys.readouterr().out, "case")
+    by_case = {row[0]: row for row in rows}
+    assert set(by_case) == {"bayesian", "hmm", "hmm-scaling"}
+    assert _ratio(by_case["bayesian"][header.index("vs sklearn")]) > 0
+    for case in ("hmm", "hmm-scaling"):
+        assert by_case[case][header.index("unit")] == "ms/iter"
+        assert _ratio(by_case[case][header.index("vs hmmlearn")]) > 0
+        assert by_case[case][header.index("sklearn")] == "-"
