@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_convergence", "plot_criterion", "plot_mixture", "plot_weights", "save_figure"]
+__all__ = ["plot_convergence", "plot_criterion", "plot_mixture", "plot_states", "plot_weights",
+           "save_figure"]
 
 # Fixed order so that each covariance type keeps its colour from plot to plot.
 _COVARIANCE_ORDER = ("full", "tied", "diag", "spherical")
@@ -419,6 +420,49 @@ def plot_weights(model, ax: Axes | None = None, threshold: float = 0.01) -> Axes
     ax.set_xlabel("component")
     ax.set_ylabel("weight")
     ax.legend()
+    return ax
+
+
+def plot_states(model, X, lengths=None, ax: Axes | None = None, column: int = 0) -> Axes:
+    """A series with each observation coloured by its decoded hidden state.
+
+    The states are ``model.predict(X, lengths)`` (a fitted
+    :class:`fastem.GaussianHMM`: Viterbi by default). The series
+    ``X[:, column]`` is drawn as a thin grey line and its points in the
+    colour of their state; sequences given by ``lengths`` follow each other
+    on the x-axis.
+
+    Parameters
+    ----------
+    model : fitted fastem.GaussianHMM
+    X : array-like of shape (n_samples, n_features) or (n_samples,)
+    lengths : array-like of int, optional
+    ax : matplotlib.axes.Axes, optional
+    column : int, default=0
+        The feature drawn.
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+    """
+    ax = _new_axes(ax)
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[:, np.newaxis]
+    if not 0 <= column < X.shape[1]:
+        raise ValueError(f"column must be in [0, {X.shape[1]}), got {column}")
+    states = np.asarray(model.predict(X, lengths))
+    n_states = int(model.n_components)
+    colors = _component_colors(n_states)
+    t = np.arange(X.shape[0])
+    ax.plot(t, X[:, column], color="0.7", linewidth=0.5, zorder=1)
+    for k in range(n_states):
+        chosen = states == k
+        ax.scatter(t[chosen], X[chosen, column], color=colors[k], s=6, zorder=2,
+                   label=f"state {k} ({np.count_nonzero(chosen)} points)")
+    ax.set_xlabel("observation")
+    ax.set_ylabel(_feature_names(model, X.shape[1])[column])
+    ax.legend(markerscale=2)
     return ax
 
 

@@ -12,11 +12,12 @@ matplotlib.use("Agg")
 
 from matplotlib.patches import Ellipse
 
-from fastem import BayesianGaussianMixture, GaussianMixture
+from fastem import BayesianGaussianMixture, GaussianHMM, GaussianMixture
 from fastem.plotting import (
     plot_convergence,
     plot_criterion,
     plot_mixture,
+    plot_states,
     plot_weights,
     save_figure,
 )
@@ -137,6 +138,22 @@ def test_weights_bar_chart_sorted_with_the_effective_count():
     np.testing.assert_allclose(heights, np.sort(model.weights_)[::-1])
     label = ax.get_legend().get_texts()[0].get_text()
     assert label.startswith(f"{model.effective_n_components(0.01)} above")
+
+
+def test_states_plot_colours_each_point_by_its_decoded_state(tmp_path):
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, 150), rng.normal(6, 1, 100), rng.normal(0, 1, 150)])
+    model = GaussianHMM(n_components=2, n_iter=20, random_state=0).fit(X[:, None])
+    ax = plot_states(model, X)
+    states = model.predict(X[:, None])
+    drawn = [c for c in ax.collections if c.get_label().startswith("state")]
+    assert len(drawn) == 2
+    for k, points in enumerate(drawn):
+        np.testing.assert_array_equal(points.get_offsets()[:, 1], X[states == k])
+    assert {len(c.get_offsets()) for c in drawn} == {100, 300}
+    with pytest.raises(ValueError, match="column"):
+        plot_states(model, X, column=1)
+    assert_png(ax, tmp_path / "states.png")
 
 
 def test_ellipse_size_for_diagonal_covariance():
