@@ -42,7 +42,6 @@ from ._blocks import (
     FAST_MATH,
     chunk_rows,
     exp_block,
-    helper,
     helper_inline,
     specialise,
     transpose_block,
@@ -261,7 +260,7 @@ def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, nk, sx, sx
                 sxx[k, i, 0] += acc
 
 
-@helper
+@helper_inline
 def _blas_scalars(n_features, n_rows):
     """Fortran-style by-reference arguments: chars L, N and sizes."""
     chars = np.array([ord("L"), ord("N")], dtype=np.uint8)
@@ -336,7 +335,7 @@ def _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk
              rows.ctypes, sizes[0:1].ctypes, ones.ctypes, sxx[k].ctypes, sizes[0:1].ctypes)
 
 
-@helper
+@helper_inline
 def _mean_of_means(means):
     """c = the average of the component means (where the diagonal GEMM engine expands)."""
     n_components, n_features = means.shape
@@ -349,7 +348,7 @@ def _mean_of_means(means):
     return centre
 
 
-@helper
+@helper_inline
 def _diag_gemm_operands(means, precisions, log_const):
     r"""Operands of the diagonal GEMM engine.
 
@@ -390,7 +389,7 @@ def _centred_powers(X, start, n_rows, centre, Z):
             Z[r, n_features + d] = z * z
 
 
-@helper
+@helper_inline
 def _log_prob_diag_gemm(Z, n_rows, W, const, L, log_prob):
     """log_prob[k, r] = const_k + (Z W)[r, k] by one matrix product (into scratch ``L``)."""
     np.dot(Z[:n_rows], W, L[:n_rows])
@@ -488,7 +487,7 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, de
             sxx[k, d, 0] += moments[k, n_features + d]
 
 
-@helper
+@helper_inline
 def _far_row(X, row, means, prec, log_const, full, keep_log, log_prob, r, row_sum, norms):
     r"""Row ``r`` of the block (X's row ``row``), whose log-densities overflowed.
 
