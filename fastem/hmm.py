@@ -7,19 +7,29 @@ statistics into parameters; :func:`fastem.em.fit_em` iterates.
 
 One E-step under :math:`\theta = (\pi, A, \mu, \Sigma)`:
 
-1. the emission log-densities :math:`L_t(k) = \log\mathcal N(x_t\mid\mu_k,\Sigma_k)`
-   come from the mixture's fused pass (:func:`emission_log_densities`);
-2. the forward–backward kernel (:func:`fastem._kernels.hmm.forward_backward`)
-   gives per sequence :math:`\log p(x^{(s)})`, the posteriors
-   :math:`\gamma_t(k) = p(z_t = k\mid x)`, the expected start counts
+1. the mixture's fused pass (:func:`emission_probabilities`) gives the
+   emission probabilities shifted per row,
+   :math:`b_t(k) = e^{L_t(k) - \ell_t}` with
+   :math:`L_t(k) = \log\mathcal N(x_t\mid\mu_k,\Sigma_k)` and
+   :math:`\ell_t = \log\sum_j e^{L_t(j)}` (the responsibilities under unit
+   weights and their log-normaliser: the exponentials of the pass, K per row);
+2. one forward–backward kernel (:func:`fastem._kernels.hmm.forward_backward`)
+   runs the scaled recursions (:math:`K^2` multiply-adds per step and sweep,
+   no exponential or logarithm) and gives per sequence
+   :math:`\log p(x^{(s)})`, the expected start counts
    :math:`\sum_s\gamma^{(s)}_0` and transition counts
-   :math:`\sum_s\sum_t\xi_t(i, j)`, on the threads of :mod:`fastem._threads`
-   (sequences in contiguous groups fixed by the data's shape, each group's
-   sums in its own slot, reduced in group order: the same bits for any
-   thread count);
-3. the emission statistics are a mixture's
-   (:class:`~fastem.stats.GaussianStatistics`) with :math:`\gamma` as the
-   responsibilities.
+   :math:`\sum_s\sum_t\xi_t(i, j)`, and the emission statistics of a mixture
+   (:class:`~fastem.stats.GaussianStatistics`) with the posteriors
+   :math:`\gamma_t(k) = p(z_t = k\mid x)` as responsibilities, around the
+   current means, added as each :math:`\gamma_t` becomes known (fitting
+   never stores :math:`\gamma`). It runs on the threads of
+   :mod:`fastem._threads`: sequences in contiguous groups fixed by the
+   data's shape, each group's sums in its own slot, reduced in group order
+   (the same bits for any thread count);
+3. with ``implementation='log'``, a sequence whose scaled recursion leaves
+   the floating-point range is recomputed in log space from the
+   log-densities :math:`L_t(k)` (hmmlearn's robustness, at hmmlearn's
+   cost, for that sequence only).
 
 The estimator :class:`GaussianHMM` follows ``hmmlearn.hmm.GaussianHMM``
 (0.3.3): its parameters, priors, ``params``/``init_params`` letters,
@@ -31,7 +41,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import NamedTuple
 
@@ -42,14 +52,25 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from . import _threads, em
+from ._kernels import estep
 from ._kernels import hmm as kernels
+from ._kernels._blocks import n_chunks_for
 from ._kernels.mstep import factor_covariance
 from .covariance import COVARIANCE_TYPES, precision_cholesky_of_covariance, uses_full_scatter
-from .initialization import kmeans_plusplus, lloyd, responsibility_statistics
-from .stats import GaussianParameters, GaussianStatistics, log_responsibilities
+from .initialization import kmeans_plusplus, lloyd
+from .stats import (
+    _NO_LABELS,
+    GaussianParameters,
+    GaussianStatistics,
+    _run_pass,
+    engine_for,
+    kernel_operands,
+    log_responsibilities,
+    operand_dtype,
+)
 
 __all__ = ["BaumWelch", "GaussianHMM", "HMMConvergenceMonitor", "HMMParameters",
-           "HMMStatistics", "SequenceSource", "emission_log_densities"]
+           "HMMStatistics", "SequenceSource", "emission_log_densities", "emission_probabilities"]
 
 PARAM_LETTERS = "stmc"
 DECODER_ALGORITHMS = ("viterbi", "map")
@@ -152,6 +173,51 @@ def emission_log_densities(X, params: HMMParameters, covariance_type: str) -> np
     return log_resp
 
 
+def emission_probabilities(X, params: HMMParameters, covariance_type: str, out=None):
+    r"""Emission probabilities shifted per row: (T, K) :math:`b_t(k)` and (T,) :math:`\ell_t`.
+
+    .. math::
+
+        b_t(k) = e^{L_t(k) - \ell_t},\qquad \ell_t = \log\sum_j e^{L_t(j)},
+
+    the responsibilities and log-normaliser of the mixture's fused pass
+    (as :func:`fastem.stats.log_responsibilities` computes them) under unit
+    weights. The scaled recursions are invariant to a per-row factor of the
+    emissions; :math:`\sum_t\ell_t` restores it in :math:`\log p(x)`. Terms
+    below :math:`e^{-708}` of a row's largest are 0 (as the pass makes them);
+    a row beyond float64's range of every state has :math:`\ell_t = -\infty`.
+
+    ``out``: a pair of arrays (T, K) and (T,) to write into, reused from one
+    E-step to the next (fresh pages of a large array cost about a tenth of
+    the pass).
+    """
+    n_states = params.means.shape[0]
+    mixture = GaussianParameters(np.ones(n_states), params.means, params.covars,
+                                 params.precisions_cholesky)
+    engine = engine_for(X.shape[1], covariance_type)
+    means, prec, log_const, _ = kernel_operands(mixture, covariance_type,
+                                                operand_dtype(engine, X.dtype))
+    if out is None:
+        out = (np.empty((X.shape[0], n_states)), np.empty(X.shape[0]))
+    probabilities, log_norm = out
+    # The pass of fastem.stats.log_responsibilities, into the given arrays.
+    _run_pass(engine, estep.MODE_PROBA, X, None, _NO_LABELS, means, prec, log_const,
+              n_chunks_for(X.shape[0], 1), probabilities, log_norm)
+    return probabilities, log_norm
+
+
+def shifted_probabilities(log_emission):
+    r""":math:`b_t(k) = e^{L_t(k) - \ell_t}` with :math:`\ell_t = \max_j L_t(j)`, from
+    given log-densities (a row of -inf: :math:`b_t = 0`, :math:`\ell_t = -\infty`)."""
+    log_emission = np.asarray(log_emission, dtype=np.float64)
+    offsets = log_emission.max(axis=1)
+    finite = np.where(np.isfinite(offsets), offsets, 0.0)
+    with np.errstate(under="ignore", invalid="ignore"):
+        b = np.exp(log_emission - finite[:, None])
+    b[~np.isfinite(offsets)] = 0.0
+    return np.ascontiguousarray(b), offsets
+
+
 def sequence_bounds(lengths) -> np.ndarray:
     """Row offsets of the sequences: ``[0, l_0, l_0 + l_1, ...]`` (int64)."""
     return np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
@@ -175,10 +241,18 @@ def sequence_groups(lengths) -> np.ndarray:
     return np.unique(np.concatenate([firsts, [0, n_sequences]])).astype(np.int64)
 
 
-def forward_backward_work(n_rows: int, n_states: int) -> int:
-    """Work of one forward–backward pass in :mod:`fastem._threads` units (about
-    0.1 ns): per row and state some exponentials and logarithms and K
-    multiply-adds, forward and backward."""
+def forward_backward_work(n_rows: int, n_states: int, n_features: int = 1,
+                          width: int = 1) -> int:
+    """Work of one scaled forward–backward pass in :mod:`fastem._threads` units
+    (about 0.1 ns): per row three :math:`K^2` products (forward, backward,
+    transitions) and the emission statistics, K(D + DW) multiply-adds."""
+    n_states, n_features, width = int(n_states), int(n_features), int(width)
+    return int(n_rows) * n_states * (8 * n_states + 6 * n_features * (1 + width) + 20)
+
+
+def log_forward_backward_work(n_rows: int, n_states: int) -> int:
+    """Work of one log-space forward–backward pass (the fallback): per row and
+    state some exponentials and logarithms and K multiply-adds, forward and backward."""
     return int(n_rows) * int(n_states) * (10 * int(n_states) + 200)
 
 
@@ -257,7 +331,10 @@ class SequenceSource:
         Lengths of the sequences (None: one sequence of all rows).
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     implementation : {'log', 'scaling'}
-        The forward–backward recursion (see :mod:`fastem._kernels.hmm`).
+        Both run the scaled recursions (see :mod:`fastem._kernels.hmm`);
+        'log' recomputes in log space the sequences where they leave the
+        floating-point range, 'scaling' treats a normaliser of 0 as
+        probability zero (hmmlearn's 'scaling').
     """
 
     def __init__(self, X, lengths, covariance_type: str, implementation: str = "log"):
@@ -268,6 +345,8 @@ class SequenceSource:
         self.seq_bounds = sequence_bounds(self.lengths)
         self.group_bounds = sequence_groups(self.lengths)
         self.n_samples, self.n_features = X.shape
+        # The emission probabilities' arrays, kept from one E-step to the next.
+        self._emission_buffers = None
 
     @property
     def n_sequences(self) -> int:
@@ -277,39 +356,103 @@ class SequenceSource:
                          log_emission=None):
         r"""Forward(–backward) under ``params``.
 
+        ``log_emission`` (T, K) replaces the emission log-densities of
+        ``params`` (the kernels' tests use it).
+
         Returns
         -------
         loglik : ndarray (S,)
             :math:`\log p(x^{(s)})` per sequence.
-        gamma : ndarray (T, K)
-            Posteriors (with ``posteriors``; else the forward lattice).
+        gamma : ndarray (T, K) or None
+            Posteriors (with ``posteriors``).
         trans : ndarray (K, K)
             Expected transition counts, summed in group order.
         start : ndarray (K,)
             Expected start counts, summed in group order.
         """
+        mode = kernels.POSTERIORS if posteriors else kernels.FORWARD
+        out = self._run(params, mode, log_emission)
+        return out["loglik"], out["gamma"], out["trans"], out["start"]
+
+    def _run(self, params: HMMParameters, mode: int, log_emission=None) -> dict:
+        """One kernel pass in ``mode`` (scaled, then log space where needed): its sums."""
         if log_emission is None:
-            log_emission = emission_log_densities(self.X, params, self.covariance_type)
-        n_states = log_emission.shape[1]
-        n_groups = self.group_bounds.shape[0] - 1
-        loglik = np.empty(self.n_sequences)
-        gamma = np.empty((self.n_samples, n_states))
-        scales = np.empty(self.n_samples if self.implementation == "scaling" else 0)
+            n_states = params.means.shape[0]
+            if self._emission_buffers is None or self._emission_buffers[0].shape[1] != n_states:
+                self._emission_buffers = (np.empty((self.n_samples, n_states)),
+                                          np.empty(self.n_samples))
+            b, offsets = emission_probabilities(self.X, params, self.covariance_type,
+                                                self._emission_buffers)
+        else:
+            b, offsets = shifted_probabilities(log_emission)
+        n_states = b.shape[1]
+        out = self._kernel(kernels.SCALED, mode, self.X, self.seq_bounds, self.group_bounds, b,
+                           offsets, params, forward_backward_work(
+                               self.n_samples, n_states, self.n_features,
+                               self.n_features if uses_full_scatter(self.covariance_type)
+                               else 1))
+        redo = np.flatnonzero(out["status"] == kernels.REDO)
+        if redo.size:
+            self._redo_in_log_space(params, mode, redo, log_emission, out)
+        return out
+
+    def _kernel(self, method, mode, X, seq_bounds, group_bounds, emission, offsets, params,
+                work) -> dict:
+        """Run the forward–backward kernel over all groups; the group slots reduced in order."""
+        n_states = emission.shape[1]
+        n_groups = group_bounds.shape[0] - 1
+        n_sequences = seq_bounds.shape[0] - 1
+        stats = mode == kernels.STATISTICS
+        width = self.n_features if uses_full_scatter(self.covariance_type) else 1
+        slots = n_groups if stats else 0
+        loglik = np.empty(n_sequences)
+        status = np.zeros(n_sequences, dtype=np.int64)
+        gamma = np.empty((X.shape[0] if mode == kernels.POSTERIORS else 0, n_states))
         xi_parts = np.zeros((n_groups, n_states, n_states))
         start_parts = np.zeros((n_groups, n_states))
+        nk_parts = np.zeros((slots, n_states))
+        sx_parts = np.zeros((slots, n_states, self.n_features))
+        sxx_parts = np.zeros((slots, n_states, self.n_features, width))
         _threads.run_chunks(
-            kernels.forward_backward, n_groups,
-            forward_backward_work(self.n_samples, n_states), self.group_bounds,
-            self.seq_bounds, log_emission, _log(params.startprob),
-            np.ascontiguousarray(_log(params.transmat)), self.implementation == "scaling",
-            bool(posteriors), loglik, gamma, scales, xi_parts, start_parts)
+            kernels.forward_backward, n_groups, work, group_bounds, seq_bounds, emission,
+            offsets, _log(params.startprob), np.ascontiguousarray(_log(params.transmat)),
+            method, mode, self.implementation == "log", X,
+            np.ascontiguousarray(params.means, dtype=np.float64), loglik, status, gamma,
+            xi_parts, start_parts, nk_parts, sx_parts, sxx_parts)
         # Reduced in group order: the same sums for any thread count.
-        trans = np.zeros((n_states, n_states))
-        start = np.zeros(n_states)
-        for g in range(n_groups):
-            trans += xi_parts[g]
-            start += start_parts[g]
-        return loglik, gamma, trans, start
+        out = dict(loglik=loglik, status=status,
+                   gamma=gamma if mode == kernels.POSTERIORS else None)
+        for name, parts in (("trans", xi_parts), ("start", start_parts), ("nk", nk_parts),
+                            ("sx", sx_parts), ("sxx", sxx_parts)):
+            total = np.zeros(parts.shape[1:])
+            for g in range(parts.shape[0]):
+                total += parts[g]
+            out[name] = total
+        return out
+
+    def _redo_in_log_space(self, params, mode, sequences, log_emission, out) -> None:
+        """Sequences ``sequences`` (their scaled recursion left the range) in log
+        space, from their log-densities; their sums added to ``out`` in
+        sequence order (a function of the data alone: the same bits for any
+        thread count)."""
+        rows = np.concatenate([np.arange(self.seq_bounds[s], self.seq_bounds[s + 1])
+                               for s in sequences])
+        X = np.ascontiguousarray(self.X[rows])
+        if log_emission is None:
+            L = emission_log_densities(X, params, self.covariance_type)
+        else:
+            L = np.ascontiguousarray(np.asarray(log_emission, dtype=np.float64)[rows])
+        lengths = self.lengths[sequences]
+        # One group per sequence: each sequence's sums apart, added in order.
+        redone = self._kernel(kernels.LOG, mode, X, sequence_bounds(lengths),
+                              np.arange(lengths.shape[0] + 1, dtype=np.int64), L, np.empty(0),
+                              params, log_forward_backward_work(X.shape[0], L.shape[1]))
+        out["loglik"][sequences] = redone["loglik"]
+        out["status"][sequences] = kernels.DONE
+        if out["gamma"] is not None:
+            out["gamma"][rows] = redone["gamma"]
+        for name in ("trans", "start", "nk", "sx", "sxx"):
+            out[name] = out[name] + redone[name]
 
     def viterbi(self, params: HMMParameters):
         """Most probable state paths: per-sequence log-probabilities (S,) and states (T,)."""
@@ -324,8 +467,11 @@ class SequenceSource:
         return best, path
 
     def statistics(self, params: HMMParameters) -> HMMStatistics:
-        """One E-step under ``params``: forward–backward and the emission statistics."""
-        loglik, gamma, trans, start = self.forward_backward(params)
+        r"""One E-step under ``params``: the start, transition and emission
+        statistics from one forward–backward pass (the emission moments
+        around the current means)."""
+        out = self._run(params, kernels.STATISTICS)
+        loglik = out["loglik"]
         impossible = np.flatnonzero(~np.isfinite(loglik))
         if impossible.size:
             raise ValueError(
@@ -333,9 +479,11 @@ class SequenceSource:
                 "current parameters (zeros in startprob_ or transmat_ forbid every state "
                 "path, or the emissions underflow); check the initial parameters.")
         total = math.fsum(loglik.tolist())
-        emissions = replace(responsibility_statistics(self.X, None, gamma, self.covariance_type),
-                            loglik=total)
-        return HMMStatistics(start, trans, emissions, total, self.n_sequences, params)
+        emissions = GaussianStatistics(out["nk"], out["sx"], out["sxx"],
+                                       np.array(params.means, dtype=np.float64), total,
+                                       float(self.n_samples), count=float(self.n_samples))
+        return HMMStatistics(out["start"], out["trans"], emissions, total, self.n_sequences,
+                             params)
 
 
 # ------------------------------------------------------------------ M-step

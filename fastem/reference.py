@@ -539,7 +539,8 @@ def _hmm_logsumexp(a, axis=None):
     return float(out.reshape(())) if axis is None else np.squeeze(out, axis=axis)
 
 
-def hmm_forward_backward(log_emission, log_startprob, log_transmat, lengths=None):
+def hmm_forward_backward(log_emission, log_startprob, log_transmat, lengths=None, X=None,
+                         shift=None, full=False):
     r"""Forward–backward of an HMM in log space, sequence by sequence (twin of
     :func:`fastem._kernels.hmm.forward_backward`).
 
@@ -557,6 +558,18 @@ def hmm_forward_backward(log_emission, log_startprob, log_transmat, lengths=None
 
         \xi_t(i, j) = e^{\alpha_t(i) + \log A_{ij} + L_{t+1}(j) + \beta_{t+1}(j) - \log p(x)}.
 
+    With the rows ``X``, also the emission statistics of the posteriors
+    around the shift :math:`c_k`, straight from :math:`\gamma` (the kernel
+    adds them up as it goes):
+
+    .. math::
+
+        N_k = \sum_t\gamma_t(k),\quad
+        s_k = \sum_t\gamma_t(k)(x_t - c_k),\quad
+        S_k = \sum_t\gamma_t(k)(x_t - c_k)(x_t - c_k)^T
+
+    (the full :math:`S_k` with ``full``, else its diagonal).
+
     Parameters
     ----------
     log_emission : ndarray (T, K)
@@ -565,6 +578,9 @@ def hmm_forward_backward(log_emission, log_startprob, log_transmat, lengths=None
     log_transmat : ndarray (K, K)
     lengths : sequence of int or None
         Lengths of the sequences stored back to back in the rows.
+    X : ndarray (T, D) or None
+    shift : ndarray (K, D), with X
+    full : bool
 
     Returns
     -------
@@ -576,6 +592,9 @@ def hmm_forward_backward(log_emission, log_startprob, log_transmat, lengths=None
         :math:`\sum_s\sum_t \xi_t(i, j)`, the expected transition counts.
     start : ndarray (K,)
         :math:`\sum_s \gamma^{(s)}_0`, the expected start counts.
+    emissions : tuple or None
+        ``(nk, sx, sxx)``, (K,), (K, D) and (K, D, D) with ``full`` else
+        (K, D, 1); None without ``X``.
     """
     L = np.asarray(log_emission, dtype=np.float64)
     log_pi = np.asarray(log_startprob, dtype=np.float64)
@@ -604,7 +623,18 @@ def hmm_forward_backward(log_emission, log_startprob, log_transmat, lengths=None
         for t in range(n - 1):
             trans += np.exp(alpha[t][:, None] + log_A + (Ls[t + 1] + beta[t + 1])[None, :]
                             - loglik[s])
-    return loglik, gamma, trans, start
+    if X is None:
+        return loglik, gamma, trans, start, None
+    X = np.asarray(X, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    nk = gamma.sum(axis=0)
+    dev = X[:, None, :] - shift[None, :, :]  # (T, K, D)
+    sx = np.einsum("tk,tkd->kd", gamma, dev)
+    if full:
+        sxx = np.einsum("tk,tkd,tke->kde", gamma, dev, dev)
+    else:
+        sxx = np.einsum("tk,tkd->kd", gamma, dev * dev)[:, :, None]
+    return loglik, gamma, trans, start, (nk, sx, sxx)
 
 
 def hmm_viterbi(log_emission, log_startprob, log_transmat, lengths=None):

@@ -21,6 +21,7 @@ from fastem.hmm import (
     hmm_parameters,
     sequence_bounds,
     sequence_groups,
+    shifted_probabilities,
 )
 
 TIGHT = 1e-12
@@ -93,44 +94,259 @@ def random_lattice(lengths, K, seed=0, zeros=False):
         return L, np.log(startprob), np.log(transmat)
 
 
-def run_forward_backward(L, log_pi, log_A, lengths, scaling, group_bounds):
-    n_groups = len(group_bounds) - 1
+def run_kernel(L, log_pi, log_A, lengths, method, mode, group_bounds, X=None, shift=None,
+               full=False, strict=True):
+    """One forward_backward call over all groups; its outputs by name."""
     K = L.shape[1]
-    loglik = np.empty(len(lengths))
-    gamma = np.empty_like(L)
-    xi = np.zeros((n_groups, K, K))
-    start = np.zeros((n_groups, K))
+    if method == kernels.SCALED:
+        emission, offsets = shifted_probabilities(L)
+    else:
+        emission, offsets = L, np.empty(0)
+    if X is None:
+        X, shift = np.zeros((L.shape[0], 1)), np.zeros((K, 1))
+    D = X.shape[1]
+    n_groups = len(group_bounds) - 1
+    slots = n_groups if mode == kernels.STATISTICS else 0
+    out = dict(loglik=np.empty(len(lengths)), status=np.full(len(lengths), -1, dtype=np.int64),
+               gamma=np.empty((L.shape[0] if mode == kernels.POSTERIORS else 0, K)),
+               xi=np.full((n_groups, K, K), np.nan), start=np.full((n_groups, K), np.nan),
+               nk=np.full((slots, K), np.nan), sx=np.full((slots, K, D), np.nan),
+               sxx=np.full((slots, K, D, D if full else 1), np.nan))
     kernels.forward_backward(0, n_groups, np.asarray(group_bounds, dtype=np.int64),
-                             sequence_bounds(lengths), L, log_pi, log_A, scaling, True, loglik,
-                             gamma, np.empty(L.shape[0]), xi, start)
-    return loglik, gamma, xi, start
+                             sequence_bounds(lengths), emission, offsets, log_pi, log_A, method,
+                             mode, strict, X, shift, out["loglik"], out["status"], out["gamma"],
+                             out["xi"], out["start"], out["nk"], out["sx"], out["sxx"])
+    return out
 
 
 KERNEL_CASES = [([5, 1, 17, 40, 2], 3, False), ([300], 4, False), ([1, 1, 1], 2, False),
-                ([60, 33], 1, False), ([25, 8, 40], 3, True)]
+                ([60, 33], 1, False), ([25, 8, 40], 3, True), ([70, 45], 5, False)]
+METHODS = [kernels.SCALED, kernels.LOG]
 
 
-@pytest.mark.parametrize("scaling", [False, True], ids=["log", "scaling"])
+@pytest.mark.parametrize("method", METHODS, ids=["scaled", "log"])
 @pytest.mark.parametrize("lengths,K,zeros", KERNEL_CASES)
-def test_forward_backward_matches_reference(lengths, K, zeros, scaling):
+def test_forward_backward_matches_reference(lengths, K, zeros, method):
     L, log_pi, log_A = random_lattice(lengths, K, seed=len(lengths) + K, zeros=zeros)
-    ref_ll, ref_gamma, ref_trans, ref_start = reference.hmm_forward_backward(
+    ref_ll, ref_gamma, ref_trans, ref_start, _ = reference.hmm_forward_backward(
         L, log_pi, log_A, lengths)
     # One group per sequence: every slot holds that sequence's counts.
-    loglik, gamma, xi, start = run_forward_backward(L, log_pi, log_A, lengths, scaling,
-                                                    np.arange(len(lengths) + 1))
-    assert relative_error(loglik, ref_ll) <= TIGHT
-    assert relative_error(gamma, ref_gamma) <= TIGHT
-    assert relative_error(xi.sum(axis=0), ref_trans) <= TIGHT
-    assert relative_error(start.sum(axis=0), ref_start) <= TIGHT
-    np.testing.assert_allclose(gamma.sum(axis=1), 1.0, rtol=1e-13)
+    one_each = np.arange(len(lengths) + 1)
+    out = run_kernel(L, log_pi, log_A, lengths, method, kernels.POSTERIORS, one_each)
+    assert np.all(out["status"] == kernels.DONE)
+    assert relative_error(out["loglik"], ref_ll) <= TIGHT
+    assert relative_error(out["gamma"], ref_gamma) <= TIGHT
+    assert relative_error(out["xi"].sum(axis=0), ref_trans) <= TIGHT
+    assert relative_error(out["start"].sum(axis=0), ref_start) <= TIGHT
+    np.testing.assert_allclose(out["gamma"].sum(axis=1), 1.0, rtol=1e-13)
     for s, n in enumerate(lengths):
         one = reference.hmm_forward_backward(
             L[sum(lengths[:s]):sum(lengths[:s + 1])], log_pi, log_A, [n])
-        assert relative_error(xi[s], one[2]) <= TIGHT if n > 1 else np.all(xi[s] == 0)
+        assert relative_error(out["xi"][s], one[2]) <= TIGHT if n > 1 else np.all(
+            out["xi"][s] == 0)
+    # The forward pass alone: the same log-likelihoods.
+    forward = run_kernel(L, log_pi, log_A, lengths, method, kernels.FORWARD, one_each)
+    np.testing.assert_array_equal(forward["loglik"], out["loglik"])
     # Groups as the source makes them: the same sums.
-    grouped = run_forward_backward(L, log_pi, log_A, lengths, scaling, sequence_groups(lengths))
-    assert relative_error(grouped[2].sum(axis=0), ref_trans) <= TIGHT
+    grouped = run_kernel(L, log_pi, log_A, lengths, method, kernels.POSTERIORS,
+                         sequence_groups(lengths))
+    assert relative_error(grouped["xi"].sum(axis=0), ref_trans) <= TIGHT
+
+
+@pytest.mark.parametrize("K", kernels.SPECIALISED_STATES)
+def test_specialised_sweeps_give_the_generic_bits(K):
+    # The sweep compiled with K a constant does the same operations in the same order.
+    rng = np.random.default_rng(K)
+    n, low, high = 50, 7, 40
+    b = rng.random((n, K))
+    A = rng.dirichlet(np.ones(K), size=K)
+    inv_c = 1.0 / rng.uniform(0.2, 1.0, size=n)
+    beta_high = rng.random(K)
+    results = []
+    for sweep in (kernels._sweep, kernels.SWEEPS[K]):
+        beta = beta_high.copy()
+        w, wT, betaT = np.empty(K), np.full((K, 40), np.nan), np.full((K, 40), np.nan)
+        sweep(b, 3, n, low, high, A, inv_c, beta, w, wT, betaT)
+        results.append((wT, betaT, beta))
+    for generic, special in zip(*results):
+        np.testing.assert_array_equal(generic, special)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+@pytest.mark.parametrize("method", METHODS, ids=["scaled", "log"])
+@pytest.mark.parametrize("lengths,K,zeros", KERNEL_CASES)
+def test_emission_statistics_match_reference(lengths, K, zeros, method, full):
+    # The fused emission statistics against the twin's, taken from its gamma.
+    L, log_pi, log_A = random_lattice(lengths, K, seed=len(lengths) + 2 * K, zeros=zeros)
+    rng = np.random.default_rng(K)
+    X = rng.normal(size=(sum(lengths), 3)) * [1.0, 10.0, 0.1] + [0.0, 50.0, -3.0]
+    shift = X.mean(axis=0) + rng.normal(size=(K, 3))
+    *_, (nk, sx, sxx) = reference.hmm_forward_backward(L, log_pi, log_A, lengths, X, shift,
+                                                       full)
+    posteriors = run_kernel(L, log_pi, log_A, lengths, method, kernels.POSTERIORS,
+                            sequence_groups(lengths))
+    for groups in (np.arange(len(lengths) + 1), sequence_groups(lengths)):
+        out = run_kernel(L, log_pi, log_A, lengths, method, kernels.STATISTICS, groups, X,
+                         shift, full)
+        assert relative_error(out["nk"].sum(axis=0), nk) <= TIGHT
+        assert relative_error(out["sx"].sum(axis=0), sx) <= TIGHT
+        assert relative_error(out["sxx"].sum(axis=0), sxx) <= TIGHT
+        if full:
+            np.testing.assert_array_equal(out["sxx"], out["sxx"].transpose(0, 1, 3, 2))
+    # Fitting writes no posteriors, and takes the same counts as predictions.
+    np.testing.assert_array_equal(out["loglik"], posteriors["loglik"])
+    np.testing.assert_array_equal(out["xi"], posteriors["xi"])
+    np.testing.assert_array_equal(out["start"], posteriors["start"])
+
+
+def underflowing_lattice():
+    r"""Log-densities and parameters (K = 2) of four sequences; the scaled
+    recursion underflows in the 1st and 3rd, the log-space one does not.
+
+    * 1st: :math:`\pi = (1, 0)` and a first row that only state 1 explains
+      within :math:`e^{-708}` (:math:`b_0 = (0, 1)`: :math:`c_0 = 0`);
+    * 3rd: rows supporting only state 0, then only state 1, through
+      :math:`A_{01} = 10^{-320}` (:math:`c_t = 10^{-320}`, subnormal);
+    * 2nd and 4th: ordinary sequences.
+    """
+    rng = np.random.default_rng(11)
+    far = np.array([-1000.0, 0.0])
+    parts = [np.vstack([far, rng.normal(size=(6, 2))]),
+             rng.normal(size=(9, 2)) - 3.0,
+             np.vstack([np.tile(far[::-1], (5, 1)), np.tile(far, (7, 1))]),
+             rng.normal(size=(4, 2))]
+    with np.errstate(divide="ignore"):
+        log_pi = np.log([1.0, 0.0])
+    log_A = np.log([[1.0, 1e-320], [1e-320, 1.0]])
+    return parts, log_pi, log_A
+
+
+def test_scaled_recursion_falls_back_to_log_space():
+    parts, log_pi, log_A = underflowing_lattice()
+    L = np.vstack(parts)
+    lengths = [len(p) for p in parts]
+    groups = sequence_groups(lengths)
+    scaled = run_kernel(L, log_pi, log_A, lengths, kernels.SCALED, kernels.POSTERIORS, groups)
+    np.testing.assert_array_equal(scaled["status"], [kernels.REDO, kernels.DONE, kernels.REDO,
+                                                     kernels.DONE])
+    # Without strict (hmmlearn's 'scaling') a zero normaliser is probability zero.
+    loose = run_kernel(L, log_pi, log_A, lengths, kernels.SCALED, kernels.FORWARD, groups,
+                       strict=False)
+    assert loose["loglik"][0] == -np.inf and np.all(np.isfinite(loose["loglik"][[1, 3]]))
+    ref_ll, ref_gamma, ref_trans, ref_start, _ = reference.hmm_forward_backward(
+        L, log_pi, log_A, lengths)
+    assert np.all(np.isfinite(ref_ll))
+    params = hmm_parameters(np.exp(log_pi), np.exp(log_A), np.zeros((2, 1)), np.ones((2, 1)),
+                            "diag")
+    X = np.random.default_rng(2).normal(size=(L.shape[0], 1))
+    source = SequenceSource(X, lengths, "diag", "log")
+    loglik, gamma, trans, start = source.forward_backward(params, log_emission=L)
+    assert relative_error(loglik, ref_ll) <= TIGHT
+    assert relative_error(gamma, ref_gamma) <= TIGHT
+    assert relative_error(trans, ref_trans) <= TIGHT
+    assert relative_error(start, ref_start) <= TIGHT
+    # The emission statistics of the redone sequences too.
+    *_, (nk, sx, sxx) = reference.hmm_forward_backward(L, log_pi, log_A, lengths, X,
+                                                       params.means)
+    out = source._run(params, kernels.STATISTICS, log_emission=L)
+    assert relative_error(out["loglik"], ref_ll) <= TIGHT
+    assert relative_error(out["trans"], ref_trans) <= TIGHT
+    assert relative_error(out["nk"], nk) <= TIGHT
+    assert relative_error(out["sx"], sx) <= TIGHT
+    assert relative_error(out["sxx"], sxx) <= TIGHT
+    with _threads.limit(1):
+        np.testing.assert_array_equal(
+            SequenceSource(X, lengths, "diag", "log").forward_backward(
+                params, log_emission=L)[1], gamma)
+
+
+@pytest.mark.parametrize("switch", [1e-100, 1e-300])
+def test_small_normalisers_keep_the_log_likelihood(switch):
+    # 29 switches between states through A_01 = A_10 = switch, each forced by
+    # the data: normalisers about that small, whose product (1e-2900 or
+    # 1e-8700) is far below float64's range (kept as a mantissa and an
+    # exponent). Below K 2^-960 (1e-300) the strict pass redoes the sequence.
+    far = np.array([-1000.0, 0.0])
+    L = np.vstack([np.tile(far[::(-1) ** (b + 1)], (3, 1)) for b in range(30)])
+    L += np.random.default_rng(4).normal(scale=0.1, size=L.shape)
+    log_pi = np.log([0.5, 0.5])
+    log_A = np.log([[1.0 - switch, switch], [switch, 1.0 - switch]])
+    ref_ll, ref_gamma, ref_trans, ref_start, _ = reference.hmm_forward_backward(
+        L, log_pi, log_A, [L.shape[0]])
+    assert ref_ll[0] < -6000
+    # The twin's exponents carry absolute errors of about |log p| eps (4e-12
+    # relative on xi here; the kernel's is 1e-16, checked in 50 digits).
+    loose = TIGHT * abs(ref_ll[0]) / 1000.0
+    for strict in (True, False):
+        out = run_kernel(L, log_pi, log_A, [L.shape[0]], kernels.SCALED, kernels.POSTERIORS,
+                         [0, 1], strict=strict)
+        if strict and switch < 2 * 2.0 ** -960:
+            assert out["status"][0] == kernels.REDO
+            continue
+        assert out["status"][0] == kernels.DONE
+        assert relative_error(out["loglik"], ref_ll) <= TIGHT
+        assert relative_error(out["gamma"], ref_gamma) <= loose
+        assert relative_error(out["xi"][0], ref_trans) <= loose
+
+
+def test_small_normaliser_after_a_drifting_product():
+    # 63 rows where an unreachable state has the largest density (c_t = 1/2:
+    # the product of the normalisers drifts to 2^-63, just above its
+    # renormalisation), then a switch through 1e-300: multiplied in directly
+    # the product would be subnormal (3e-8 relative error in log p).
+    ln2 = np.log(2.0)
+    L = np.vstack([np.tile([-ln2, -1000.0, 0.0], (63, 1)),
+                   np.tile([-1000.0, 0.0, -1000.0], (5, 1))])
+    with np.errstate(divide="ignore"):
+        log_pi = np.log([1.0, 0.0, 0.0])
+        log_A = np.log([[1.0, 1e-300, 0.0], [1e-300, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    ref_ll = reference.hmm_forward_backward(L, log_pi, log_A, [L.shape[0]])[0]
+    out = run_kernel(L, log_pi, log_A, [L.shape[0]], kernels.SCALED, kernels.FORWARD, [0, 1],
+                     strict=False)
+    assert relative_error(out["loglik"], ref_ll) <= TIGHT
+
+
+def test_overflowing_backward_recursion_falls_back_to_log_space():
+    # Two states that never switch; the first row rules state 1 out (b_0 =
+    # (1, 0)), the next 1200 favour it by a factor 2: its scaled backward
+    # variable reaches 2^1200 and overflows. Both implementations redo the
+    # sequence in log space (whose forward pass, too, has ruled state 1 out).
+    L = np.vstack([[0.0, -800.0], np.tile([-np.log(2.0), 0.0], (1200, 1))])
+    log_pi = np.log([0.5, 0.5])
+    with np.errstate(divide="ignore"):
+        log_A = np.log(np.eye(2))
+    lengths = [L.shape[0]]
+    groups = sequence_groups(lengths)
+    for strict in (True, False):
+        scaled = run_kernel(L, log_pi, log_A, lengths, kernels.SCALED, kernels.POSTERIORS,
+                            groups, strict=strict)
+        assert scaled["status"][0] == kernels.REDO
+    log = run_kernel(L, log_pi, log_A, lengths, kernels.LOG, kernels.POSTERIORS, groups)
+    params = hmm_parameters(np.exp(log_pi), np.eye(2), np.zeros((2, 1)), np.ones((2, 1)), "diag")
+    for implementation in ("log", "scaling"):
+        source = SequenceSource(np.zeros((L.shape[0], 1)), None, "diag", implementation)
+        loglik, gamma, trans, start = source.forward_backward(params, log_emission=L)
+        np.testing.assert_array_equal(loglik, log["loglik"])
+        np.testing.assert_array_equal(gamma, log["gamma"])
+        np.testing.assert_array_equal(trans, log["xi"][0])
+        assert np.all(np.isfinite(gamma))
+    # Within a group, after ordinary sequences (whose sums the sweep had
+    # added already): the group is summed again without it.
+    rng = np.random.default_rng(5)
+    ordinary = [rng.normal(size=(n, 2)) for n in (30, 50)]
+    mixed = np.vstack([ordinary[0], L, ordinary[1]])
+    lengths = [30, L.shape[0], 50]
+    X = rng.normal(size=(mixed.shape[0], 2))
+    shift = rng.normal(size=(2, 2))
+    together = run_kernel(mixed, log_pi, log_A, lengths, kernels.SCALED, kernels.STATISTICS,
+                          [0, 3], X, shift, True)
+    np.testing.assert_array_equal(together["status"], [kernels.DONE, kernels.REDO, kernels.DONE])
+    bounds = sequence_bounds(lengths)
+    apart = [run_kernel(mixed[bounds[s]:bounds[s + 1]], log_pi, log_A, [lengths[s]],
+                        kernels.SCALED, kernels.STATISTICS, [0, 1], X[bounds[s]:bounds[s + 1]],
+                        shift, True) for s in (0, 2)]
+    for name in ("xi", "start", "nk", "sx", "sxx"):
+        assert relative_error(together[name], apart[0][name] + apart[1][name]) <= TIGHT
 
 
 @pytest.mark.parametrize("lengths,K,zeros", KERNEL_CASES)
