@@ -120,7 +120,8 @@ def run_kernel(L, log_pi, log_A, lengths, method, mode, group_bounds, X=None, sh
 
 
 KERNEL_CASES = [([5, 1, 17, 40, 2], 3, False), ([300], 4, False), ([1, 1, 1], 2, False),
-                ([60, 33], 1, False), ([25, 8, 40], 3, True), ([70, 45], 5, False)]
+                ([60, 33], 1, False), ([25, 8, 40], 3, True), ([70, 45], 5, False),
+                ([40, 21], 9, True)]  # K = 9: the generic sweep (K <= 8: specialised)
 METHODS = [kernels.SCALED, kernels.LOG]
 
 
