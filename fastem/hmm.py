@@ -52,11 +52,17 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from . import _threads, em
+from . import io as model_files
 from ._kernels import estep
 from ._kernels import hmm as kernels
 from ._kernels._blocks import n_chunks_for
 from ._kernels.mstep import factor_covariance
-from .covariance import COVARIANCE_TYPES, precision_cholesky_of_covariance, uses_full_scatter
+from .covariance import (
+    COVARIANCE_TYPES,
+    covariance_shape,
+    precision_cholesky_of_covariance,
+    uses_full_scatter,
+)
 from .initialization import kmeans_plusplus, lloyd
 from .stats import (
     _NO_LABELS,
@@ -555,6 +561,37 @@ class BaumWelch:
         self.covars_prior = covars_prior
         self.covars_weight = covars_weight
 
+    def prior_shapes(self, n_states: int, n_features: int) -> dict:
+        """The shape each prior is broadcast to (a prior may be any shape that broadcasts)."""
+        tied = self.covariance_type == "tied"
+        full = uses_full_scatter(self.covariance_type)
+        return {
+            "startprob_prior": (n_states,),
+            "transmat_prior": (n_states, n_states),
+            "means_prior": (n_states, n_features),
+            "means_weight": (n_states,),
+            "covars_prior": ((n_features, n_features) if tied else
+                             (n_states, n_features, n_features) if full else
+                             (n_states, n_features)),
+            "covars_weight": () if tied else (n_states,),
+        }
+
+    def check_priors(self, n_states: int, n_features: int) -> None:
+        """Raise ``ValueError`` naming a prior that is not finite or does not broadcast."""
+        for name, shape in self.prior_shapes(n_states, n_features).items():
+            value = getattr(self, name)
+            try:
+                array = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number or an array of numbers, got "
+                                 f"{value!r}") from None
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"{name} must be finite")
+            if shape == () and array.size != 1:
+                raise ValueError(f"{name} must be a number for covariance_type="
+                                 f"{self.covariance_type!r}, got shape {array.shape}")
+            _broadcast(array, shape, name)
+
     def objective(self, stats: HMMStatistics, params: HMMParameters = None) -> float:
         """Total log-likelihood of the statistics (under the parameters they were taken at)."""
         return float(stats.loglik)
@@ -794,10 +831,16 @@ class GaussianHMM(BaseEstimator):
         covariance type (hmmlearn's property; the compact parameters are
         ``_covars_``: (K,) 'spherical', (K, D) 'diag', (K, D, D) 'full',
         (D, D) 'tied'). Set it in the compact shape.
-    n_features : int
+    n_features, n_features_in_ : int
+        Number of features D (hmmlearn's name, and scikit-learn's).
     monitor_ : HMMConvergenceMonitor
         ``history`` (log-likelihood per iteration of the kept start),
         ``iter`` and hmmlearn's ``converged``.
+    lower_bounds_ : list of float
+        The total log-likelihood entering every iteration of the kept start
+        (``monitor_.history``).
+    lower_bound_ : float
+        The last of them (-inf without iterations).
     converged_ : bool
         Whether EM stopped by ``tol`` (not by ``n_iter``).
     n_iter_ : int
@@ -981,6 +1024,7 @@ class GaussianHMM(BaseEstimator):
         X, lengths = self._check_X(X, lengths, fitting=True)
         source = SequenceSource(X, lengths, self.covariance_type, self.implementation)
         m_step = self._m_step()
+        m_step.check_priors(self.n_components, X.shape[1])
         random_state = check_random_state(self.random_state)
         monitor = _SignedMonitor(self.tol, verbose=2 if self.verbose else 0, verbose_interval=1,
                                  stream=sys.stderr)
@@ -989,17 +1033,26 @@ class GaussianHMM(BaseEstimator):
                                 lambda index: self._initial_parameters(X, random_state),
                                 self.n_init, monitor, self.n_iter)
         params = best.params
-        self.n_features = X.shape[1]
+        self.n_features = self.n_features_in_ = X.shape[1]
         self.startprob_ = params.startprob
         self.transmat_ = params.transmat
         self.means_ = params.means
         self._covars_ = params.covars
-        self.monitor_ = HMMConvergenceMonitor(self.tol, self.n_iter, self.verbose)
-        for value in best.lower_bounds:
-            self.monitor_.report(value)
+        self.lower_bounds_ = [float(value) for value in best.lower_bounds]
+        self.lower_bound_ = float(best.lower_bound)
         self.n_iter_ = best.n_iter
         self.converged_ = bool(best.converged)
         return self
+
+    @property
+    def monitor_(self) -> HMMConvergenceMonitor:
+        """hmmlearn's monitor of the kept start, rebuilt from :attr:`lower_bounds_`."""
+        if not hasattr(self, "lower_bounds_"):
+            raise AttributeError("monitor_ is set by fit")
+        monitor = HMMConvergenceMonitor(self.tol, self.n_iter, self.verbose)
+        for value in self.lower_bounds_:
+            monitor.report(value)
+        return monitor
 
     # -------------------------------------------------------------- inference
     def _current_parameters(self) -> HMMParameters:
@@ -1082,6 +1135,11 @@ class GaussianHMM(BaseEstimator):
                                                          covars[currstate]))
         return np.atleast_2d(rows), np.array(states, dtype=int)
 
+    # -------------------------------------------------------------- misc
+    def save(self, path):
+        """Save the fitted model to ``path`` (.npz with JSON metadata, no pickle)."""
+        model_files.save_model(self, path)
+
     # -------------------------------------------------------------- criteria
     def _n_parameters(self) -> int:
         """Free parameters: :math:`K-1` + :math:`K(K-1)` + :math:`KD` + the covariances'."""
@@ -1151,3 +1209,41 @@ def _check_covars(covars, covariance_type):
             which = "" if covariance_type == "tied" else f"component {k} of "
             raise ValueError(f"{which}'{covariance_type}' covars must be symmetric, "
                              "positive-definite")
+
+
+# ------------------------------------------------------------------ model files
+def _saved_array_shapes(params, fitted):
+    n_states, n_features = params["n_components"], fitted["n_features_in_"]
+    if (n_features < 1 or fitted["n_features"] != n_features or not
+            0 <= fitted["n_iter_"] <= params["n_iter"] or fitted["lower_bound_"] == math.inf):
+        raise ValueError(f"invalid fitted attributes n_features_in_={n_features}, n_features="
+                         f"{fitted['n_features']}, n_iter_={fitted['n_iter_']}, lower_bound_="
+                         f"{fitted['lower_bound_']}")
+    return {"startprob_": (n_states,), "transmat_": (n_states, n_states),
+            "means_": (n_states, n_features),
+            "_covars_": covariance_shape(params["covariance_type"], n_states, n_features)}
+
+
+def _check_saved_model(model) -> None:
+    """Refuse a loaded model that no fit gives: probabilities that do not sum to one,
+    covariances that are not positive definite, priors that do not broadcast."""
+    from .mixture import check_lower_bounds
+
+    model._check_parameters(model._current_parameters(), model.n_features_in_)
+    model._m_step().check_priors(model.n_components, model.n_features_in_)
+    check_lower_bounds(model)
+
+
+model_files.register_model_format(model_files.ModelFormat(
+    name="fastem.GaussianHMM",
+    version=1,
+    estimator=GaussianHMM,
+    fitted_arrays=("startprob_", "transmat_", "means_", "_covars_"),
+    fitted_lists=("lower_bounds_",),
+    fitted_scalars={"converged_": bool, "n_iter_": int, "lower_bound_": float,
+                    "n_features": int, "n_features_in_": int},
+    array_params=("startprob_prior", "transmat_prior", "means_prior", "means_weight",
+                  "covars_prior", "covars_weight"),
+    array_shapes=_saved_array_shapes,
+    check_fitted=_check_saved_model,
+))

@@ -192,8 +192,10 @@ class ModelFormat:
         but the array parameters (which are read only once their shapes are
         known to be right), already checked by the estimator's own parameter
         validation, and the fitted scalars (already type-checked). It may
-        raise ``ValueError`` for values the estimator cannot have. Without it,
-        shapes are not checked.
+        raise ``ValueError`` for values the estimator cannot have. An array
+        parameter it leaves out may have any shape (a prior that broadcasts,
+        say; ``check_fitted`` should then check it). Without it, shapes are
+        not checked.
     param_codecs : mapping of str to JSONCodec, default={}
         Constructor parameters that are neither JSON scalars nor arrays (a
         prior object, say), stored in the metadata as the JSON value their
@@ -834,6 +836,8 @@ def _rebuild(fmt: ModelFormat, version: int, params, fitted,
                  if name not in fmt.array_params}
         shapes = fmt.array_shapes(MappingProxyType(given), MappingProxyType(fitted))
         for name in (*fmt.fitted_arrays, *array_params):
+            if name in array_params and name not in shapes:
+                continue  # any shape the estimator accepts (its check_fitted says)
             expected = tuple(shapes[name])
             if layouts[name].shape != expected:
                 raise ValueError(

@@ -461,7 +461,7 @@ def test_load_foreign_npz(tmp_path):
         load_model(path)
 
 
-@pytest.mark.parametrize("name", ["someone.else", "fastem.GaussianHMM", None])
+@pytest.mark.parametrize("name", ["someone.else", "fastem.PoissonHMM", None])
 def test_load_unregistered_format(model_file, name):
     rewrite(model_file, {"format": name})
     with pytest.raises(ValueError, match=f"format is {name!r}, expected one of ") as info:
