@@ -356,6 +356,51 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write here instead of to standard output")
     impute.set_defaults(run=_impute)
 
+    hmm = commands.add_parser(
+        "hmm", help="hidden Markov models: fit sequences, decode their states",
+        description="Gaussian hidden Markov models fitted by Baum-Welch (fastem.GaussianHMM).",
+    )
+    hmm_commands = hmm.add_subparsers(dest="hmm_command", metavar="HMM_COMMAND", required=True)
+    hmm_fit = hmm_commands.add_parser(
+        "fit", help="fit a hidden Markov model to the rows of a data file",
+        description="Fit a Gaussian HMM for each number of states asked for, keep the one "
+                    "of lowest BIC, print it and optionally save it and draw its decoded "
+                    "states. Rows are observations in time order; with --sequence, "
+                    "consecutive rows of equal value in that column form one sequence.",
+    )
+    _add_data(hmm_fit)
+    hmm_fit.add_argument("-k", "--n-components", default="2", metavar="SPEC",
+                         help="numbers of states to try: 3, 1-4 or 2,3 (default: 2)")
+    hmm_fit.add_argument("--covariance", choices=COVARIANCE_TYPES, default="diag",
+                         help="covariance type of the emissions (default: diag)")
+    hmm_fit.add_argument("--n-iter", type=_positive_int, default=500, metavar="N",
+                         help="most Baum-Welch iterations per start (default: 500)")
+    hmm_fit.add_argument("--n-init", type=_positive_int, default=DEFAULT_N_INIT, metavar="N",
+                         help=f"starts per number of states (default: {DEFAULT_N_INIT})")
+    hmm_fit.add_argument("--seed", type=_seed, default=DEMO_SEED, metavar="S",
+                         help=f"random seed of the starts (default: {DEMO_SEED})")
+    _add_sequence(hmm_fit)
+    _add_columns(hmm_fit)
+    hmm_fit.add_argument("--out", type=Path, metavar="MODEL",
+                         help="save the chosen model to this .npz file")
+    hmm_fit.add_argument("--plot", type=Path, metavar="PICTURE",
+                         help=f"draw the first feature coloured by decoded state ({PLOT_HINT})")
+    hmm_fit.set_defaults(run=_hmm_fit)
+    hmm_decode = hmm_commands.add_parser(
+        "decode", help="most probable states of a data file's rows under a saved model, as CSV",
+        description="Write the decoded state of every row (header 'state'), by Viterbi or, "
+                    "with --algorithm map, each row's most probable state.",
+    )
+    _add_model(hmm_decode)
+    _add_data(hmm_decode)
+    hmm_decode.add_argument("--algorithm", choices=("viterbi", "map"), default="viterbi",
+                            help="decoder (default: viterbi)")
+    _add_sequence(hmm_decode)
+    _add_model_columns(hmm_decode)
+    hmm_decode.add_argument("--out", type=Path, metavar="CSV",
+                            help="write here instead of to standard output")
+    hmm_decode.set_defaults(run=_hmm_decode)
+
     compile_ = commands.add_parser(
         "compile", help="compile and cache every kernel (for images and CI caches)",
         description="Compile every Numba kernel for float64 and float32 data and cache it on "
@@ -393,6 +438,12 @@ def _add_model_columns(parser):
                         help="the data's columns for the model's features, in their order, by "
                              "name or 0-based index (default: the columns the model was fitted "
                              "on, by name, or all columns for a model without names)")
+
+
+def _add_sequence(parser):
+    parser.add_argument("--sequence", metavar="COLUMN",
+                        help="column (name or 0-based index) whose runs of equal values mark "
+                             "the sequences; it is not a feature (default: one sequence)")
 
 
 def _add_quiet(parser):
@@ -558,6 +609,107 @@ def _score(args, report: _Report) -> int:
     width = max(len(name) for name, _ in rows) + 2
     for name, value in rows:
         report.print(f"{name:<{width}}{value}")
+    return 0
+
+
+def _sequence_lengths(args) -> np.ndarray | None:
+    """Lengths of the runs of equal values in the ``--sequence`` column (None without it)."""
+    if args.sequence is None:
+        return None
+    ids = load_table(args.data, [args.sequence]).X[:, 0]
+    if ids.size == 0:
+        return None
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return np.diff(np.r_[starts, ids.size])
+
+
+def _feature_columns(args) -> list[str] | None:
+    """``--columns``, or every column but ``--sequence``."""
+    columns = _parse_columns(args.columns)
+    if columns is not None or args.sequence is None:
+        if columns is not None and args.sequence is not None and args.sequence in columns:
+            raise ValueError(f"--sequence {args.sequence} is also one of --columns")
+        return columns
+    names = load_table(args.data, None).names
+    index = (int(args.sequence) if args.sequence.isdigit() and args.sequence not in names
+             else names.index(args.sequence) if args.sequence in names else None)
+    if index is None or index >= len(names):
+        raise ValueError(f"{args.data} has no column {args.sequence!r} for --sequence")
+    return [name for j, name in enumerate(names) if j != index]
+
+
+def _hmm_fit(args, report: _Report) -> int:
+    from .hmm import GaussianHMM
+
+    ranges = parse_components(args.n_components)
+    if args.plot is not None:
+        if not _has_matplotlib():
+            raise ValueError(f"--plot needs matplotlib: {PLOT_HINT}")
+        _check_picture_type("--plot", args.plot)
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            _check_output(option, path)
+    table = _read_data(args.data, _feature_columns(args))
+    X, names = np.asarray(table.X, dtype=np.float64), table.names
+    lengths = _sequence_lengths(args)
+    ks = sorted({k for low, high in ranges for k in range(low, high + 1)})
+    if ks[-1] > X.shape[0]:
+        raise ValueError(f"-k asks for up to {ks[-1]} states but {args.data} has only "
+                         f"{X.shape[0]} rows")
+    n_sequences = 1 if lengths is None else len(lengths)
+    report.print(f"{args.data}: {X.shape[0]} rows x {X.shape[1]} columns ({', '.join(names)}),"
+                 f" {_count(n_sequences, 'sequence')}")
+    fits = []
+    for k in ks:
+        model = GaussianHMM(n_components=k, covariance_type=args.covariance,
+                            n_iter=args.n_iter, tol=1e-6, n_init=args.n_init,
+                            random_state=args.seed).fit(X, lengths)
+        fits.append((model.bic(X, lengths), k, model))
+        report.print(f"  K={k}: log-likelihood {model.score(X, lengths):.6g}, "
+                     f"BIC {fits[-1][0]:.6g}")
+    bic, k, model = min(fits, key=lambda fit: (fit[0], fit[1]))
+    if table.named:
+        model.feature_names_in_ = np.asarray(names, dtype=object)
+    report.print(f"Chosen by BIC: K={k} ({bic:.6g})")
+    report.print("transition matrix:")
+    for row in np.asarray(model.transmat_):
+        report.print("  " + " ".join(f"{p:.4f}" for p in row))
+    for state in range(k):
+        report.print(f"state {state}: mean {np.round(model.means_[state], 6).tolist()}, "
+                     f"variances {np.round(np.diagonal(model.covars_[state]), 6).tolist()}")
+    if args.out is not None:
+        with _replaced_atomically(args.out) as tmp:
+            save_model(model, tmp)
+        report.print(f"\nModel saved to {args.out}")
+    if args.plot is not None:
+        from .plotting import plot_states, save_figure
+
+        save_figure(plot_states(model, X, lengths), args.plot)
+        report.print(f"Picture: {args.plot}")
+    return 0
+
+
+def _hmm_decode(args, report: _Report) -> int:
+    if args.out is not None:
+        _check_output("--out", args.out)
+    model = _load_model(args.model)
+    if not hasattr(model, "transmat_"):
+        raise ValueError(f"{args.model} holds a {type(model).__name__}, not a hidden Markov "
+                         "model")
+    columns = args.columns
+    if columns is None and args.sequence is not None and getattr(
+            model, "feature_names_in_", None) is None:
+        args.columns = ",".join(_feature_columns(args))
+    X = _read_model_data(model, args)
+    args.columns = columns
+    lengths = _sequence_lengths(args)
+    _, states = model.decode(X, lengths, algorithm=args.algorithm)
+    body = map(str, np.asarray(states).tolist())
+    if args.out is None:
+        _write_csv(sys.stdout, "state", body)
+    else:
+        with _replaced_atomically(args.out) as tmp, open(tmp, "x", newline="") as handle:
+            _write_csv(handle, "state", body)
     return 0
 
 

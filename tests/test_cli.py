@@ -856,3 +856,86 @@ def test_fit_with_missing_em_then_impute_predict_and_score(files, tmp_path, caps
     code, out, err = run(capsys, "score", tmp_path / "m.npz", data)
     assert code == 0, err
     assert f"{model.score(with_nan):.10g}" in out
+
+
+# ---------------------------------------------------------------------------
+# hmm fit | decode
+# ---------------------------------------------------------------------------
+
+
+def _regime_file(tmp_path, with_sequences=False):
+    """Two sequences alternating calm and volatile stretches, as CSV."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for sequence in (1, 2):
+        for scale in (1.0, 6.0, 1.0, 6.0, 1.0):
+            for value in rng.normal(scale=scale, size=60):
+                rows.append((sequence, float(value)))
+    path = tmp_path / "regimes.csv"
+    header = "sequence,ret" if with_sequences else "ret"
+    path.write_text(header + "\n" + "\n".join(
+        (f"{s},{v!r}" if with_sequences else f"{v!r}") for s, v in rows) + "\n")
+    return path, np.array([v for _, v in rows])
+
+
+def test_hmm_fit_chooses_states_by_bic_saves_and_decode_reproduces_them(tmp_path, capsys):
+    from fastem import GaussianHMM
+
+    data, values = _regime_file(tmp_path, with_sequences=True)
+    model_path = tmp_path / "hmm.npz"
+    code, out, err = run(capsys, "hmm", "fit", data, "-k", "1-3", "--sequence", "sequence",
+                         "--n-init", "2", "--out", model_path)
+    assert code == 0, err
+    assert "2 sequences" in out
+    chosen = int(re.search(r"Chosen by BIC: K=(\d+)", out)[1])
+    assert chosen == 2
+    model = load_model(model_path)
+    assert isinstance(model, GaussianHMM) and model.n_components == 2
+    code, out, err = run(capsys, "hmm", "decode", model_path, data, "--sequence", "sequence")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "state"
+    states = np.array([int(v) for v in lines[1:]])
+    expected = model.predict(values[:, None], [300, 300])
+    np.testing.assert_array_equal(states, expected)
+    volatile = np.argmax(model.covars_[:, 0, 0])
+    # The volatile stretches are rows 60-119 and 180-239 of each sequence.
+    marked = np.zeros(600, dtype=bool)
+    for first in (60, 180, 360, 480):
+        marked[first:first + 60] = True
+    assert np.mean((states == volatile) == marked) > 0.9
+
+
+def test_hmm_decode_refuses_a_mixture_model(files, capsys):
+    code, _, err = run(capsys, "hmm", "decode", files["model"], files["blobs"])
+    assert_one_line_error(code, err, "not a hidden Markov model")
+
+
+def test_hmm_fit_without_sequences_draws_states_and_decode_by_map(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data, values = _regime_file(tmp_path)
+    model_path, picture = tmp_path / "hmm.npz", tmp_path / "states.png"
+    code, out, err = run(capsys, "hmm", "fit", data, "-k", "2", "--covariance", "spherical",
+                         "--out", model_path, "--plot", picture)
+    assert code == 0, err
+    assert "1 sequence" in out and "Chosen by BIC: K=2" in out
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = load_model(model_path)
+    assert model.covariance_type == "spherical" and list(model.feature_names_in_) == ["ret"]
+    out_csv = tmp_path / "states.csv"
+    code, _, err = run(capsys, "hmm", "decode", model_path, data, "--algorithm", "map",
+                       "--out", out_csv)
+    assert code == 0, err
+    states = np.loadtxt(out_csv, skiprows=1, dtype=int)
+    np.testing.assert_array_equal(states, model.decode(values[:, None], algorithm="map")[1])
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["-k", "700"], "asks for up to 700 states"),
+    (["--sequence", "nope"], "no column 'nope'"),
+    (["--sequence", "sequence", "--columns", "sequence,ret"], "also one of --columns"),
+])
+def test_hmm_fit_refuses_bad_requests_in_one_line(tmp_path, capsys, extra, fragment):
+    data, _ = _regime_file(tmp_path, with_sequences=True)
+    code, _, err = run(capsys, "hmm", "fit", data, *extra)
+    assert_one_line_error(code, err, fragment)
