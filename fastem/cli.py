@@ -639,7 +639,7 @@ def _feature_columns(args) -> list[str] | None:
 
 
 def _hmm_fit(args, report: _Report) -> int:
-    from .hmm import GaussianHMM
+    from .hmm import select_n_states
 
     ranges = parse_components(args.n_components)
     if args.plot is not None:
@@ -659,15 +659,15 @@ def _hmm_fit(args, report: _Report) -> int:
     n_sequences = 1 if lengths is None else len(lengths)
     report.print(f"{args.data}: {X.shape[0]} rows x {X.shape[1]} columns ({', '.join(names)}),"
                  f" {_count(n_sequences, 'sequence')}")
-    fits = []
-    for k in ks:
-        model = GaussianHMM(n_components=k, covariance_type=args.covariance,
-                            n_iter=args.n_iter, tol=1e-6, n_init=args.n_init,
-                            random_state=args.seed).fit(X, lengths)
-        fits.append((model.bic(X, lengths), k, model))
-        report.print(f"  K={k}: log-likelihood {model.score(X, lengths):.6g}, "
-                     f"BIC {fits[-1][0]:.6g}")
-    bic, k, model = min(fits, key=lambda fit: (fit[0], fit[1]))
+    selection = select_n_states(X, lengths, ks, covariance_type=args.covariance,
+                                n_iter=args.n_iter, tol=1e-6, n_init=args.n_init,
+                                random_state=args.seed)
+    for row in selection.table:
+        report.print(f"  K={row['n_components']}: log-likelihood {row['log_likelihood']:.6g}, "
+                     f"BIC {row['bic']:.6g}")
+    model = selection.best
+    k = model.n_components
+    bic = next(row["bic"] for row in selection.table if row["n_components"] == k)
     if table.named:
         model.feature_names_in_ = np.asarray(names, dtype=object)
     report.print(f"Chosen by BIC: K={k} ({bic:.6g})")

@@ -69,7 +69,8 @@ def compile_kernels(dtypes=(np.float64, np.float32),
     hierarchical start, the label statistics, the fused pass of every engine
     (loops and BLAS, full and diagonal scatter) in each of its modes, the
     M-steps, the compiled EM loop and predictions, for every covariance type,
-    and the pass of EM with missing values.
+    the pass of EM with missing values, and the forward-backward and Viterbi
+    kernels of hidden Markov models.
 
     Parameters
     ----------
@@ -122,6 +123,22 @@ def compile_kernels(dtypes=(np.float64, np.float32),
         model.predict_proba(X)
         model.impute(X)
     _add_step(totals, seconds, report, "missing values", start)
+    # Hidden Markov models: forward-backward (both recursions), Viterbi and the
+    # emission passes of every covariance type (in float64, as GaussianHMM fits).
+    from .hmm import GaussianHMM
+
+    X = _warm_data(64, 2, np.float64)
+    start = time.perf_counter()
+    with compile_times() as seconds, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for covariance_type in COVARIANCE_TYPES:
+            for implementation in ("log", "scaling"):
+                model = GaussianHMM(2, covariance_type=covariance_type, n_iter=2,
+                                    implementation=implementation, random_state=0)
+                model.fit(X, [24, 40])
+                model.predict_proba(X)
+            model.decode(X, [24, 40])
+    _add_step(totals, seconds, report, "hidden Markov models", start)
     return dict(totals)
 
 

@@ -76,7 +76,8 @@ from .stats import (
 )
 
 __all__ = ["BaumWelch", "GaussianHMM", "HMMConvergenceMonitor", "HMMParameters",
-           "HMMStatistics", "SequenceSource", "emission_log_densities", "emission_probabilities"]
+           "HMMStatistics", "SequenceSource", "StateSelection", "emission_log_densities",
+           "emission_probabilities", "select_n_states"]
 
 PARAM_LETTERS = "stmc"
 DECODER_ALGORITHMS = ("viterbi", "map")
@@ -1155,6 +1156,77 @@ class GaussianHMM(BaseEstimator):
     def aic(self, X, lengths=None) -> float:
         r"""Akaike information criterion :math:`-2\log p(X) + 2p` (lower is better)."""
         return -2.0 * self.score(X, lengths) + 2.0 * self._n_parameters()
+
+
+@dataclass(frozen=True)
+class StateSelection:
+    """What :func:`select_n_states` found.
+
+    Attributes
+    ----------
+    best : GaussianHMM
+        The fitted model of lowest criterion.
+    criterion : {'bic', 'aic'}
+    table : list of dict
+        One row per number of states, in increasing order: ``n_components``,
+        ``log_likelihood``, ``n_parameters``, ``bic``, ``aic``, ``n_iter``,
+        ``converged``.
+    """
+
+    best: GaussianHMM
+    criterion: str
+    table: list
+
+
+def select_n_states(X, lengths=None, n_components=range(1, 7), criterion="bic",
+                    **params) -> StateSelection:
+    r"""Fit a :class:`GaussianHMM` for each number of states and keep the best.
+
+    The criterion is :math:`\mathrm{BIC} = -2\log p(X) + p\log N` or
+    :math:`\mathrm{AIC} = -2\log p(X) + 2p`, with :math:`p` the free
+    parameters (:math:`K-1` start, :math:`K(K-1)` transition, :math:`KD`
+    mean and the covariances' parameters); the lowest wins, ties going to
+    fewer states.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    lengths : array-like of int, optional
+    n_components : iterable of int, default=range(1, 7)
+        The numbers of states to try (each at most the number of rows).
+    criterion : {'bic', 'aic'}, default='bic'
+    **params
+        Other parameters of every :class:`GaussianHMM` (``covariance_type``,
+        ``n_init``, ``n_iter``, ``tol``, ``random_state``, ...).
+
+    Returns
+    -------
+    StateSelection
+    """
+    if criterion not in ("bic", "aic"):
+        raise ValueError(f"criterion must be 'bic' or 'aic', got {criterion!r}")
+    if "n_components" in params:
+        raise ValueError("give the numbers of states as n_components=, an iterable")
+    ks = sorted({int(k) for k in n_components})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"n_components must be numbers of states >= 1, got {ks}")
+    X = check_array(X, dtype=np.float64, order="C", input_name="X")
+    if ks[-1] > X.shape[0]:
+        raise ValueError(f"n_components asks for up to {ks[-1]} states but X has only "
+                         f"{X.shape[0]} rows")
+    table, models = [], []
+    for k in ks:
+        model = GaussianHMM(n_components=k, **params).fit(X, lengths)
+        loglik = model.score(X, lengths)
+        n_parameters = model._n_parameters()
+        table.append({"n_components": k, "log_likelihood": loglik,
+                      "n_parameters": n_parameters,
+                      "bic": -2.0 * loglik + n_parameters * math.log(X.shape[0]),
+                      "aic": -2.0 * loglik + 2.0 * n_parameters,
+                      "n_iter": model.n_iter_, "converged": model.converged_})
+        models.append(model)
+    best = min(range(len(ks)), key=lambda i: (table[i][criterion], ks[i]))
+    return StateSelection(models[best], criterion, table)
 
 
 def sticky_transmat(n_components: int) -> np.ndarray:

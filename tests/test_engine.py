@@ -60,6 +60,22 @@ _SCRIPT = textwrap.dedent("""
                 digest = hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes()
                                                  for p in parts)).hexdigest()
                 digests[f"missing/{n_features}/{cov}"] = digest
+        # Hidden Markov models: forward-backward (both recursions) and Viterbi.
+        from fastem import GaussianHMM
+
+        X = rng.normal(size=(3000, 3))
+        X[1000:2000] += 2.5
+        for cov in ("full", "tied", "diag", "spherical") if not only else ():
+            for implementation in ("log", "scaling"):
+                hmm = GaussianHMM(3, covariance_type=cov, n_iter=6, tol=-np.inf,
+                                  implementation=implementation,
+                                  random_state=0).fit(X, [1200, 1800])
+                parts = [hmm.means_, hmm.covars_, hmm.transmat_,
+                         hmm.predict_proba(X, [1200, 1800]), hmm.predict(X, [1200, 1800]),
+                         np.array(hmm.lower_bounds_)]
+                digest = hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes()
+                                                 for p in parts)).hexdigest()
+                digests[f"hmm/{cov}/{implementation}"] = digest
     print(json.dumps({"digests": digests, "compiled": sorted(seconds)}))
 """)
 
