@@ -1483,6 +1483,17 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_average_at_end"] = _load_average()
     print()
     print(format_results(results))
+    limits = None
+    if any(r.unit == "ms/iter" for r in results):
+        from .bench_limits import format_limits, machine_peak
+
+        peak = machine_peak()
+        limits = {"gflops": peak.gflops, "read_gb_per_s": peak.read_gb_per_s,
+                  "n_threads": peak.n_threads}
+        table = format_limits(results, peak)
+        if table is not None:
+            print()
+            print(table)
     if targets:
         print()
         print(format_targets(targets))
@@ -1494,7 +1505,8 @@ def main(argv: list[str] | None = None) -> int:
                   "settings": {"cases": cases, "repeats": settings.repeats,
                                "budget_s": settings.budget, "n_samples": settings.n_samples,
                                "quick": settings.quick, "reference": settings.reference},
-                  "results": [r.to_dict() for r in results], "targets": targets}
+                  "results": [r.to_dict() for r in results], "targets": targets,
+                  "machine_limit": limits}
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
     return 0

@@ -53,7 +53,7 @@ def test_json_holds_the_numbers_of_the_table(capsys, tmp_path):
     assert bench.main(["--cases", "small", *FAST, "--json", str(path)]) == 0
     header, rows = _table_rows(capsys.readouterr().out, "case")
     report = json.loads(path.read_text())
-    assert set(report) == {"machine", "settings", "results", "targets"}
+    assert set(report) == {"machine", "settings", "results", "targets", "machine_limit"}
     assert report["settings"]["cases"] == ["small"]
     assert len(report["results"]) == len(rows)
     for result, row in zip(report["results"], rows):
@@ -203,3 +203,35 @@ def test_bayesian_and_hmm_cases_time_fastem_against_their_peers(capsys):
         assert by_case[case][header.index("unit")] == "ms/iter"
         assert _ratio(by_case[case][header.index("vs hmmlearn")]) > 0
         assert by_case[case][header.index("sklearn")] == "-"
+
+
+def test_limit_table_gives_each_iteration_its_work_and_the_fraction_of_the_limit(capsys,
+                                                                                  tmp_path):
+    path = tmp_path / "d2.json"
+    assert bench.main(["--cases", "d2", "--n-samples", "3000", *FAST, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    limit = report["machine_limit"]
+    assert limit["gflops"]["float64"] > 0 and limit["read_gb_per_s"] > 0
+    assert f"float64 matrix product {limit['gflops']['float64']:.1f} GFLOP/s" in out
+    header, (row,) = _table_rows(out[out.index("Machine limit"):], "case")
+    assert row[:2] == ["d2", "float64"]
+    # d2 at 3000 rows, K=5, full: 3000 * 5 * (2 * 2 * 3 + 4 * 2) = 300,000 operations.
+    assert float(row[header.index("GFLOP/iter")]) == pytest.approx(3.0e-4)
+    assert float(row[header.index("MB read/iter")]) == pytest.approx(0.048)
+    flops_ms = 3.0e-4 / limit["gflops"]["float64"] * 1e3
+    bytes_ms = 0.048e-3 / limit["read_gb_per_s"] * 1e3
+    expected = 100 * max(flops_ms, bytes_ms) / report["results"][0]["values"]["fastem"]
+    assert row[header.index("of the limit")] == f"{expected:.0f}%"
+
+
+def test_iteration_work_counts_each_covariance_types_arithmetic():
+    from fastem.bench_limits import iteration_work
+
+    # Per row: K (2 D(D+1) + 4D) full; K (D(D+1) + 4D) + D(D+1) tied; 8KD diag; 7KD spherical.
+    assert iteration_work(10, 3, 2, "full") == (10 * 2 * (24 + 12), 240)
+    assert iteration_work(10, 3, 2, "tied") == (10 * (2 * (12 + 12) + 12), 240)
+    assert iteration_work(10, 3, 2, "diag", itemsize=4) == (10 * 48, 120)
+    assert iteration_work(10, 3, 2, "spherical") == (10 * 42, 240)
+    # The figure for the lecture's case: about 1.4 GFLOP.
+    assert iteration_work(1_000_000, 10, 5, "full")[0] == pytest.approx(1.3e9)
