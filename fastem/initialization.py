@@ -643,3 +643,21 @@ def _same(a: float, b: float) -> bool:
     if a == b:
         return True
     return bool(abs(a - b) <= SAME_STATE_TOLERANCE * max(1.0, abs(a), abs(b)))
+
+
+def short_run_statistics(X, sample_weight, n_components, index, covariance_type,
+                         random_state) -> GaussianStatistics:
+    """Statistics of candidate ``index`` of a short-run EM search by
+    ``GaussianMixture(init_params='em-em')``: k-means first (the start of
+    ``init_params='kmeans'``, from the same draws), then the kinds of
+    ``CANDIDATE_KINDS``, drawn in turn from ``random_state``."""
+    kind = candidate_kind(index, "kmeans")
+    if kind == "kmeans":
+        return initial_statistics(X, sample_weight, n_components, kind, covariance_type,
+                                  random_state)
+    if kind == "k-means++":
+        _, rows = kmeans_plusplus(X, n_components, random_state, sample_weight)
+    else:
+        rows = random_rows(X, n_components, random_state,
+                           None if sample_weight is None else np.cumsum(sample_weight))
+    return seed_statistics(X, sample_weight, rows, covariance_type)

@@ -61,7 +61,7 @@ CRITERIA = ("bic", "aic", "icl")
 SELECTION_INITS = ("em-em", "hierarchical", "kmeans", "k-means++")
 # Candidate starts per cell of the default search (init_params='em-em'): see
 # the README's measurements for the choice.
-DEFAULT_BUDGET = 40
+DEFAULT_BUDGET = 80
 # With 'em-em', the first candidates (in order) that are run to convergence
 # until one is not degenerate, whatever the short runs chose.
 FALLBACK_CANDIDATES = 8
