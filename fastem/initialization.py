@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _threads, em
 from ._kernels._blocks import BLOCK_ROWS, n_chunks_for
 from ._kernels.blas import gemm_routine, single_threaded_blas
 from ._kernels.kmeans import (
@@ -19,11 +20,16 @@ from ._kernels.kmeans import (
     lloyd_assign,
     update_closest,
 )
-from . import _threads, em
 from ._threads import run_chunks
 from .covariance import uses_full_scatter
 from .scaling import power_of_two_scale
-from .stats import GaussianStatistics, label_statistics_of, weights_operand
+from .stats import (
+    GaussianStatistics,
+    engine_for,
+    label_statistics_of,
+    operand_dtype,
+    weights_operand,
+)
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 _ROWS_PER_SLAB = 8192
@@ -445,8 +451,10 @@ def seed_statistics(X, sample_weight, rows, covariance_type) -> GaussianStatisti
     """
     n_components, n_features = len(rows), X.shape[1]
     width = n_features if uses_full_scatter(covariance_type) else 1
+    # A row's weight as the pass takes it: in the precision of its operands.
+    operands = operand_dtype(engine_for(n_features, covariance_type), X.dtype)
     nk = (np.ones(n_components) if sample_weight is None
-          else np.asarray(sample_weight[rows], dtype=np.float64))
+          else np.asarray(sample_weight[rows]).astype(operands).astype(np.float64))
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, np.zeros((n_components, n_features)),
                               np.zeros((n_components, n_features, width)),
