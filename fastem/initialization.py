@@ -7,6 +7,7 @@ turns into initial parameters, as scikit-learn's ``_initialize`` does.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -511,6 +512,7 @@ class ShortRunEM:
         self.monitor = em.ConvergenceMonitor(tol)
         self.max_iter = int(max_iter)
         self.first_iterations = max(1, int(first_iterations))
+        self._ends = self._ladder()
         self.candidates: list = []
         self.extend(starts)
 
@@ -519,33 +521,39 @@ class ShortRunEM:
         self.candidates.extend(_Candidate(params, [], finished=self.max_iter == 0)
                                for params in starts)
 
-    def _ladder(self):
+    def _ladder(self) -> list:
         """The iteration counts a candidate's chunks end at, the last max_iter."""
-        t = self.first_iterations
+        ends, t = [], self.first_iterations
         while t < self.max_iter:
-            yield t
+            ends.append(t)
             t *= 2
-        yield self.max_iter
+        return ends + [self.max_iter]
 
     def _advance(self, indices, until: int) -> None:
         """Run the candidates ``indices`` on, chunk by chunk, to ``until`` iterations."""
-        for end in self._ladder():
-            behind = [i for i in indices if not self.candidates[i].finished
-                      and len(self.candidates[i].lower_bounds) < end]
-            # Candidates are always on a chunk's end, so those behind it share its start.
+        candidates = self.candidates
+
+        def behind(group):
+            return [i for i in group if not candidates[i].finished
+                    and len(candidates[i].lower_bounds) < until]
+
+        pending = behind(indices)
+        while pending:
+            # A candidate always stands at the end of a chunk; those at the
+            # same one run its next chunk together.
             by_start: dict[int, list] = {}
-            for i in behind:
-                by_start.setdefault(len(self.candidates[i].lower_bounds), []).append(i)
+            for i in pending:
+                by_start.setdefault(len(candidates[i].lower_bounds), []).append(i)
             for start, group in sorted(by_start.items()):
+                end = self._ends[bisect.bisect_right(self._ends, start)]
                 for i, result in zip(group, self._run(group, end - start)):
-                    candidate = self.candidates[i]
+                    candidate = candidates[i]
                     candidate.params = result.params
                     candidate.lower_bounds.extend(result.lower_bounds)
                     candidate.converged = result.converged
                     candidate.finished = (result.converged
                                           or len(candidate.lower_bounds) >= self.max_iter)
-            if end >= until:
-                return
+            pending = behind(pending)
 
     def _run(self, group, iterations: int) -> list:
         """EM results of ``iterations`` more iterations of the candidates ``group``.

@@ -468,11 +468,27 @@ def select_model(
     covariance_types : sequence of {'full', 'tied', 'diag', 'spherical'}
     criterion : {'bic', 'aic', 'icl'}
         Lower is better (see the module docstring for the formulas).
-    n_init : int
-        Starts per cell; the best non-degenerate fit is kept. The starts of
-        one K are shared by all its covariance types.
-    init_params : {'hierarchical', 'kmeans', 'k-means++'}
-        'hierarchical' (default): the first start cuts one model-based
+    n_init : int, default ``DEFAULT_BUDGET`` (80)
+        With 'em-em', the budget: candidate starts per cell; otherwise starts
+        per cell, each run to convergence. The best non-degenerate fit is
+        kept. The starts of one K are shared by all its covariance types, and
+        the starts of a budget begin with those of a smaller one.
+    init_params : {'em-em', 'hierarchical', 'kmeans', 'k-means++'}
+        'em-em' (default): short-run EM (Biernacki, Celeux & Govaert 2003;
+        :class:`~fastem.initialization.ShortRunEM`). The candidates of a K
+        are the hierarchy cut at K (see 'hierarchical'), then three starts
+        at random rows (distinct points, drawn in proportion to the weights)
+        for one k-means++ seeding, in turn. In each cell every candidate
+        runs 3 EM iterations; successive halving keeps the better half of
+        the distinct candidates by log-likelihood and doubles their
+        iterations until one is left, and the winners among the first
+        ``n_init``, ``n_init/2``, ..., 1 candidates run to convergence (so
+        twice the budget never chooses a worse model), as do the first
+        candidates, in order, up to the first that is not degenerate (at
+        most ``FALLBACK_CANDIDATES``). Every cell is first searched with
+        ``SCREEN_BUDGET`` (8) candidates; the cells whose criterion is then
+        within ``SEARCH_MARGIN`` (50) of the best are searched with all
+        ``n_init``. 'hierarchical': the first start cuts one model-based
         hierarchy (built once for the whole grid, on at most
         ``initialization.HIERARCHY_MAX_ROWS`` rows) at K, the others are
         k-means starts (Lloyd from k-means++ seeds). 'kmeans' and
