@@ -697,6 +697,8 @@ def select_model(
                 best_so_far = min(float(done[cell][0][criterion]) for cell in sound)
                 contenders = [cell for cell in sound if float(done[cell][0][criterion])
                               <= best_so_far + SEARCH_MARGIN]
+                for cell in set(searches) - set(contenders):
+                    del searches[cell]  # their candidates' parameters are not needed
                 done.update(fit_cells(contenders, int(n_init)))
     searches.clear()
     rows = [done[cell][0] for cell in cells]
