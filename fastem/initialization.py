@@ -435,11 +435,15 @@ def random_rows(X, n_components: int, random_state, cumulative=None) -> np.ndarr
 
     rows = draw(n_components)
     for _ in range(100):
-        _, first = np.unique(np.asarray(X[rows]), axis=0, return_index=True)
-        if first.size == n_components:
+        seen, again = set(), []
+        for k, row in enumerate(rows):
+            point = np.asarray(X[row]).tobytes()
+            if point in seen:
+                again.append(k)
+            seen.add(point)
+        if not again:
             break
-        again = np.setdiff1d(np.arange(n_components), first)
-        rows[again] = draw(again.size)
+        rows[again] = draw(len(again))
     return rows.astype(np.int64)
 
 

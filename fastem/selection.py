@@ -68,7 +68,7 @@ FALLBACK_CANDIDATES = 8
 # With 'em-em', every cell is first searched with this many candidates, and
 # only the cells within SEARCH_MARGIN (criterion units) of the best then
 # with the whole budget.
-SCREEN_BUDGET = 8
+SCREEN_BUDGET = 4
 SEARCH_MARGIN = 50.0
 # A covariance eigenvalue within this factor of reg_covar marks a degenerate fit.
 DEGENERATE_FACTOR = 10.0
