@@ -98,8 +98,10 @@ _D10 = _EM_CASES["d10"]
 CASES = ("small", "d2", "d10", "float32", "fit", "outofcore", "d100", "diag50", "memory",
          "import", "warm", "online", "missing", "bayesian", "hmm", "cold", "selection",
          "dask", "spark")
-# Opt-in: 'cold' compiles every kernel, 'selection' runs scikit-learn's
-# n_init=20 grids (about a minute) and mclust when Rscript is installed;
+# Opt-in: 'cold' compiles every kernel, 'selection' runs 100 k-means starts
+# per cell as its reference and scikit-learn's n_init=20 grids (about 25
+# minutes over six data sets, a minute with --quick) and mclust when Rscript
+# is installed;
 # 'outofcore' writes the D=10 data set to a temporary .npy, 'online' fits
 # 400,000 rows several times, 'dask' starts a LocalCluster (dask and
 # distributed needed), 'spark' starts Spark (pyspark and Java needed).
@@ -1117,22 +1119,31 @@ def _case_cold(settings: _Settings, data: _Datasets) -> list[Result]:
 
 
 def _case_selection(settings: _Settings, data: _Datasets) -> list[Result]:
-    """The K x covariance grid on Old Faithful and crabs: fastem, scikit-learn, mclust."""
+    """The K x covariance grid on small real data sets: fastem's defaults against
+    100 k-means starts per cell, scikit-learn and mclust (``--quick``: Old
+    Faithful and crabs, scikit-learn n_init=1 only)."""
     from . import bench_selection
 
-    rows = bench_selection.run(repeats=settings.repeats,
-                               sklearn_n_init=(1,) if settings.quick else (1, 20))
+    rows = bench_selection.run(
+        datasets=bench_selection.QUICK_DATASETS if settings.quick
+        else tuple(bench_selection.DATASETS),
+        repeats=settings.repeats, sklearn_n_init=(1,) if settings.quick else (1, 20),
+        reference=True)
     print(bench_selection.format_rows(rows, tables=True), flush=True)
     results = []
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         found = {f"{r['tool']} {r['settings']}": r for r in rows if r["dataset"] == dataset}
         fastem = next(r for r in found.values() if r["tool"] == "fastem")
-        sklearn = found.get("scikit-learn n_init=1")
         values = {"fastem": fastem["seconds"]}
-        if sklearn is not None:
-            values["sklearn"] = sklearn["seconds"]
+        for name, tool in (("sklearn", "scikit-learn n_init=1"), ("mclust", "mclust")):
+            row = next((r for key, r in found.items() if key.startswith(tool)), None)
+            if row is not None and np.isfinite(row["seconds"]):
+                values[name] = row["seconds"]
         details = {name: {"best": r["best"], "bic": r["bic"], "seconds": r["seconds"]}
                    for name, r in found.items()}
+        details["dataset"] = dataset
+        if "gap" in fastem:
+            details["gap"] = fastem["gap"]
         results.append(Result("selection", "s/grid", values, details=details))
     return results
 
@@ -1212,6 +1223,26 @@ def _online_gap(results):
     return None if row is None else row.details["gap_percent"]
 
 
+def _selection_worst(key, datasets=None):
+    """The largest ``key`` over the selection rows (of those ``datasets``):
+    'gap' (BIC above the reference) or 'mclust' (time relative to mclust)."""
+    def measure(results):
+        values = []
+        for row in results:
+            if row.case != "selection" or (datasets is not None and not any(
+                    row.details.get("dataset", "").startswith(d) for d in datasets)):
+                continue
+            if key == "gap" and "gap" in row.details:
+                values.append(row.details["gap"])
+            elif key == "mclust" and "mclust" in row.values:
+                values.append(row.values["fastem"] / row.values["mclust"])
+            elif key == "seconds":
+                values.append(row.values["fastem"])
+        return max(values) if values else None
+
+    return measure
+
+
 def _fastem_value(case):
     def measure(results):
         row = _row(results, case)
@@ -1246,6 +1277,13 @@ _TARGETS = (
             _speed_relative_to("outofcore", "in memory"), lambda v: v >= 0.5, _D10[:3]),
     _Target("online", "online: one partial_fit pass, gap to full EM", "<= 0.5%",
             _online_gap, lambda v: v <= 0.5, suffix="%"),
+    _Target("selection", "selection: grid time vs mclust (faithful, crabs)", "<= 1.5x",
+            _selection_worst("mclust", ("faithful", "crabs")), lambda v: v <= 1.5),
+    _Target("selection", "selection: grid on 150-1000 rows, D <= 13", "<= 1 s",
+            _selection_worst("seconds", ("faithful", "crabs", "iris", "wine")),
+            lambda v: v <= 1.0, suffix=" s"),
+    _Target("selection", "selection: BIC above 100 k-means starts", "<= 0.5",
+            _selection_worst("gap"), lambda v: v <= 0.5, suffix=""),
     _Target("cold", "cold: first 200k x 10 fit, empty cache", "<= 10 s",
             _fastem_value("cold"), lambda v: v <= 10.0, suffix=" s"),
     _Target("session", "cold: first session (7 steps), empty cache", "<= 25 s",

@@ -7,8 +7,12 @@ turns into initial parameters, as scikit-learn's ``_initialize`` does.
 
 from __future__ import annotations
 
+import bisect
+from dataclasses import dataclass
+
 import numpy as np
 
+from . import _threads, em
 from ._kernels._blocks import BLOCK_ROWS, n_chunks_for
 from ._kernels.blas import gemm_routine, single_threaded_blas
 from ._kernels.kmeans import (
@@ -20,7 +24,13 @@ from ._kernels.kmeans import (
 from ._threads import run_chunks
 from .covariance import uses_full_scatter
 from .scaling import power_of_two_scale
-from .stats import GaussianStatistics, label_statistics_of, weights_operand
+from .stats import (
+    GaussianStatistics,
+    engine_for,
+    label_statistics_of,
+    operand_dtype,
+    weights_operand,
+)
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 _ROWS_PER_SLAB = 8192
@@ -381,3 +391,293 @@ class Hierarchy:
         sums = np.zeros((n_clusters, X.shape[1]))
         np.add.at(sums, labels[rows], np.asarray(X[rows], dtype=np.float64))
         return sums / np.maximum(counts, 1)[:, None]
+
+
+# ---------------------------------------------------------------------------
+# Short-run EM ("em-EM", Biernacki, Celeux & Govaert 2003)
+
+# Iterations of the first short run of every candidate; each round of
+# successive halving doubles them (3, 6, 12, ...).
+SHORT_RUN_ITERATIONS = 3
+# Kinds of the candidates after the first, in turn. Starts at random rows
+# reach optima that Lloyd's partitions do not (k-means converges to few
+# partitions); one in four is a k-means++ seeding, spread by construction.
+CANDIDATE_KINDS = ("random_from_data", "random_from_data", "random_from_data", "k-means++")
+# Two candidates whose objectives agree to this (relative) at two successive
+# iterations are in the same state, up to the order of their components.
+SAME_STATE_TOLERANCE = 1e-10
+
+
+def candidate_kind(index: int, first: str = "kmeans") -> str:
+    """Kind of candidate ``index`` of a short-run EM search (``first`` for index 0)."""
+    return first if index == 0 else CANDIDATE_KINDS[(index - 1) % len(CANDIDATE_KINDS)]
+
+
+def random_rows(X, n_components: int, random_state, cumulative=None) -> np.ndarray:
+    r"""Rows of ``X`` at ``n_components`` distinct points, each drawn with
+    probability :math:`\propto w_n`.
+
+    ``cumulative`` is ``np.cumsum`` of the weights (None: equal weights).
+    Row :math:`n` is drawn for a uniform :math:`u` when
+    :math:`\sum_{m<n} w_m \le u \sum_m w_m < \sum_{m\le n} w_m`, so
+    integer weights draw the same points as repeating the rows would. A row
+    at a point already drawn is drawn again (up to 100 times: with fewer
+    distinct points than components, a point may stay drawn twice).
+    """
+    n_rows = X.shape[0]
+
+    def draw(size):
+        u = random_state.uniform(size=size)
+        if cumulative is None:
+            return np.minimum((u * n_rows).astype(np.int64), n_rows - 1)
+        return np.minimum(np.searchsorted(cumulative, u * cumulative[-1], side="right"),
+                          n_rows - 1)
+
+    rows = draw(n_components)
+    for _ in range(100):
+        seen, again = set(), []
+        for k, row in enumerate(rows):
+            point = np.asarray(X[row]).tobytes()
+            if point in seen:
+                again.append(k)
+            seen.add(point)
+        if not again:
+            break
+        rows[again] = draw(len(again))
+    return rows.astype(np.int64)
+
+
+def seed_statistics(X, sample_weight, rows, covariance_type) -> GaussianStatistics:
+    """Statistics of a start that gives row ``rows[k]`` alone to component ``k``.
+
+    What :func:`~fastem.stats.label_statistics_of` returns for labels that
+    are -1 except at the seed rows, without a pass over the data: each
+    component holds one row, at its own centre, so its moments are zero.
+    """
+    n_components, n_features = len(rows), X.shape[1]
+    width = n_features if uses_full_scatter(covariance_type) else 1
+    # A row's weight as the pass takes it: in the precision of its operands.
+    operands = operand_dtype(engine_for(n_features, covariance_type), X.dtype)
+    nk = (np.ones(n_components) if sample_weight is None
+          else np.asarray(sample_weight[rows]).astype(operands).astype(np.float64))
+    weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
+    return GaussianStatistics(nk, np.zeros((n_components, n_features)),
+                              np.zeros((n_components, n_features, width)),
+                              np.asarray(X[rows], dtype=np.float64), np.nan, weight,
+                              count=float(X.shape[0]))
+
+
+@dataclass
+class _Candidate:
+    """A candidate's EM so far: parameters after ``len(lower_bounds)`` iterations."""
+
+    params: object
+    lower_bounds: list
+    converged: bool = False
+    finished: bool = False
+
+
+class ShortRunEM:
+    r"""Short-run EM over a sequence of candidate starts (em-EM).
+
+    Every candidate runs a few EM iterations; successive halving keeps the
+    better half of the distinct candidates (by objective) and doubles their
+    iterations, until one is left: the most promising of the candidates,
+    which :meth:`result` then runs to convergence. Candidates in the same
+    state (objectives equal to ``SAME_STATE_TOLERANCE`` at two successive
+    iterations, so on the same path to the same optimum) count once.
+
+    The chosen candidates are nested in the budget: :meth:`finalists` of a
+    budget :math:`B` are the halving winners of the first :math:`B`,
+    :math:`\lceil B/2\rceil`, :math:`\lceil B/4\rceil`, ..., 1 candidates,
+    so those of :math:`2B` contain those of :math:`B` and twice the budget
+    never ends on a worse fit. A candidate always runs in the same chunks
+    (iterations 1-3, 4-6, 7-12, 13-24, ...), each continuing the last, so
+    its fit is that of one uninterrupted run, whichever budget asked for it.
+
+    Parameters
+    ----------
+    source, m_step
+        As for :func:`fastem.em.run_em`, which runs every chunk (on small
+        data, the candidates of a chunk at once on the threads of
+        :mod:`fastem._threads`).
+    starts : sequence of GaussianParameters
+        The candidates' initial parameters, in order.
+    tol : float
+    max_iter : int
+        Iterations of a candidate in all, short runs included.
+    first_iterations : int
+        Iterations of the first short run.
+    """
+
+    def __init__(self, source, m_step, starts, tol: float, max_iter: int,
+                 first_iterations: int = SHORT_RUN_ITERATIONS):
+        self.source, self.m_step = source, m_step
+        self.monitor = em.ConvergenceMonitor(tol)
+        self.max_iter = int(max_iter)
+        self.first_iterations = max(1, int(first_iterations))
+        self._ends = self._ladder()
+        self.candidates: list = []
+        self.extend(starts)
+
+    def extend(self, starts) -> None:
+        """Append candidates (their initial parameters), after those already held."""
+        self.candidates.extend(_Candidate(params, [], finished=self.max_iter == 0)
+                               for params in starts)
+
+    def _ladder(self) -> list:
+        """The iteration counts a candidate's chunks end at, the last max_iter."""
+        ends, t = [], self.first_iterations
+        while t < self.max_iter:
+            ends.append(t)
+            t *= 2
+        return ends + [self.max_iter]
+
+    def _advance(self, indices, until: int) -> None:
+        """Run the candidates ``indices`` on, chunk by chunk, to ``until`` iterations."""
+        candidates = self.candidates
+
+        def behind(group):
+            return [i for i in group if not candidates[i].finished
+                    and len(candidates[i].lower_bounds) < until]
+
+        pending = behind(indices)
+        while pending:
+            # A candidate always stands at the end of a chunk; those at the
+            # same one run its next chunk together.
+            by_start: dict[int, list] = {}
+            for i in pending:
+                by_start.setdefault(len(candidates[i].lower_bounds), []).append(i)
+            for start, group in sorted(by_start.items()):
+                end = self._ends[bisect.bisect_right(self._ends, start)]
+                for i, result in zip(group, self._run(group, end - start)):
+                    candidate = candidates[i]
+                    candidate.params = result.params
+                    candidate.lower_bounds.extend(result.lower_bounds)
+                    candidate.converged = result.converged
+                    candidate.finished = (result.converged
+                                          or len(candidate.lower_bounds) >= self.max_iter)
+            pending = behind(pending)
+
+    def _run(self, group, iterations: int) -> list:
+        """EM results of ``iterations`` more iterations of the candidates ``group``.
+
+        Each continues from its last objective (:func:`fastem.em.run_em`'s
+        ``lower_bound``), so its convergence test sees the iteration before
+        the chunk and the chunks add up to one uninterrupted run. On small
+        data each thread runs a contiguous slice of the group: a few
+        iterations cost about as much as handing a start to another thread,
+        so one hand-over per thread, not per start.
+        """
+        def run(indices):
+            results = []
+            for i in indices:
+                bounds = self.candidates[i].lower_bounds
+                results.append(em.run_em(self.source, self.m_step, self.candidates[i].params,
+                                         self.monitor, iterations,
+                                         bounds[-1] if bounds else -np.inf))
+            return results
+
+        threads = min(_threads.n_threads(), len(group))
+        applies = getattr(self.source, "compiled_loop_applies", None)
+        small = applies is not None and applies(self.candidates[group[0]].params.means.shape[0])
+        if threads < 2 or not small:
+            return run(group)
+        bounds = [len(group) * t // threads for t in range(threads + 1)]
+        parts = _threads.map_threads(run, [group[a:b] for a, b in zip(bounds, bounds[1:])])
+        return [result for part in parts for result in part]
+
+    def _objectives(self, index: int, iterations: int) -> tuple[float, float]:
+        """The objective of candidate ``index`` at that iteration (its last, if it
+        stopped before) and at the one before (-inf when there is none)."""
+        bounds = self.candidates[index].lower_bounds
+        t = min(iterations, len(bounds))
+        last = bounds[t - 1] if t >= 1 else -np.inf
+        before = bounds[t - 2] if t >= 2 else -np.inf
+        return (-np.inf if np.isnan(last) else last), (-np.inf if np.isnan(before) else before)
+
+    def _distinct(self, indices, iterations: int) -> list:
+        """``indices`` best first at that iteration, one per state (the lowest index)."""
+        scored = sorted(((self._objectives(i, iterations), i) for i in indices),
+                        key=lambda item: (-item[0][0], item[1]))
+        kept: list = []
+        for (last, before), i in scored:
+            # Best first: a state equal to this one is among the last kept.
+            same = False
+            for (other_last, other_before), _ in reversed(kept):
+                if not _same(last, other_last):
+                    break
+                if _same(before, other_before):
+                    same = True
+                    break
+            if not same:
+                kept.append(((last, before), i))
+        return [i for _, i in kept]
+
+    def _halving(self, budget: int) -> int:
+        """The winner of successive halving among the first ``budget`` candidates."""
+        alive = list(range(budget))
+        iterations = self.first_iterations
+        while True:
+            self._advance(alive, iterations)
+            alive = self._distinct(alive, iterations)
+            if len(alive) == 1 or all(self.candidates[i].finished for i in alive):
+                return alive[0]
+            alive = alive[:(len(alive) + 1) // 2]
+            if len(alive) == 1:
+                return alive[0]
+            iterations = min(2 * iterations, self.max_iter)
+
+    def finalists(self, budget: int | None = None) -> list:
+        """Indices of the candidates worth running to convergence, in increasing order."""
+        budget = len(self.candidates) if budget is None else min(budget, len(self.candidates))
+        chosen = set()
+        while budget >= 1:
+            chosen.add(self._halving(budget))
+            if budget == 1:
+                break
+            budget = (budget + 1) // 2
+        return sorted(chosen)
+
+    def result(self, index: int):
+        """Candidate ``index`` run to convergence (or ``max_iter``), as an EMResult."""
+        return self.results([index])[index]
+
+    def results(self, indices) -> dict:
+        """``{index: EMResult}`` of the candidates run to convergence, together."""
+        self._advance(list(indices), self.max_iter)
+        out = {}
+        for i in indices:
+            candidate = self.candidates[i]
+            bounds = candidate.lower_bounds
+            out[i] = em.EMResult(candidate.params, bounds[-1] if bounds else -np.inf,
+                                       list(bounds), len(bounds), candidate.converged)
+        return out
+
+    def lower_bounds(self) -> list:
+        """The objective per iteration of every candidate, as far as it ran."""
+        return [list(candidate.lower_bounds) for candidate in self.candidates]
+
+
+def _same(a: float, b: float) -> bool:
+    if a == b:
+        return True
+    return bool(abs(a - b) <= SAME_STATE_TOLERANCE * max(1.0, abs(a), abs(b)))
+
+
+def short_run_statistics(X, sample_weight, n_components, index, covariance_type,
+                         random_state) -> GaussianStatistics:
+    """Statistics of candidate ``index`` of a short-run EM search by
+    ``GaussianMixture(init_params='em-em')``: k-means first (the start of
+    ``init_params='kmeans'``, from the same draws), then the kinds of
+    ``CANDIDATE_KINDS``, drawn in turn from ``random_state``."""
+    kind = candidate_kind(index, "kmeans")
+    if kind == "kmeans":
+        return initial_statistics(X, sample_weight, n_components, kind, covariance_type,
+                                  random_state)
+    if kind == "k-means++":
+        _, rows = kmeans_plusplus(X, n_components, random_state, sample_weight)
+    else:
+        rows = random_rows(X, n_components, random_state,
+                           None if sample_weight is None else np.cumsum(sample_weight))
+    return seed_statistics(X, sample_weight, rows, covariance_type)

@@ -35,7 +35,7 @@ from .covariance import (
     to_canonical,
 )
 from .em import DegenerateDataWarning
-from .initialization import INIT_METHODS, initial_statistics
+from .initialization import INIT_METHODS, ShortRunEM, initial_statistics, short_run_statistics
 from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled, observed_moments
 from .missing import impute as impute_missing
 from .missing import log_responsibilities as missing_log_responsibilities
@@ -98,6 +98,7 @@ class EMMixture(DensityMixin, BaseEstimator):
         if random_state is None:
             random_state = check_random_state(self.random_state)
         initial = []
+        short_run = do_init and start_with is None and getattr(self, "init_params", "") == "em-em"
 
         def start(index):
             if not do_init:
@@ -107,17 +108,35 @@ class EMMixture(DensityMixin, BaseEstimator):
             if not initial:
                 initial.append(init_data())
             X_init, weights = initial[0]
+            candidate = {"candidate": index} if short_run else {}
             return self._initial_parameters(X_init, weights, random_state, user_init, rescaled,
-                                            m_step)
+                                            m_step, **candidate)
 
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
-            best, results = em.fit_em(
-                source, m_step, start, self.n_init if do_init else 1, self._monitor(),
-                self.max_iter, -np.inf if do_init else self.lower_bound_ - shift)
-        self.init_lower_bounds_ = [[bound + shift for bound in r.lower_bounds]
-                                   for r in results]
+            if short_run:
+                best, bounds = self._short_run_em(source, m_step, start)
+            else:
+                best, results = em.fit_em(
+                    source, m_step, start, self.n_init if do_init else 1, self._monitor(),
+                    self.max_iter, -np.inf if do_init else self.lower_bound_ - shift)
+                bounds = [r.lower_bounds for r in results]
+        self.init_lower_bounds_ = [[bound + shift for bound in b] for b in bounds]
         self._adopt(rescaled_result(best, rescaled, self.covariance_type, shift), dtype)
         return self
+
+    def _short_run_em(self, source, m_step, start):
+        """``init_params='em-em'``: short-run EM over ``n_init`` candidates
+        (:class:`fastem.initialization.ShortRunEM`); the best of its finalists
+        run to convergence, and every candidate's objectives as far as it ran."""
+        search = ShortRunEM(source, m_step, [start(i) for i in range(self.n_init)], self.tol,
+                            self.max_iter)
+        finalists = search.results(search.finalists())
+        monitor = self._monitor()
+        for index, result in finalists.items():
+            monitor.begin_start(index)
+            monitor.end_start(result)
+        chosen = list(finalists.values())
+        return chosen[em.best_result(chosen)], search.lower_bounds()
 
     def _initialize_parameters(self, X, random_state, xp=None):
         """Initial parameters from ``init_params`` on ``X`` (scikit-learn's name)."""
@@ -288,14 +307,27 @@ class GaussianMixture(EMMixture):
         Added to the diagonal of every covariance.
     max_iter : int, default=100
     n_init : int, default=1
-        Number of starts; the one with the highest lower bound is kept.
-    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data', 'hierarchical'}, \
-default='kmeans'
+        Number of starts; the one with the highest lower bound is kept. With
+        ``init_params='em-em'``, the number of candidate starts of the
+        short-run EM search (for example 40).
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data', 'hierarchical', \
+'em-em'}, default='kmeans'
         'kmeans' runs Lloyd's k-means seeded by greedy k-means++;
         'hierarchical' cuts a model-based agglomerative hierarchy (Fraley
         1998) at ``n_components``, built on at most 1000 rows (a weighted
         random subset of larger data), which is deterministic when the data
-        has at most that many rows.
+        has at most that many rows. 'em-em' is short-run EM (Biernacki,
+        Celeux & Govaert 2003; :class:`fastem.initialization.ShortRunEM`):
+        ``n_init`` candidates (k-means first, from the draws of 'kmeans', then
+        three starts at random rows for one k-means++ seeding, in turn) run a
+        few iterations each; successive halving keeps the better half of the
+        distinct ones and doubles their iterations until one is left, and
+        the winners among the first ``n_init``, ``n_init/2``, ..., 1
+        candidates run to convergence. The candidates of a budget begin with
+        those of a smaller one and twice the budget never ends on a lower
+        bound below that of the smaller budget; the first candidate always
+        runs to convergence, so the fit is at least as good as 'kmeans' with
+        ``n_init=1``. Not with ``batch_size``.
     weights_init, means_init, precisions_init : array-like, optional
         User-provided initial parameters (scikit-learn's shapes).
     random_state : int, RandomState instance or None
@@ -374,7 +406,7 @@ default='kmeans'
         "reg_covar": [Interval(Real, 0.0, None, closed="left")],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "n_init": [Interval(Integral, 1, None, closed="left")],
-        "init_params": [StrOptions(set(INIT_METHODS))],
+        "init_params": [StrOptions(set(INIT_METHODS) | {"em-em"})],
         "weights_init": ["array-like", None],
         "means_init": ["array-like", None],
         "precisions_init": ["array-like", None],
@@ -484,6 +516,9 @@ default='kmeans'
         start_with = None
         if self.batch_size is not None and self.batch_size < X.shape[0]:
             self._refuse_prior("batch_size")
+            if self.init_params == "em-em":
+                raise ValueError("init_params='em-em' is not supported with batch_size; "
+                                 "use another init_params or batch_size=None")
 
             def start_with(random_state, user_init):
                 return self._minibatch_epochs(X_fit, sample_weight, random_state, user_init,
@@ -677,14 +712,20 @@ default='kmeans'
         )
 
     def _initial_parameters(self, X, sample_weight, random_state, user_init,
-                            rescaled=DataScale(), m_step=None):
+                            rescaled=DataScale(), m_step=None, candidate=0):
         """Initial parameters: from the chosen init, overridden by user values
         (given in the data's units, ``X`` being the data rescaled by ``rescaled``).
-        The init's statistics go through ``m_step`` (default: maximum likelihood)."""
+        The init's statistics go through ``m_step`` (default: maximum likelihood).
+        With 'em-em', the start is that search's candidate number ``candidate``."""
         needs_data_init = any(v is None for v in user_init.values())
         if needs_data_init:
-            stats = initial_statistics(X, sample_weight, self.n_components, self.init_params,
-                                       self.covariance_type, random_state)
+            if self.init_params == "em-em":
+                stats = short_run_statistics(X, sample_weight, self.n_components, candidate,
+                                             self.covariance_type, random_state)
+            else:
+                stats = initial_statistics(X, sample_weight, self.n_components,
+                                           self.init_params, self.covariance_type,
+                                           random_state)
             if m_step is None:
                 m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
             (weights, means, cov, prec_chol), jitter = m_step(stats)

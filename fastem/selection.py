@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
@@ -38,7 +39,16 @@ from . import _threads, em
 from ._validation import check_sample_weight
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import COVARIANCE_TYPES, n_free_parameters, precisions_from_cholesky
-from .initialization import Hierarchy, column_variance, kmeans_plusplus, lloyd
+from .initialization import (
+    Hierarchy,
+    ShortRunEM,
+    candidate_kind,
+    column_variance,
+    kmeans_plusplus,
+    lloyd,
+    random_rows,
+    seed_statistics,
+)
 from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled, observed_moments
 from .missing import log_responsibilities as missing_log_responsibilities
 from .mixture import GaussianMixture, fitted_mixture, rescaled_result
@@ -48,7 +58,18 @@ from .sources import BlockSource, InMemorySource
 from .stats import GaussianParameters, label_statistics_of, log_responsibilities
 
 CRITERIA = ("bic", "aic", "icl")
-SELECTION_INITS = ("hierarchical", "kmeans", "k-means++")
+SELECTION_INITS = ("em-em", "hierarchical", "kmeans", "k-means++")
+# Candidate starts per cell of the default search (init_params='em-em'): see
+# the README's measurements for the choice.
+DEFAULT_BUDGET = 80
+# With 'em-em', the first candidates (in order) that are run to convergence
+# until one is not degenerate, whatever the short runs chose.
+FALLBACK_CANDIDATES = 8
+# With 'em-em', every cell is first searched with this many candidates, and
+# only the cells within SEARCH_MARGIN (criterion units) of the best then
+# with the whole budget.
+SCREEN_BUDGET = 4
+SEARCH_MARGIN = 50.0
 # A covariance eigenvalue within this factor of reg_covar marks a degenerate fit.
 DEGENERATE_FACTOR = 10.0
 # Fresh k-means starts tried for a cell whose shared starts all degenerated.
@@ -177,6 +198,44 @@ def _kmeans_start(X, sample_weight, n_components, init_params, random_state):
     return labels, centers
 
 
+class _Seeds(NamedTuple):
+    """A start that gives one seed row to each component (k-means++, random rows)."""
+
+    rows: np.ndarray
+
+
+class _Candidates:
+    """The candidate starts of one K for short-run EM, made in order on demand.
+
+    The first is the hierarchy cut at K (k-means without a hierarchy), the
+    others follow ``initialization.CANDIDATE_KINDS``; all draw in turn from
+    one stream, so the first candidates of any budget are the same starts.
+    """
+
+    def __init__(self, X, sample_weight, n_components, random_state, hierarchy):
+        self.X, self.sample_weight, self.n_components = X, sample_weight, n_components
+        self.random_state, self.hierarchy = random_state, hierarchy
+        self.cumulative = None if sample_weight is None else np.cumsum(sample_weight)
+        self.starts: list = []
+
+    def take(self, budget: int) -> list:
+        """The first ``budget`` candidates."""
+        X, k = self.X, self.n_components
+        while len(self.starts) < budget:
+            kind = candidate_kind(len(self.starts),
+                                  "kmeans" if self.hierarchy is None else "hierarchical")
+            if kind == "hierarchical":
+                start = _hierarchical_start(X, self.hierarchy, k)
+            elif kind == "kmeans":
+                start = _kmeans_start(X, self.sample_weight, k, kind, self.random_state)
+            elif kind == "k-means++":
+                start = _Seeds(kmeans_plusplus(X, k, self.random_state, self.sample_weight)[1])
+            else:
+                start = _Seeds(random_rows(X, k, self.random_state, self.cumulative))
+            self.starts.append(start)
+        return self.starts[:budget]
+
+
 def _hierarchical_start(X, hierarchy, n_components):
     """Labels of the hierarchy cut at K (rows outside its subset: unassigned)."""
     labels = np.full(X.shape[0], -1, dtype=np.int32)
@@ -209,8 +268,11 @@ def _shared_starts(X, sample_weight, n_components, init_params, n_init, random_s
 
 def _initial_parameters(X, sample_weight, start, m_step):
     """Initial parameters of a start (labels and centres), by the cell's M-step."""
-    labels, centers = start
-    stats = label_statistics_of(X, sample_weight, labels, centers, m_step.covariance_type)
+    if isinstance(start, _Seeds):
+        stats = seed_statistics(X, sample_weight, start.rows, m_step.covariance_type)
+    else:
+        labels, centers = start
+        stats = label_statistics_of(X, sample_weight, labels, centers, m_step.covariance_type)
     return m_step(stats)[0]
 
 
@@ -248,6 +310,69 @@ def degeneracy(model: GaussianMixture, n_samples: float, data_variance: np.ndarr
     return ""
 
 
+class _CellFits:
+    """One grid cell: its source and M-step, and the best fits seen so far.
+
+    ``X`` (the rows the starts are computed on: the data, or a sample of
+    streamed data whose ``source`` is given) and the starts are rescaled by
+    ``rescaled`` (:mod:`fastem.scaling`); the models are in the data's units.
+    ``moments()`` gives the data's mean and covariance (rescaled) for a prior.
+    """
+
+    def __init__(self, X, sample_weight, n_components, covariance_type, fit_kwargs, n_eff,
+                 data_variance, rescaled=DataScale(), source=None, moments=None):
+        if source is None:
+            source = InMemorySource(X, sample_weight, covariance_type)
+        if moments is None:
+            def moments():
+                return data_moments(X, sample_weight)
+        self.X, self.sample_weight = X, sample_weight
+        self.n_components, self.covariance_type = n_components, covariance_type
+        self.fit_kwargs, self.n_eff, self.data_variance = fit_kwargs, n_eff, data_variance
+        self.rescaled, self.source = rescaled, source
+        self.m_step, self.resolved_prior = m_step_for(
+            covariance_type, fit_kwargs["reg_covar"], fit_kwargs.get("prior"), n_components,
+            moments, rescaled)
+        # Rows with missing values have fewer coordinates to shift (fastem.missing).
+        self.shift = rescaled.log_density_shift(getattr(source, "mean_observed", X.shape[1]))
+        self.monitor = em.ConvergenceMonitor(fit_kwargs["tol"])
+        self.best = self.best_degenerate = None
+        self.reason = ""
+
+    def initial(self, start):
+        """The initial parameters of a start, by the cell's M-step."""
+        return _initial_parameters(self.X, self.sample_weight, start, self.m_step)
+
+    def consider(self, params, result) -> bool:
+        """Keep the fit if it is the best so far; say whether it is sound."""
+        rescaled, covariance_type = self.rescaled, self.covariance_type
+        result = rescaled_result(result, rescaled, covariance_type, self.shift)
+        params = rescaled.parameters_out(params, covariance_type)
+        # The start is kept as the model's initial parameters: refitting the
+        # model reproduces the cell.
+        model = fitted_mixture(
+            result, self.X, n_components=self.n_components, covariance_type=covariance_type,
+            weights_init=params.weights, means_init=params.means,
+            precisions_init=precisions_from_cholesky(params.precisions_cholesky,
+                                                     covariance_type), **self.fit_kwargs)
+        model.prior_ = self.resolved_prior
+        why = degeneracy(model, self.n_eff, self.data_variance)
+        if why:
+            if (self.best_degenerate is None
+                    or model.lower_bound_ > self.best_degenerate.lower_bound_):
+                self.best_degenerate, self.reason = model, why
+        elif self.best is None or model.lower_bound_ > self.best.lower_bound_:
+            self.best = model
+        return not why
+
+    def outcome(self):
+        """(model, reason): the best sound fit and '', else the best degenerate
+        fit and why it is degenerate."""
+        if self.best is not None:
+            return self.best, ""
+        return self.best_degenerate, self.reason
+
+
 def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwargs,
               n_eff, data_variance, extra_starts, rescaled=DataScale(), source=None,
               moments=None):
@@ -256,59 +381,62 @@ def _fit_cell(X, sample_weight, n_components, covariance_type, starts, fit_kwarg
     Returns (model, reason): reason is '' for a sound fit; otherwise every
     start (including up to ``len(extra_starts)`` fresh ones tried after the
     shared starts all degenerated) gave a degenerate fit, the best of which is
-    returned with the reason. ``X`` (the rows the starts were computed on: the
-    data, or a sample of streamed data whose ``source`` is given) and the
-    starts are rescaled by ``rescaled`` (:mod:`fastem.scaling`); the models are
-    in the data's units. ``moments()`` gives the data's mean and covariance
-    (rescaled) for a prior.
+    returned with the reason. The other arguments are those of :class:`_CellFits`.
     """
-    if source is None:
-        source = InMemorySource(X, sample_weight, covariance_type)
-    if moments is None:
-        def moments():
-            return data_moments(X, sample_weight)
-    m_step, resolved_prior = m_step_for(covariance_type, fit_kwargs["reg_covar"],
-                                        fit_kwargs.get("prior"), n_components, moments,
-                                        rescaled)
-    # Rows with missing values have fewer coordinates to shift (fastem.missing).
-    shift = rescaled.log_density_shift(getattr(source, "mean_observed", X.shape[1]))
-    monitor = em.ConvergenceMonitor(fit_kwargs["tol"])
-    best, best_degenerate, reason = None, None, ""
-
-    def consider(params, result):
-        nonlocal best, best_degenerate, reason
-        result = rescaled_result(result, rescaled, covariance_type, shift)
-        params = rescaled.parameters_out(params, covariance_type)
-        # The start is kept as the model's initial parameters: refitting the
-        # model reproduces the cell.
-        model = fitted_mixture(
-            result, X, n_components=n_components, covariance_type=covariance_type,
-            weights_init=params.weights, means_init=params.means,
-            precisions_init=precisions_from_cholesky(params.precisions_cholesky,
-                                                     covariance_type), **fit_kwargs)
-        model.prior_ = resolved_prior
-        why = degeneracy(model, n_eff, data_variance)
-        if why:
-            if best_degenerate is None or model.lower_bound_ > best_degenerate.lower_bound_:
-                best_degenerate, reason = model, why
-        elif best is None or model.lower_bound_ > best.lower_bound_:
-            best = model
-
-    initial = [_initial_parameters(X, sample_weight, start, m_step) for start in starts]
-    with warnings.catch_warnings(), _threads.limit(fit_kwargs["n_threads"]):
-        warnings.simplefilter("ignore")
+    cell = _CellFits(X, sample_weight, n_components, covariance_type, fit_kwargs, n_eff,
+                     data_variance, rescaled, source, moments)
+    initial = [cell.initial(start) for start in starts]
+    max_iter = fit_kwargs["max_iter"]
+    with _threads.limit(fit_kwargs["n_threads"]):
         # The shared starts run together (in parallel on small data); fresh
         # ones only if every shared start degenerated, one at a time.
-        for params, result in zip(initial, em.run_starts(source, m_step, initial, monitor,
-                                                         fit_kwargs["max_iter"])):
-            consider(params, result)
-        while best is None and extra_starts:
-            params = _initial_parameters(X, sample_weight, extra_starts.pop()(), m_step)
-            consider(params, em.run_em(source, m_step, params, monitor,
-                                       fit_kwargs["max_iter"]))
-    if best is not None:
-        return best, ""
-    return best_degenerate, reason
+        for params, result in zip(initial, em.run_starts(cell.source, cell.m_step, initial,
+                                                         cell.monitor, max_iter)):
+            cell.consider(params, result)
+        while cell.best is None and extra_starts:
+            params = cell.initial(extra_starts.pop()())
+            cell.consider(params, em.run_em(cell.source, cell.m_step, params, cell.monitor,
+                                            max_iter))
+    return cell.outcome()
+
+
+class _ShortRunCell(_CellFits):
+    """A grid cell searched by short-run EM (:class:`~fastem.initialization.ShortRunEM`)
+    over the candidates of its K, for budgets that may grow between calls.
+
+    For a budget it runs to convergence the search's finalists and the first
+    candidates, in order, up to the first that is not degenerate (at most
+    ``FALLBACK_CANDIDATES``); both sets only grow with the budget, and every
+    fit met so far competes, so a larger budget never ends on a worse fit.
+    """
+
+    def __init__(self, candidates: _Candidates, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.candidates = candidates
+        self.initial_params: list = []
+        self.search = ShortRunEM(self.source, self.m_step, [], self.fit_kwargs["tol"],
+                                 self.fit_kwargs["max_iter"])
+        self.sound: dict = {}
+
+    def run(self, budget: int):
+        """(model, reason) after searching the first ``budget`` candidates (made
+        by the caller beforehand: the candidates of a K are shared by threads)."""
+        new = [self.initial(start) for start in
+               self.candidates.starts[len(self.initial_params):budget]]
+        self.initial_params += new
+        self.search.extend(new)
+        budget = len(self.initial_params)
+        search, sound = self.search, self.sound
+        with _threads.limit(self.fit_kwargs["n_threads"]):
+            for i, result in search.results(search.finalists(budget)).items():
+                if i not in sound:
+                    sound[i] = self.consider(self.initial_params[i], result)
+            for i in range(min(budget, FALLBACK_CANDIDATES)):
+                if i not in sound:
+                    sound[i] = self.consider(self.initial_params[i], search.result(i))
+                if sound[i]:
+                    break
+        return self.outcome()
 
 
 @_threads.interruptible
@@ -318,8 +446,8 @@ def select_model(
     covariance_types: Sequence[str] = COVARIANCE_TYPES,
     criterion: str = "bic",
     *,
-    n_init: int = 5,
-    init_params: str = "hierarchical",
+    n_init: int = DEFAULT_BUDGET,
+    init_params: str = "em-em",
     random_state=None,
     sample_weight=None,
     reg_covar: float = 1e-6,
@@ -340,11 +468,27 @@ def select_model(
     covariance_types : sequence of {'full', 'tied', 'diag', 'spherical'}
     criterion : {'bic', 'aic', 'icl'}
         Lower is better (see the module docstring for the formulas).
-    n_init : int
-        Starts per cell; the best non-degenerate fit is kept. The starts of
-        one K are shared by all its covariance types.
-    init_params : {'hierarchical', 'kmeans', 'k-means++'}
-        'hierarchical' (default): the first start cuts one model-based
+    n_init : int, default ``DEFAULT_BUDGET`` (80)
+        With 'em-em', the budget: candidate starts per cell; otherwise starts
+        per cell, each run to convergence. The best non-degenerate fit is
+        kept. The starts of one K are shared by all its covariance types, and
+        the starts of a budget begin with those of a smaller one.
+    init_params : {'em-em', 'hierarchical', 'kmeans', 'k-means++'}
+        'em-em' (default): short-run EM (Biernacki, Celeux & Govaert 2003;
+        :class:`~fastem.initialization.ShortRunEM`). The candidates of a K
+        are the hierarchy cut at K (see 'hierarchical'), then three starts
+        at random rows (distinct points, drawn in proportion to the weights)
+        for one k-means++ seeding, in turn. In each cell every candidate
+        runs 3 EM iterations; successive halving keeps the better half of
+        the distinct candidates by log-likelihood and doubles their
+        iterations until one is left, and the winners among the first
+        ``n_init``, ``n_init/2``, ..., 1 candidates run to convergence (so
+        twice the budget never chooses a worse model), as do the first
+        candidates, in order, up to the first that is not degenerate (at
+        most ``FALLBACK_CANDIDATES``). Every cell is first searched with
+        ``SCREEN_BUDGET`` (8) candidates; the cells whose criterion is then
+        within ``SEARCH_MARGIN`` (50) of the best are searched with all
+        ``n_init``. 'hierarchical': the first start cuts one model-based
         hierarchy (built once for the whole grid, on at most
         ``initialization.HIERARCHY_MAX_ROWS`` rows) at K, the others are
         k-means starts (Lloyd from k-means++ seeds). 'kmeans' and
@@ -456,50 +600,109 @@ def select_model(
                       prior=prior, missing=missing)
     moments = functools.lru_cache(maxsize=1)(moments)
     hierarchy = None
-    if init_params == "hierarchical" and X.shape[0] >= 2:
+    if init_params in ("hierarchical", "em-em") and X.shape[0] >= 2:
         hierarchy = Hierarchy(X, sample_weight, rng)
 
     # Every K draws its starts from a stream of its own, and its extra starts
     # from another: the starts of n_init = m + 1 begin with those of n_init = m,
-    # so more starts never choose a worse model.
+    # so more starts never choose a worse model (with 'em-em', twice as many;
+    # see ShortRunEM.finalists).
     base_seed = int(rng.randint(np.iinfo(np.int32).max))
-    rows, models = [], {}
-    n_cells = len(ks) * len(covariance_types)
-    for k in ks:
-        starts = None
-        if k <= min(n_rows, X.shape[0]):
-            starts = _shared_starts(X, sample_weight, k, init_params, int(n_init),
-                                    _stream(base_seed, k, 0), hierarchy)
-            extra_stream = _stream(base_seed, k, 1)
-            extra = [functools.partial(_kmeans_start, X, sample_weight, k, "kmeans",
-                                       extra_stream) for _ in range(EXTRA_STARTS)]
-        for covariance_type in covariance_types:
-            _threads.check_interrupt()
-            t0 = time.perf_counter()
-            row = np.zeros((), dtype=TABLE_DTYPE)
-            row["n_components"], row["covariance_type"] = k, covariance_type
-            row["n_parameters"] = n_free_parameters(k, X.shape[1], covariance_type)
-            if starts is None:
-                _fail(row, f"failed: K={k} exceeds the {n_rows} rows")
-            else:
-                try:
-                    model, reason = _fit_cell(X, sample_weight, k, covariance_type, starts,
-                                              fit_kwargs, n_eff, data_variance, extra,
-                                              rescaled, source_for(covariance_type), moments)
-                except Exception as exc:  # a failed cell is a row of the table, not a crash
-                    _fail(row, f"failed: {exc}"[:80])
+    short_run = init_params == "em-em"
+    fitted_ks = [k for k in ks if k <= min(n_rows, X.shape[0])]
+    cells = [(k, covariance_type) for k in ks for covariance_type in covariance_types]
+    searches, candidates, starts_of, extra_of = {}, {}, {}, {}
+    for k in fitted_ks:
+        if short_run:
+            candidates[k] = _Candidates(X, sample_weight, k, _stream(base_seed, k, 0),
+                                        hierarchy)
+            continue
+        starts_of[k] = _shared_starts(X, sample_weight, k, init_params, int(n_init),
+                                      _stream(base_seed, k, 0), hierarchy)
+        extra_stream = _stream(base_seed, k, 1)
+        extra_of[k] = [functools.partial(_kmeans_start, X, sample_weight, k, "kmeans",
+                                         extra_stream) for _ in range(EXTRA_STARTS)]
+    seconds = dict.fromkeys(cells, 0.0)
+
+    def fit_cell(cell, budget=None):
+        """The table row of one cell and its model (None if it failed); with
+        short-run EM, after searching ``budget`` candidates."""
+        k, covariance_type = cell
+        _threads.check_interrupt()
+        t0 = time.perf_counter()
+        row = np.zeros((), dtype=TABLE_DTYPE)
+        row["n_components"], row["covariance_type"] = k, covariance_type
+        row["n_parameters"] = n_free_parameters(k, X.shape[1], covariance_type)
+        model = None
+        if k not in fitted_ks:
+            _fail(row, f"failed: K={k} exceeds the {n_rows} rows")
+        else:
+            try:
+                if short_run:
+                    model, reason = searches[cell].run(budget)
                 else:
-                    for name in ("n_features_in_", "feature_names_in_"):
-                        if hasattr(shape_of, name):
-                            setattr(model, name, getattr(shape_of, name))
-                    _score(row, model, scored, n_eff)
-                    if reason:
-                        row["status"] = f"degenerate: {reason}"[:80]
-                    models[(k, covariance_type)] = model
-            row["seconds"] = time.perf_counter() - t0
-            rows.append(row)
-            if progress is not None:
-                progress(len(rows), n_cells, k, covariance_type, str(row["status"]))
+                    model, reason = _fit_cell(
+                        X, sample_weight, k, covariance_type, starts_of[k], fit_kwargs, n_eff,
+                        data_variance, extra_of[k], rescaled, source_for(covariance_type),
+                        moments)
+            except Exception as exc:  # a failed cell is a row of the table, not a crash
+                _fail(row, f"failed: {exc}"[:80])
+                model = None
+            else:
+                for name in ("n_features_in_", "feature_names_in_"):
+                    if hasattr(shape_of, name):
+                        setattr(model, name, getattr(shape_of, name))
+                _score(row, model, scored, n_eff)
+                if reason:
+                    row["status"] = f"degenerate: {reason}"[:80]
+        seconds[cell] += time.perf_counter() - t0
+        row["seconds"] = seconds[cell]
+        return row, model
+
+    def fit_cells(chosen, budget=None):
+        """``{cell: (row, model)}``; with short-run EM, small cells run at once,
+        one per thread (a cell's own chunks are too short to share), each
+        computed as it would be alone."""
+        if short_run:
+            for k in dict.fromkeys(k for k, _ in chosen if k in candidates):
+                candidates[k].take(budget)  # here, not in the threads sharing them
+        pooled = [cell for cell in chosen if short_run and _threads.n_threads() > 1
+                  and cell[0] in fitted_ks and _small(source_for(cell[1]), cell[0])]
+        done = dict(zip(pooled, _threads.map_threads(lambda c: fit_cell(c, budget), pooled)))
+        for cell in chosen:
+            if cell not in done:
+                done[cell] = fit_cell(cell, budget)
+        return done
+
+    with warnings.catch_warnings(), _threads.limit(n_threads):
+        warnings.simplefilter("ignore")
+        if short_run:
+            for cell in cells:
+                if cell[0] in fitted_ks:
+                    searches[cell] = _ShortRunCell(
+                        candidates[cell[0]], X, sample_weight, cell[0], cell[1], fit_kwargs,
+                        n_eff, data_variance, rescaled, source_for(cell[1]), moments)
+        # Short-run EM first searches every cell with a small budget, then
+        # with the whole budget the cells within SEARCH_MARGIN of the best:
+        # the others cannot win unless a search improves them by more than
+        # the margin, which the measurements never saw (see the README).
+        first = min(int(n_init), SCREEN_BUDGET) if short_run else None
+        done = fit_cells(cells, first)
+        if progress is not None:
+            for index, cell in enumerate(cells):
+                progress(index + 1, len(cells), cell[0], cell[1], str(done[cell][0]["status"]))
+        if short_run and int(n_init) > first:
+            sound = [cell for cell in cells if done[cell][0]["status"] == "ok"]
+            if sound:
+                best_so_far = min(float(done[cell][0][criterion]) for cell in sound)
+                contenders = [cell for cell in sound if float(done[cell][0][criterion])
+                              <= best_so_far + SEARCH_MARGIN]
+                for cell in set(searches) - set(contenders):
+                    del searches[cell]  # their candidates' parameters are not needed
+                done.update(fit_cells(contenders, int(n_init)))
+    searches.clear()
+    rows = [done[cell][0] for cell in cells]
+    models = {cell: done[cell][1] for cell in cells if done[cell][1] is not None}
     table = np.array(rows, dtype=TABLE_DTYPE)
     scores = np.where(table["status"] == "ok", table[criterion], np.inf)
     if not np.isfinite(scores).any():
@@ -509,6 +712,12 @@ def select_model(
     best = models[(int(table["n_components"][best_index]),
                    str(table["covariance_type"][best_index]))]
     return SelectionResult(best, table, criterion, best_index, models)
+
+
+def _small(source, n_components) -> bool:
+    """Whether a cell's EM runs in the compiled loop (in-memory data, little work)."""
+    applies = getattr(source, "compiled_loop_applies", None)
+    return bool(applies is not None and applies(n_components))
 
 
 def _check_grid(n_components, covariance_types, criterion, **fit_arguments):
@@ -547,7 +756,8 @@ def _check_grid(n_components, covariance_types, criterion, **fit_arguments):
         raise invalid("init_params", f"one of {SELECTION_INITS}", fit_arguments["init_params"])
     # The estimator's own constraints for what select_model passes on to it.
     try:
-        GaussianMixture(**fit_arguments)._validate_params()
+        GaussianMixture(**{name: value for name, value in fit_arguments.items()
+                           if name != "init_params"})._validate_params()
     except ValueError as exc:
         raise ValueError(str(exc).replace("of GaussianMixture", "of select_model")) from None
     return ks, covariance_types, criterion.lower()
@@ -586,7 +796,8 @@ class GaussianMixtureSelector(DensityMixin, BaseEstimator):
     """
 
     def __init__(self, n_components=range(1, 10), covariance_types=COVARIANCE_TYPES,
-                 criterion="bic", *, n_init=5, init_params="hierarchical", random_state=None,
+                 criterion="bic", *, n_init=DEFAULT_BUDGET, init_params="em-em",
+                 random_state=None,
                  reg_covar=1e-6, tol=1e-6, max_iter=500, n_threads=None, prior=None,
                  missing="error"):
         self.n_components = n_components
