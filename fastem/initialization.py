@@ -397,8 +397,10 @@ class Hierarchy:
 # Short-run EM ("em-EM", Biernacki, Celeux & Govaert 2003)
 
 # Iterations of the first short run of every candidate; each round of
-# successive halving doubles them (3, 6, 12, ...).
-SHORT_RUN_ITERATIONS = 3
+# successive halving doubles them (5, 10, 20, ...). Measured on crabs: 48
+# candidates from 5 iterations find its best optima as often as 80 from 3,
+# in less time; from 2, less often (README).
+SHORT_RUN_ITERATIONS = 5
 # Kinds of the candidates after the first, in turn. Starts at random rows
 # reach optima that Lloyd's partitions do not (k-means converges to few
 # partitions); one in four is a k-means++ seeding, spread by construction.
@@ -492,7 +494,7 @@ class ShortRunEM:
     :math:`\lceil B/2\rceil`, :math:`\lceil B/4\rceil`, ..., 1 candidates,
     so those of :math:`2B` contain those of :math:`B` and twice the budget
     never ends on a worse fit. A candidate always runs in the same chunks
-    (iterations 1-3, 4-6, 7-12, 13-24, ...), each continuing the last, so
+    (iterations 1-5, 6-10, 11-20, 21-40, ...), each continuing the last, so
     its fit is that of one uninterrupted run, whichever budget asked for it.
 
     Parameters

@@ -61,7 +61,7 @@ CRITERIA = ("bic", "aic", "icl")
 SELECTION_INITS = ("em-em", "hierarchical", "kmeans", "k-means++")
 # Candidate starts per cell of the default search (init_params='em-em'): see
 # the README's measurements for the choice.
-DEFAULT_BUDGET = 80
+DEFAULT_BUDGET = 48
 # With 'em-em', the first candidates (in order) that are run to convergence
 # until one is not degenerate, whatever the short runs chose.
 FALLBACK_CANDIDATES = 8
@@ -468,7 +468,7 @@ def select_model(
     covariance_types : sequence of {'full', 'tied', 'diag', 'spherical'}
     criterion : {'bic', 'aic', 'icl'}
         Lower is better (see the module docstring for the formulas).
-    n_init : int, default ``DEFAULT_BUDGET`` (80)
+    n_init : int, default ``DEFAULT_BUDGET`` (48)
         With 'em-em', the budget: candidate starts per cell; otherwise starts
         per cell, each run to convergence. The best non-degenerate fit is
         kept. The starts of one K are shared by all its covariance types, and
@@ -479,14 +479,14 @@ def select_model(
         are the hierarchy cut at K (see 'hierarchical'), then three starts
         at random rows (distinct points, drawn in proportion to the weights)
         for one k-means++ seeding, in turn. In each cell every candidate
-        runs 3 EM iterations; successive halving keeps the better half of
+        runs 5 EM iterations; successive halving keeps the better half of
         the distinct candidates by log-likelihood and doubles their
         iterations until one is left, and the winners among the first
         ``n_init``, ``n_init/2``, ..., 1 candidates run to convergence (so
         twice the budget never chooses a worse model), as do the first
         candidates, in order, up to the first that is not degenerate (at
         most ``FALLBACK_CANDIDATES``). Every cell is first searched with
-        ``SCREEN_BUDGET`` (8) candidates; the cells whose criterion is then
+        ``SCREEN_BUDGET`` (4) candidates; the cells whose criterion is then
         within ``SEARCH_MARGIN`` (50) of the best are searched with all
         ``n_init``. 'hierarchical': the first start cuts one model-based
         hierarchy (built once for the whole grid, on at most
