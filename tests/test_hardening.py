@@ -128,18 +128,29 @@ def test_far_row_goes_to_the_component_that_decays_slowest():
     assert proba[2, 0] > 0.9
 
 
-def test_a_failing_cell_is_a_row_of_the_table(monkeypatch):
+@pytest.mark.parametrize("init_params", ["hierarchical", "em-em"])
+def test_a_failing_cell_is_a_row_of_the_table(monkeypatch, init_params):
     X = _two_clusters()
-    real = selection._fit_cell
+    if init_params == "em-em":
+        real_run = selection._ShortRunCell.run
 
-    def fail_for_tied(X, sw, k, covariance_type, *args):
-        if covariance_type == "tied" and k == 2:
-            raise RuntimeError("simulated kernel failure")
-        return real(X, sw, k, covariance_type, *args)
+        def failing_run(self, budget):
+            if self.covariance_type == "tied" and self.n_components == 2:
+                raise RuntimeError("simulated kernel failure")
+            return real_run(self, budget)
 
-    monkeypatch.setattr(selection, "_fit_cell", fail_for_tied)
+        monkeypatch.setattr(selection._ShortRunCell, "run", failing_run)
+    else:
+        real = selection._fit_cell
+
+        def fail_for_tied(X, sw, k, covariance_type, *args):
+            if covariance_type == "tied" and k == 2:
+                raise RuntimeError("simulated kernel failure")
+            return real(X, sw, k, covariance_type, *args)
+
+        monkeypatch.setattr(selection, "_fit_cell", fail_for_tied)
     result = select_model(X, n_components=[1, 2], covariance_types=["full", "tied"], n_init=1,
-                          random_state=0)
+                          random_state=0, init_params=init_params)
     status = {(int(r["n_components"]), str(r["covariance_type"])): str(r["status"])
               for r in result.table}
     assert status[(2, "tied")].startswith("failed: simulated kernel failure")
