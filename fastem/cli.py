@@ -89,6 +89,8 @@ DEMO_SEED = 0
 PLOT_HINT = "pip install fastem[plot]"
 # Follow select_model's default rather than restate it.
 DEFAULT_N_INIT = inspect.signature(select_model).parameters["n_init"].default
+# An HMM start runs to convergence (no short-run search): a few restarts.
+DEFAULT_HMM_N_INIT = 5
 
 _EXIT_INPUT_ERROR = 2
 _EXIT_BROKEN_PIPE = 1
@@ -375,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="covariance type of the emissions (default: diag)")
     hmm_fit.add_argument("--n-iter", type=_positive_int, default=500, metavar="N",
                          help="most Baum-Welch iterations per start (default: 500)")
-    hmm_fit.add_argument("--n-init", type=_positive_int, default=DEFAULT_N_INIT, metavar="N",
-                         help=f"starts per number of states (default: {DEFAULT_N_INIT})")
+    hmm_fit.add_argument("--n-init", type=_positive_int, default=DEFAULT_HMM_N_INIT,
+                         metavar="N",
+                         help=f"starts per number of states (default: {DEFAULT_HMM_N_INIT})")
     hmm_fit.add_argument("--seed", type=_seed, default=DEMO_SEED, metavar="S",
                          help=f"random seed of the starts (default: {DEMO_SEED})")
     _add_sequence(hmm_fit)

@@ -939,3 +939,10 @@ def test_hmm_fit_refuses_bad_requests_in_one_line(tmp_path, capsys, extra, fragm
     data, _ = _regime_file(tmp_path, with_sequences=True)
     code, _, err = run(capsys, "hmm", "fit", data, *extra)
     assert_one_line_error(code, err, fragment)
+
+
+def test_hmm_fit_defaults_to_a_few_restarts_not_the_selection_budget():
+    from fastem.cli import build_parser
+
+    args = build_parser().parse_args(["hmm", "fit", "data.csv"])
+    assert args.n_init == 5
