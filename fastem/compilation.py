@@ -85,34 +85,14 @@ def compile_kernels(dtypes=(np.float64, np.float32),
         Kernel name -> seconds spent compiling it (0 entries when everything
         was already cached).
     """
-    from . import em
     from .covariance import COVARIANCE_TYPES
     from .mixture import GaussianMixture
-    from .sources import InMemorySource
-    from .stats import BLAS_MIN_FEATURES, MaximumLikelihood
 
     totals: dict[str, float] = defaultdict(float)
-    for dtype in dtypes:
-        dtype = np.dtype(dtype)
-        # One width per engine family: the vectorised loops and BLAS.
-        for n_features, engine in ((2, "loops"), (BLAS_MIN_FEATURES, "BLAS")):
-            X = _warm_data(64, n_features, dtype)
-            start = time.perf_counter()
-            with compile_times() as seconds, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for covariance_type in COVARIANCE_TYPES:
-                    # A small fit: the starts' kernels and the compiled EM loop.
-                    model = GaussianMixture(2, covariance_type=covariance_type, max_iter=3,
-                                            random_state=0).fit(X)
-                    model.predict_proba(X)
-                    model.score_samples(X)
-                    # The Python-driven loop's pass, as on large data.
-                    source = InMemorySource(X, None, covariance_type)
-                    m_step = MaximumLikelihood(covariance_type, model.reg_covar)
-                    em._python_em(source, m_step, model._current_parameters(),
-                                  em.ConvergenceMonitor(0.0), 1, -np.inf, [])
-                GaussianMixture(2, init_params="hierarchical", max_iter=1).fit(X)
-            _add_step(totals, seconds, report, f"{dtype.name:8s} {engine:5s} engines", start)
+    # Small fits run the compiled EM loop from their first iteration here (it
+    # is what a warmed cache is for; see sources.COMPILED_LOOP_AFTER).
+    with _compiled_loops_at_once():
+        _compile_mixture_kernels(dtypes, totals, report)
     # EM with missing values: its kernel works in float64 whatever the data.
     X = _warm_data(64, 3, np.float64)
     X[::5, 1] = np.nan
@@ -140,6 +120,44 @@ def compile_kernels(dtypes=(np.float64, np.float32),
             model.decode(X, [24, 40])
     _add_step(totals, seconds, report, "hidden Markov models", start)
     return dict(totals)
+
+
+@contextlib.contextmanager
+def _compiled_loops_at_once() -> Iterator[None]:
+    """Small fits run the compiled EM loop at once while inside."""
+    from . import sources
+
+    saved = sources.COMPILED_LOOP_AFTER
+    sources.COMPILED_LOOP_AFTER = 0
+    try:
+        yield
+    finally:
+        sources.COMPILED_LOOP_AFTER = saved
+
+
+def _compile_mixture_kernels(dtypes, totals, report) -> None:
+    """The mixture's kernels of every engine, covariance type and dtype."""
+    from .covariance import COVARIANCE_TYPES
+    from .mixture import GaussianMixture
+    from .stats import BLAS_MIN_FEATURES
+
+    for dtype in dtypes:
+        dtype = np.dtype(dtype)
+        # One width per engine family: the vectorised loops and BLAS.
+        for n_features, engine in ((2, "loops"), (BLAS_MIN_FEATURES, "BLAS")):
+            X = _warm_data(64, n_features, dtype)
+            start = time.perf_counter()
+            with compile_times() as seconds, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for covariance_type in COVARIANCE_TYPES:
+                    # A small fit: the starts' kernels, the pass (which large
+                    # data run from Python) and the compiled EM loop.
+                    model = GaussianMixture(2, covariance_type=covariance_type, max_iter=3,
+                                            random_state=0).fit(X)
+                    model.predict_proba(X)
+                    model.score_samples(X)
+                GaussianMixture(2, init_params="hierarchical", max_iter=1).fit(X)
+            _add_step(totals, seconds, report, f"{dtype.name:8s} {engine:5s} engines", start)
 
 
 def _add_step(totals, seconds, report, label: str, start: float) -> None:

@@ -244,7 +244,10 @@ def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_t
     n_chunks = statistics_chunks(X.shape[0], *means.shape, covariance_type)
     parts = _run_pass(engine, estep.MODE_STATISTICS, X, sample_weight, _NO_LABELS, means, prec,
                       log_const, n_chunks)
-    nk, sx, sxx, loglik, worst_loglik, worst = finish_statistics(engine, means, *parts)
+    # float64 means: one compilation of finish_statistics for every dtype (they
+    # are only read by the diagonal BLAS engine, whose operands are float64).
+    nk, sx, sxx, loglik, worst_loglik, worst = finish_statistics(
+        engine, means.astype(np.float64, copy=False), *parts)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, sx, sxx, means.astype(np.float64), float(loglik), weight,
                               float(worst_loglik), np.asarray(X[worst], dtype=np.float64),
@@ -267,7 +270,8 @@ def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> Gau
     parts = _run_pass(engine, estep.MODE_LABELS, X, sample_weight,
                       np.asarray(labels, dtype=np.int32), shift, prec, np.zeros(n_components),
                       n_chunks)
-    nk, sx, sxx, _, _, _ = finish_statistics(engine, shift, *parts)
+    nk, sx, sxx, _, _, _ = finish_statistics(engine, shift.astype(np.float64, copy=False),
+                                             *parts)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, sx, sxx, shift.astype(np.float64), np.nan, weight,
                               count=float(X.shape[0]))

@@ -58,3 +58,14 @@ def precisions_from_cholesky(prec_chol, covariance_type):
 @pytest.fixture
 def mixture_data():
     return make_mixture()
+
+
+@pytest.fixture(autouse=True)
+def compiled_loop_at_once(monkeypatch):
+    """Small fits run the compiled EM loop from their first iteration, as in a
+    process that has already switched tiers (see fastem.sources.COMPILED_LOOP_AFTER),
+    so that every test sees the same loop whatever ran before it.
+    ``tests/test_engine.py`` checks the tier switch itself."""
+    import fastem.sources
+
+    monkeypatch.setattr(fastem.sources, "COMPILED_LOOP_AFTER", 0)

@@ -24,6 +24,7 @@ from fastem.stats import GaussianStatistics, MaximumLikelihood, e_step_statistic
 _SCRIPT = textwrap.dedent("""
     import hashlib, json, sys, warnings
     import numpy as np
+    import fastem.sources
     from fastem import GaussianMixture
     from fastem.compilation import compile_times
     digests = {}
@@ -31,13 +32,19 @@ _SCRIPT = textwrap.dedent("""
     with compile_times() as seconds, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rng = np.random.default_rng(1)
-        for n_features, n_samples in ((3, 300), (3, 60000), (26, 200), (26, 6000)):
+        # Small data run twice: by the Python-driven loop (a process's first
+        # small fits) and, under the "compiled/" keys, by the compiled loop.
+        for tier, n_features, n_samples in (("", 3, 300), ("", 3, 60000), ("", 26, 200),
+                                            ("", 26, 6000), ("compiled/", 3, 300),
+                                            ("compiled/", 26, 200)):
+            fastem.sources.COMPILED_LOOP_AFTER = 0 if tier else 10**9
+            rng = np.random.default_rng(n_features * n_samples)
             X = rng.normal(size=(n_samples, n_features))
             X[: n_samples // 3] += 3.0
             for dtype in (np.float64, np.float32):
                 Xd = X.astype(dtype)
                 for cov in ("full", "tied", "diag", "spherical"):
-                    key = f"{n_features}/{n_samples}/{np.dtype(dtype).name}/{cov}"
+                    key = f"{tier}{n_features}/{n_samples}/{np.dtype(dtype).name}/{cov}"
                     if only and key not in only:
                         continue
                     gm = GaussianMixture(3, covariance_type=cov, max_iter=8, tol=0.0,
@@ -100,6 +107,11 @@ def test_fresh_and_cached_compilations_give_the_same_bits_and_compile_warms_ever
     assert cached["compiled"] == [], f"compiled again: {cached['compiled']}"
     differ = [k for k in fresh["digests"] if fresh["digests"][k] != cached["digests"][k]]
     assert not differ, f"fresh and cached compilations differ for {differ}"
+    # The compiled EM loop gives the Python-driven loop's bits.
+    tiers = [k for k in fresh["digests"] if k.startswith("compiled/")]
+    assert len(tiers) == 16
+    differ = [k for k in tiers if fresh["digests"][k] != fresh["digests"][k[9:]]]
+    assert not differ, f"the compiled and Python-driven loops differ for {differ}"
 
     # Cached bits must not depend on what the process writing the cache compiled
     # before: the wide diagonal fits alone, in a cache of their own, agree with
@@ -192,3 +204,37 @@ def test_verbose_progress_is_printed(capsys):
     line = next(text for text in out.splitlines() if "Iteration 2" in text)
     assert re.fullmatch(r"  Iteration 2\t time lapse [0-9.]+s\t ll change -?[0-9.]+"
                         r"\t lower bound -?[0-9.]+\t [0-9.]+ ms/iter", line), line
+
+
+def test_small_fits_switch_to_the_compiled_loop_after_enough_python_iterations(monkeypatch):
+    """A process runs small fits through the Python-driven loop until it has run
+    COMPILED_LOOP_AFTER small-data iterations of an engine and dtype; from then on
+    the compiled loop runs them, with the same bits."""
+    import fastem.sources as sources
+
+    calls = []
+    loops = {engine: (lambda loop: lambda *args: calls.append(1) or loop(*args))(loop)
+             for engine, loop in sources.em_loop.items()}
+    monkeypatch.setattr(sources, "em_loop", loops)
+    monkeypatch.setattr(sources, "COMPILED_LOOP_AFTER", 20)
+    monkeypatch.setattr(sources, "_python_iterations", type(sources._python_iterations)())
+    monkeypatch.setattr(sources, "_compiled_variants", set())
+    X = make_mixture(300, 2, 2, seed=9)
+
+    def fit(dtype=np.float64):
+        return GaussianMixture(2, max_iter=12, tol=0.0, random_state=0).fit(X.astype(dtype))
+
+    first = fit()
+    assert calls == [] and sources._python_iterations[(0, "float64")] == 12
+    second = fit()                      # 24 iterations: over the threshold from now on
+    assert calls == []
+    third = fit()
+    assert len(calls) == 1, "the third small fit should run the compiled loop"
+    assert third.lower_bounds_ == first.lower_bounds_ == second.lower_bounds_
+    np.testing.assert_array_equal(third.means_, first.means_)
+    fit(np.float32)                     # another dtype: its own count
+    assert len(calls) == 1
+    # Large data never run the compiled loop, and do not count.
+    big = make_mixture(300_000, 2, 2, seed=9)
+    GaussianMixture(2, max_iter=2, random_state=0).fit(big)
+    assert len(calls) == 1 and sources._python_iterations[(0, "float64")] == 24

@@ -7,21 +7,15 @@ never on the number of threads; a kernel call handles a range of chunks
 sums are kept apart and they are reduced in chunk order at the end. That is
 what makes the results bit-identical for 1, 2 or 64 threads.
 
-Same bits in every process. Sums over rows are vectorised by letting LLVM
-reassociate them (``FAST_MATH``), and reassociated code rounds differently
-depending on what LLVM inlined into it. Two rules keep every compiled copy
-the same, whether a kernel was compiled in this process or loaded from
-Numba's cache:
-
-* only kernels called from Python are cached; their helpers are compiled
-  afresh with them (``helper``), so a kernel always sees the same helpers;
-  the helpers that hold reassociated sums are inlined by Numba into the
-  kernel (``helper_inline``) and take its flags;
-* a kernel compiled with ``FAST_MATH`` calls no other cached kernel: LLVM can
-  inline a callee (under the caller's unsafe-math attributes) only when the
-  callee was compiled in the same process, not when it was loaded. The
-  compiled EM loops, which call the M-step kernels, therefore do exact IEEE
-  arithmetic (no ``fastmath``), inlined pass included.
+Same bits in every process. No kernel is compiled with ``fastmath``: every
+operation rounds as the source says, so a kernel gives the same bits whether
+it was compiled in this process or loaded from Numba's cache, and whichever
+kernel a helper was inlined into. Sums over rows, which LLVM would only
+vectorise by reassociating them, are written with explicit vectors
+(:mod:`fastem._kernels.simd`), and fused multiply-adds are explicit
+(``simd.fma``), never a contraction left to the compiler. Helpers are
+compiled afresh with the kernels that call them (``helper``: not cached,
+never called from Python).
 """
 
 from __future__ import annotations
@@ -33,13 +27,11 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-# Flags of the kernels that reassociate (see the module docstring); NaN and
-# infinity stay allowed (log-weights of empty components are -inf).
-FAST_MATH = {"reassoc", "contract", "nsz", "arcp"}
+from .simd import fma
+
 # Helpers: never called from Python by the package, compiled with their caller.
 helper = njit(cache=False, error_model="numpy")
 helper_inline = njit(cache=False, error_model="numpy", inline="always")
-helper_contract = njit(cache=False, error_model="numpy", fastmath={"contract"})
 
 BLOCK_ROWS = 256
 # Partial sums are cheap for small K*D*D but not for K=20, D=100; cap the
@@ -109,7 +101,7 @@ def transpose_block(X, start, n_rows, out):
             out[d, r] = X[start + r, d]
 
 
-@helper_contract
+@helper
 def exp_nonpositive(values, offsets, out, bits, n):
     r"""out[r] = exp(values[r] - offsets[r]) for arguments <= 0, vectorisable.
 
@@ -125,19 +117,19 @@ def exp_nonpositive(values, offsets, out, bits, n):
         n_f = math.floor(x * _LOG2E + 0.5)
         f = (x - n_f * _LN2_HI) - n_f * _LN2_LO
         p = 1.0 / 6227020800.0
-        p = p * f + 1.0 / 479001600.0
-        p = p * f + 1.0 / 39916800.0
-        p = p * f + 1.0 / 3628800.0
-        p = p * f + 1.0 / 362880.0
-        p = p * f + 1.0 / 40320.0
-        p = p * f + 1.0 / 5040.0
-        p = p * f + 1.0 / 720.0
-        p = p * f + 1.0 / 120.0
-        p = p * f + 1.0 / 24.0
-        p = p * f + 1.0 / 6.0
-        p = p * f + 0.5
-        p = p * f + 1.0
-        p = p * f + 1.0
+        p = fma(p, f, 1.0 / 479001600.0)
+        p = fma(p, f, 1.0 / 39916800.0)
+        p = fma(p, f, 1.0 / 3628800.0)
+        p = fma(p, f, 1.0 / 362880.0)
+        p = fma(p, f, 1.0 / 40320.0)
+        p = fma(p, f, 1.0 / 5040.0)
+        p = fma(p, f, 1.0 / 720.0)
+        p = fma(p, f, 1.0 / 120.0)
+        p = fma(p, f, 1.0 / 24.0)
+        p = fma(p, f, 1.0 / 6.0)
+        p = fma(p, f, 0.5)
+        p = fma(p, f, 1.0)
+        p = fma(p, f, 1.0)
         out[r] = p if raw > _EXP_FLOOR else 0.0
         bits[r] = (np.int64(n_f) + 1023) << 52
     scale = bits.view(np.float64)
@@ -145,7 +137,7 @@ def exp_nonpositive(values, offsets, out, bits, n):
         out[r] *= scale[r]
 
 
-@helper_contract
+@helper
 def exp_nonpositive32(values, offsets, out, bits, n):
     r"""Single-precision :func:`exp_nonpositive`: degree-7 polynomial (error
     below 1e-8 relative, under float32's epsilon), twice the lanes per vector.
@@ -157,13 +149,13 @@ def exp_nonpositive32(values, offsets, out, bits, n):
         n_f = np.floor(x * _LOG2E32 + np.float32(0.5))
         f = (x - n_f * _LN2_HI32) - n_f * _LN2_LO32
         p = np.float32(1.0 / 5040.0)
-        p = p * f + np.float32(1.0 / 720.0)
-        p = p * f + np.float32(1.0 / 120.0)
-        p = p * f + np.float32(1.0 / 24.0)
-        p = p * f + np.float32(1.0 / 6.0)
-        p = p * f + np.float32(0.5)
-        p = p * f + np.float32(1.0)
-        p = p * f + np.float32(1.0)
+        p = fma(p, f, np.float32(1.0 / 720.0))
+        p = fma(p, f, np.float32(1.0 / 120.0))
+        p = fma(p, f, np.float32(1.0 / 24.0))
+        p = fma(p, f, np.float32(1.0 / 6.0))
+        p = fma(p, f, np.float32(0.5))
+        p = fma(p, f, np.float32(1.0))
+        p = fma(p, f, np.float32(1.0))
         out[r] = p if raw > _EXP_FLOOR32 else np.float32(0.0)
         bits[r] = (np.int32(n_f) + np.int32(127)) << np.int32(23)
     scale = bits.view(np.float32)

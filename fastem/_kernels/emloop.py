@@ -3,10 +3,12 @@ dominates (a few hundred rows cost microseconds per iteration, not the tenths
 of a millisecond a Python-driven iteration costs).
 
 The loop is an optimisation of the in-memory statistics source, not another
-EM: each iteration is the same pass kernel over the same chunks, reduced in
+EM: each iteration calls the same pass kernel over the same chunks, reduced in
 the same order, with the same engine and operand precision as the Python
-driver's, and the same M-step, so both give the same bits (no kernel allows
-reassociation, see :mod:`fastem._kernels._blocks`). It stops *before*
+driver's, and the same M-step kernel, so both give the same bits (no kernel
+reassociates, see :mod:`fastem._kernels._blocks`). Calling the kernels
+rather than inlining them also means the loop itself compiles in a fraction
+of a second once a fit has compiled its pass. It stops *before*
 applying an M-step that needed repair (a collapsed component or a covariance
 that was not positive definite) and hands over to the driver, which owns those
 policies and their warnings.
@@ -24,7 +26,7 @@ from .estep import (
     MODE_STATISTICS,
     finish_statistics,
     gaussian_operands,
-    gaussian_pass_inline,
+    gaussian_pass,
 )
 from .mstep import m_step_diag, m_step_full
 
@@ -45,14 +47,17 @@ _engine_pass = _engine_m_step = None
 _ENGINE = ENGINE_LOOPS_FULL
 
 
-def _em_loop(X, sample_weight, operand_like, weights, means, covariances, prec_chol, kind,
-             reg_covar, tol, max_iter, lower_bound, collapse_below, n_chunks, trmm, syrk):
-    """Run up to ``max_iter`` EM iterations (E-step statistics, M-step, test).
+def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covariances,
+             prec_chol, kind, reg_covar, tol, max_iter, lower_bound, collapse_below, n_chunks,
+             trmm, syrk):
+    r"""Run up to ``max_iter`` EM iterations (E-step statistics, M-step, test).
 
     ``em_loop[engine]`` runs the pass of that engine; it and ``operand_like``
     (an empty array of the operands' dtype) are the driver's choices for this
     data (``fastem.stats.engine_for`` and ``operand_dtype``). The parameters
-    are float64 in the canonical 3-D shapes of the M-step kernels.
+    are float64 in the canonical 3-D shapes of the M-step kernels;
+    ``total_weight`` is the driver's :math:`\sum_n w_n` (the objective's
+    denominator, summed by NumPy there).
 
     Returns
     -------
@@ -65,7 +70,6 @@ def _em_loop(X, sample_weight, operand_like, weights, means, covariances, prec_c
     """
     n_samples, n_features = X.shape
     n_components = means.shape[0]
-    total_weight = n_samples * 1.0 if sample_weight.shape[0] == 0 else sample_weight.sum()
     full = kind <= 1
     width = n_features if full else 1
     nk_parts = np.empty((n_chunks, n_components))
@@ -78,6 +82,12 @@ def _em_loop(X, sample_weight, operand_like, weights, means, covariances, prec_c
     out = np.empty((0, 0))
     log_norm = np.empty(0)
     lower_bounds = np.empty(max_iter)
+    # Arguments of the kernels this loop calls, as plain int64 values: a
+    # literal (0, MODE_STATISTICS) would give the kernel a second, literal-typed
+    # compilation instead of the one the Python driver already made.
+    first_chunk = np.int64(0)
+    mode = np.int64(MODE_STATISTICS)
+    engine = np.int64(_ENGINE)
     n_iter = 0
     converged = False
     handed_over = False
@@ -85,19 +95,24 @@ def _em_loop(X, sample_weight, operand_like, weights, means, covariances, prec_c
         prec64, log_const = gaussian_operands(weights, prec_chol, kind, n_features)
         shift = _as_dtype_of(means, operand_like)
         prec = _as_dtype_of(prec64, operand_like)
-        nk_parts.fill(0.0)
-        sx_parts.fill(0.0)
-        sxx_parts.fill(0.0)
-        worst.fill(np.inf)
-        _engine_pass(0, n_chunks, n_chunks, MODE_STATISTICS, X, sample_weight, labels, shift,
+        nk_parts[:] = 0.0
+        sx_parts[:] = 0.0
+        sxx_parts[:] = 0.0
+        worst[:] = np.inf
+        _engine_pass(first_chunk, n_chunks, n_chunks, mode, X, sample_weight, labels, shift,
                      prec, log_const, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
                      worst_index, out, log_norm)
-        nk, sx, sxx, loglik, _, _ = finish_statistics(_ENGINE, shift, nk_parts, sx_parts,
+        nk, sx, sxx, loglik, _, _ = finish_statistics(engine, means, nk_parts, sx_parts,
                                                       sxx_parts, ll_parts, worst, worst_index)
         # tied (kind 1) pools the full scatter; spherical (kind 3) averages the diagonal.
         new = _engine_m_step(nk, sx, sxx, _as_dtype_of(shift, log_const), reg_covar,
                              kind == 1 or kind == 3)
-        if np.any(new[4] != 0.0) or np.any(nk < collapse_below):
+        repair = False
+        for k in range(n_components):
+            repair |= nk[k] < collapse_below
+        for c in range(new[4].shape[0]):
+            repair |= new[4][c] != 0.0
+        if repair:
             handed_over = True
             break
         previous = lower_bound
@@ -115,11 +130,11 @@ def _em_loop(X, sample_weight, operand_like, weights, means, covariances, prec_c
 def _loop_for(engine):
     full = engine in (ENGINE_LOOPS_FULL, ENGINE_BLAS_FULL)
     return njit(cache=True, error_model="numpy", nogil=True)(specialise(
-        _em_loop, f"_em_loop_{engine}", _ENGINE=engine, _engine_pass=gaussian_pass_inline[engine],
+        _em_loop, f"_em_loop_{engine}", _ENGINE=engine, _engine_pass=gaussian_pass[engine],
         _engine_m_step=m_step_full if full else m_step_diag))
 
 
 # One compiled loop per engine. nogil: model selection runs the loops of
 # several starts at once from Python threads (each loop is serial and touches
 # only its own arrays).
-em_loop = {engine: _loop_for(engine) for engine in gaussian_pass_inline}
+em_loop = {engine: _loop_for(engine) for engine in gaussian_pass}

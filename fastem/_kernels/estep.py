@@ -39,13 +39,13 @@ from numba import njit
 
 from ._blocks import (
     BLOCK_ROWS,
-    FAST_MATH,
     chunk_rows,
     exp_block,
     helper_inline,
     specialise,
     transpose_block,
 )
+from .simd import fma, lanes, vadd, vfma, vload, vmul, vstore, vsum, vzeros
 
 # The BLAS engine for full covariances works on this many blocks of rows at a
 # time (dtrmm and dsyrk run closer to peak on them; the diagonal one does not).
@@ -103,12 +103,37 @@ def gaussian_operands(weights, prec_chol, kind, n_features):
 
 
 @helper_inline
+def _padded(n_rows, like):
+    """``n_rows`` rounded up to whole vectors of ``like``'s dtype."""
+    width = lanes(like)
+    return (n_rows + width - 1) // width * width
+
+
+@helper_inline
 def _centre(xT, n_rows, mean, diff):
-    """diff[d, r] = xT[d, r] - mean[d]."""
+    """diff[d, r] = xT[d, r] - mean[d], and 0 up to the next whole vector."""
+    n_pad = _padded(n_rows, diff[0])
     for d in range(xT.shape[0]):
         m = mean[d]
         for r in range(n_rows):
             diff[d, r] = xT[d, r] - m
+        for r in range(n_rows, n_pad):
+            diff[d, r] = 0.0
+
+
+@helper_inline
+def sum_rows(values, n):
+    """``values[0] + ... + values[n - 1]`` in a fixed order: lane-wise vector
+    sums of the whole vectors (:mod:`fastem._kernels.simd`), then the rest."""
+    width = lanes(values)
+    whole = n - n % width
+    acc = vzeros(values)
+    for r in range(0, whole, width):
+        acc = vadd(acc, vload(values, r))
+    total = vsum(acc)
+    for r in range(whole, n):
+        total += values[r]
+    return total
 
 
 @helper_inline
@@ -142,21 +167,21 @@ def _log_prob_full_loops(xT, n_rows, means, prec_chol, log_const, diffs, y, quad
                 for r in range(n_rows):
                     d0 = diff[i, r]
                     d1 = diff[i + 1, r]
-                    y[r] += d0 * a0 + d1 * a1
-                    y2[r] += d0 * b0 + d1 * b1
+                    y[r] = fma(d1, a1, fma(d0, a0, y[r]))
+                    y2[r] = fma(d1, b1, fma(d0, b0, y2[r]))
             a0 = prec_chol[k, j, j]
             if two:
                 b0 = prec_chol[k, j, j + 1]
                 b1 = prec_chol[k, j + 1, j + 1]
                 for r in range(n_rows):
                     d0 = diff[j, r]
-                    y[r] += d0 * a0
-                    y2[r] += d0 * b0 + diff[j + 1, r] * b1
+                    y[r] = fma(d0, a0, y[r])
+                    y2[r] = fma(diff[j + 1, r], b1, fma(d0, b0, y2[r]))
             else:
                 for r in range(n_rows):
-                    y[r] += diff[j, r] * a0
+                    y[r] = fma(diff[j, r], a0, y[r])
             for r in range(n_rows):
-                quad[r] += y[r] * y[r] + y2[r] * y2[r]
+                quad[r] = fma(y2[r], y2[r], fma(y[r], y[r], quad[r]))
         for r in range(n_rows):
             log_prob[k, r] = log_const[k] - 0.5 * quad[r]
 
@@ -176,96 +201,140 @@ def _log_prob_diag_loops(xT, n_rows, means, precisions, log_const, log_prob):
             m = means[k, d]
             for r in range(n_rows):
                 t = xT[d, r] - m
-                log_prob[k, r] += p * t * t
+                log_prob[k, r] = fma(p * t, t, log_prob[k, r])
         for r in range(n_rows):
             log_prob[k, r] = log_const[k] - 0.5 * log_prob[k, r]
 
 
 @helper_inline
-def _scatter_upper(wdiff, diff, n_rows, out, zero):
-    """out[i, j] += sum_r wdiff[i, r] diff[j, r] for j >= i, in 2 x 2 tiles.
+def _scatter_upper(wdiff, diff, n_pad, zeros, out):
+    """out[i, j] += sum_r wdiff[i, r] diff[j, r] for j >= i, in tiles of vectors.
 
-    A tile loads two rows of each operand for four products, half the loads
-    of one dot product at a time (the loop is load-bound). Diagonal tiles also
-    add one entry below the diagonal, which the final mirroring overwrites.
+    A 2 x 4 tile loads two rows of ``wdiff`` and four of ``diff`` per vector
+    of rows for eight fused multiply-adds into eight vector accumulators (lane
+    ``l`` sums rows ``l, l + W, ...``; :func:`~fastem._kernels.simd.vsum`
+    adds the lanes in a fixed order); the last one or two columns of a row
+    pair take a 2 x 2 tile. Rows past the last feature are read from ``zeros``
+    and their sums dropped; tiles on the diagonal also add entries below it,
+    which the final mirroring overwrites. ``n_pad`` is a whole number of
+    vectors (the padding rows are 0).
     """
     n_features = diff.shape[0]
+    width = lanes(zeros)
     for i in range(0, n_features, 2):
-        if i + 1 == n_features:
-            acc = zero
-            for r in range(n_rows):
-                acc += wdiff[i, r] * diff[i, r]
-            out[i, i] += acc
-            continue
-        for j in range(i, n_features, 2):
-            a00 = zero
-            a10 = zero
-            if j + 1 == n_features:
-                for r in range(n_rows):
-                    d0 = diff[j, r]
-                    a00 += wdiff[i, r] * d0
-                    a10 += wdiff[i + 1, r] * d0
-                out[i, j] += a00
-                out[i + 1, j] += a10
-                continue
-            a01 = zero
-            a11 = zero
-            for r in range(n_rows):
-                w0 = wdiff[i, r]
-                w1 = wdiff[i + 1, r]
-                d0 = diff[j, r]
-                d1 = diff[j + 1, r]
-                a00 += w0 * d0
-                a01 += w0 * d1
-                a10 += w1 * d0
-                a11 += w1 * d1
-            out[i, j] += a00
-            out[i, j + 1] += a01
-            out[i + 1, j] += a10
-            out[i + 1, j + 1] += a11
+        pair = i + 1 < n_features
+        w0 = wdiff[i]
+        w1 = wdiff[i + 1] if pair else zeros
+        for j in range(i, n_features, 4):
+            n_columns = min(4, n_features - j)
+            d0 = diff[j]
+            d1 = diff[j + 1] if n_columns > 1 else zeros
+            a00 = a01 = a10 = a11 = vzeros(zeros)
+            if n_columns <= 2:
+                for r in range(0, n_pad, width):
+                    u0 = vload(w0, r)
+                    u1 = vload(w1, r)
+                    v = vload(d0, r)
+                    a00 = vfma(u0, v, a00)
+                    a10 = vfma(u1, v, a10)
+                    v = vload(d1, r)
+                    a01 = vfma(u0, v, a01)
+                    a11 = vfma(u1, v, a11)
+                a02 = a03 = a12 = a13 = a00
+            else:
+                d2 = diff[j + 2]
+                d3 = diff[j + 3] if n_columns > 3 else zeros
+                a02 = a03 = a12 = a13 = a00
+                for r in range(0, n_pad, width):
+                    u0 = vload(w0, r)
+                    u1 = vload(w1, r)
+                    v = vload(d0, r)
+                    a00 = vfma(u0, v, a00)
+                    a10 = vfma(u1, v, a10)
+                    v = vload(d1, r)
+                    a01 = vfma(u0, v, a01)
+                    a11 = vfma(u1, v, a11)
+                    v = vload(d2, r)
+                    a02 = vfma(u0, v, a02)
+                    a12 = vfma(u1, v, a12)
+                    v = vload(d3, r)
+                    a03 = vfma(u0, v, a03)
+                    a13 = vfma(u1, v, a13)
+            out[i, j] += vsum(a00)
+            if pair:
+                out[i + 1, j] += vsum(a10)
+            if n_columns > 1:
+                out[i, j + 1] += vsum(a01)
+                if pair:
+                    out[i + 1, j + 1] += vsum(a11)
+            if n_columns > 2:
+                out[i, j + 2] += vsum(a02)
+                if pair:
+                    out[i + 1, j + 2] += vsum(a12)
+            if n_columns > 3:
+                out[i, j + 3] += vsum(a03)
+                if pair:
+                    out[i + 1, j + 3] += vsum(a13)
 
 
 @helper_inline
-def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, nk, sx, sxx, full):
+def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx,
+                      full):
     """Add the block's weighted first and second moments around the means.
 
     With ``centred``, ``diffs[k]`` already holds the block centred on mean k
-    (left by the E-step); otherwise it is centred here, in ``diffs[0]``. Sums
-    over the block's rows (at most ``BLOCK_ROWS``) are taken in X's
-    precision, every total across blocks in float64.
+    (left by the E-step); otherwise it is centred here, in ``diffs[0]``. The
+    responsibilities ``resp`` and the centred rows are 0 from ``n_rows`` to
+    the next whole vector. Sums over the block's rows (at most
+    ``BLOCK_ROWS``) are taken lane-wise in X's precision, every total across
+    blocks in float64.
     """
     n_components, n_features = means.shape
+    width = lanes(zeros)
+    n_pad = _padded(n_rows, zeros)
     for k in range(n_components):
         diff = diffs[k] if centred else diffs[0]
         if not centred:
             _centre(xT, n_rows, means[k], diff)
-        total = 0.0
-        for r in range(n_rows):
-            total += resp[k, r]
-        nk[k] += total
-        zero = diff.dtype.type(0)
+        weights = resp[k]
+        total = vzeros(zeros)
+        for r in range(0, n_pad, width):
+            total = vadd(total, vload(weights, r))
+        nk[k] += vsum(total)
         for i in range(n_features):
-            acc = zero
-            for r in range(n_rows):
-                wdiff[i, r] = resp[k, r] * diff[i, r]
-                acc += wdiff[i, r]
-            sx[k, i] += acc
+            row = diff[i]
+            first = vzeros(zeros)
+            if full:
+                # w (x - mu) is kept for the scatter.
+                weighted_row = wdiff[i]
+                for r in range(0, n_pad, width):
+                    wd = vmul(vload(weights, r), vload(row, r))
+                    vstore(weighted_row, r, wd)
+                    first = vadd(first, wd)
+            else:
+                second = vzeros(zeros)
+                for r in range(0, n_pad, width):
+                    d = vload(row, r)
+                    wd = vmul(vload(weights, r), d)
+                    first = vadd(first, wd)
+                    second = vfma(wd, d, second)
+                sxx[k, i, 0] += vsum(second)
+            sx[k, i] += vsum(first)
         if full:
-            _scatter_upper(wdiff, diff, n_rows, sxx[k], zero)
-        else:
-            for i in range(n_features):
-                acc = zero
-                for r in range(n_rows):
-                    acc += wdiff[i, r] * diff[i, r]
-                sxx[k, i, 0] += acc
+            _scatter_upper(wdiff, diff, n_pad, zeros, sxx[k])
 
 
 @helper_inline
 def _blas_scalars(n_features, n_rows):
-    """Fortran-style by-reference arguments: chars L, N and sizes."""
-    chars = np.array([ord("L"), ord("N")], dtype=np.uint8)
-    sizes = np.array([n_features, n_rows], dtype=np.int32)
-    ones = np.ones(1)
+    """Fortran-style by-reference arguments: chars 'L', 'N' (as bytes), sizes, 1.0."""
+    chars = np.empty(2, dtype=np.uint8)
+    chars[0] = 76
+    chars[1] = 78
+    sizes = np.empty(2, dtype=np.int32)
+    sizes[0] = n_features
+    sizes[1] = n_rows
+    ones = np.empty(1)
+    ones[0] = 1.0
     return chars, sizes, ones
 
 
@@ -295,10 +364,22 @@ def _log_prob_full_blas(X, start, n_rows, means, prec_chol, log_const, rows, log
              sizes[1:2].ctypes, ones.ctypes, prec_chol[k].ctypes, sizes[0:1].ctypes,
              rows.ctypes, sizes[0:1].ctypes)
         for r in range(n_rows):
-            q = 0.0
-            for d in range(n_features):
-                q += rows[r, d] * rows[r, d]
-            log_prob[k, r] = log_const[k] - 0.5 * q
+            log_prob[k, r] = log_const[k] - 0.5 * _sum_of_squares(rows[r], n_features)
+
+
+@helper_inline
+def _sum_of_squares(values, n):
+    """``values[0]^2 + ... + values[n - 1]^2`` in a fixed order (as ``sum_rows``)."""
+    width = lanes(values)
+    whole = n - n % width
+    acc = vzeros(values)
+    for i in range(0, whole, width):
+        v = vload(values, i)
+        acc = vfma(v, v, acc)
+    total = vsum(acc)
+    for i in range(whole, n):
+        total = fma(values[i], values[i], total)
+    return total
 
 
 @helper_inline
@@ -418,10 +499,7 @@ def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, moments
             rows[count] = r
             weights[count] = weight
             count += weight != 0.0
-        total = 0.0
-        for i in range(count):
-            total += weights[i]
-        nk[k] += total
+        nk[k] += sum_rows(weights, count)
         acc = moments[k]
         for j in range(width):
             acc[j] = 0.0
@@ -430,12 +508,13 @@ def _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, rows, weights, moments
             r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
             w0, w1, w2, w3 = weights[i], weights[i + 1], weights[i + 2], weights[i + 3]
             for j in range(width):
-                acc[j] += w0 * Z[r0, j] + w1 * Z[r1, j] + w2 * Z[r2, j] + w3 * Z[r3, j]
+                acc[j] = fma(w3, Z[r3, j], fma(w2, Z[r2, j], fma(w1, Z[r1, j],
+                                                                fma(w0, Z[r0, j], acc[j]))))
         for i in range(quads, count):
             r0 = rows[i]
             w0 = weights[i]
             for j in range(width):
-                acc[j] += w0 * Z[r0, j]
+                acc[j] = fma(w0, Z[r0, j], acc[j])
         for d in range(n_features):
             sx[k, d] += acc[d]
             sxx[k, d, 0] += acc[n_features + d]
@@ -462,13 +541,11 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, de
         return
     # 0 * inf is NaN: a square that overflowed (a row very far from c) must
     # not meet the exact zeros of the product, so such blocks add sparsely.
-    # (One vectorised sum of the squares tells; it also overflows, harmlessly,
-    # when only their total exceeds the float64 range.)
-    squares = 0.0
+    overflowed = 0
     for r in range(n_rows):
         for d in range(n_features, 2 * n_features):
-            squares += Z[r, d]
-    if not squares < np.inf:
+            overflowed |= not Z[r, d] < np.inf
+    if overflowed:
         _accumulate_diag_sparse(Z, n_rows, resp, nk, sx, sxx, gathered, weights, moments)
         return
     # Contiguous operands and output, as np.dot needs.
@@ -478,20 +555,18 @@ def _accumulate_diag_moments(Z, n_rows, resp, nk, sx, sxx, gathered, weights, de
             R[k, r] = resp[k, r]
     np.dot(R, Z[:n_rows], moments)
     for k in range(n_components):
-        total = 0.0
-        for r in range(n_rows):
-            total += R[k, r]
-        nk[k] += total
+        nk[k] += sum_rows(R[k], n_rows)
         for d in range(n_features):
             sx[k, d] += moments[k, d]
             sxx[k, d, 0] += moments[k, n_features + d]
 
 
-@helper_inline
-def _far_row(X, row, means, prec, log_const, full, keep_log, log_prob, r, row_sum, norms):
-    r"""Row ``r`` of the block (X's row ``row``), whose log-densities overflowed.
+@njit(cache=True, error_model="numpy", nogil=True)
+def far_rows(X, start, far, means, prec, log_const, full, keep_log, log_prob, row_sum, norms):
+    r"""The rows ``r`` of a block (X's rows ``start + r``) flagged ``far``: their
+    log-densities overflowed.
 
-    Its squared distances exceed the operands' range (or float64's): they
+    Their squared distances exceed the operands' range (or float64's): they
     are recomputed in float64 on the row and means scaled by a power of two
     (exact) so that no square overflows. When the log-densities are finite in
     float64 the row is normalised as usual; otherwise its responsibility goes
@@ -500,54 +575,61 @@ def _far_row(X, row, means, prec, log_const, full, keep_log, log_prob, r, row_su
     :math:`\log p(x) = -\infty` (below the float64 range). Writes
     ``log_prob[:, r]`` (log-responsibilities if ``keep_log``, else
     responsibilities), ``row_sum[r] = 1`` and ``norms[r]``.
+
+    A kernel of its own, called by every engine's pass only for a block that
+    has such rows (rare): compiled once per dtype, not into every pass.
     """
     n_components, n_features = means.shape
     log_q = np.empty(n_components)
     log_density = np.empty(n_components)
-    for k in range(n_components):
-        largest = 0.0
-        for d in range(n_features):
-            largest = max(largest, abs(np.float64(X[row, d])), abs(np.float64(means[k, d])))
-        _, exponent = math.frexp(largest)
-        scale = math.ldexp(1.0, -exponent)
-        q = 0.0
-        if full:
-            for j in range(n_features):
-                y = 0.0
-                for i in range(j + 1):
-                    y += (np.float64(X[row, i]) * scale - np.float64(means[k, i]) * scale) \
-                        * np.float64(prec[k, i, j])
-                q += y * y
-        else:
+    for r in range(far.shape[0]):
+        if not far[r]:
+            continue
+        row = start + r
+        best = -np.inf
+        for k in range(n_components):
+            largest = 0.0
             for d in range(n_features):
-                t = np.float64(X[row, d]) * scale - np.float64(means[k, d]) * scale
-                q += np.float64(prec[k, d, 0]) * t * t
-        # q is the squared distance times scale^2.
-        log_q[k] = math.log(q) - 2.0 * math.log(scale) if q > 0.0 else -np.inf
-        log_density[k] = log_const[k] - 0.5 * (q / scale / scale)
-    best = log_density.max()
-    if best > -np.inf:
-        # Relative to the largest first (stored: no reassociation may merge
-        # the two subtractions), as log(total) vanishes next to a huge best.
-        total = 0.0
-        for k in range(n_components):
-            log_density[k] -= best
-            total += math.exp(log_density[k])
-        log_total = math.log(total)
-        norms[r] = best + log_total
-        for k in range(n_components):
-            value = log_density[k] - log_total
-            log_prob[k, r] = value if keep_log else math.exp(value)
-    else:
-        nearest = log_q.min()
-        ties = 0
-        for k in range(n_components):
-            ties += log_q[k] == nearest
-        norms[r] = -np.inf
-        for k in range(n_components):
-            share = 1.0 / ties if log_q[k] == nearest else 0.0
-            log_prob[k, r] = math.log(share) if keep_log else share
-    row_sum[r] = 1.0
+                largest = max(largest, abs(np.float64(X[row, d])), abs(np.float64(means[k, d])))
+            scale = math.ldexp(1.0, -math.frexp(largest)[1])
+            q = 0.0
+            for j in range(n_features):
+                if full:
+                    y = 0.0
+                    for i in range(j + 1):
+                        y += (np.float64(X[row, i]) * scale - np.float64(means[k, i]) * scale) \
+                            * np.float64(prec[k, i, j])
+                    q += y * y
+                else:
+                    t = np.float64(X[row, j]) * scale - np.float64(means[k, j]) * scale
+                    q += np.float64(prec[k, j, 0]) * t * t
+            # q is the squared distance times scale^2.
+            log_q[k] = math.log(q) - 2.0 * math.log(scale) if q > 0.0 else -np.inf
+            log_density[k] = log_const[k] - 0.5 * (q / scale / scale)
+            best = max(best, log_density[k])
+        if best > -np.inf:
+            # Relative to the largest first, as log(total) vanishes next to a huge best.
+            total = 0.0
+            for k in range(n_components):
+                log_density[k] -= best
+                total += math.exp(log_density[k])
+            log_total = math.log(total)
+            norms[r] = best + log_total
+            for k in range(n_components):
+                value = log_density[k] - log_total
+                log_prob[k, r] = value if keep_log else math.exp(value)
+        else:
+            nearest = np.inf
+            for k in range(n_components):
+                nearest = min(nearest, log_q[k])
+            ties = 0
+            for k in range(n_components):
+                ties += log_q[k] == nearest
+            norms[r] = -np.inf
+            for k in range(n_components):
+                share = 1.0 / ties if log_q[k] == nearest else 0.0
+                log_prob[k, r] = math.log(share) if keep_log else share
+        row_sum[r] = 1.0
 
 
 # Block engines. Each engine is three functions with one signature per role, so
@@ -557,7 +639,7 @@ def _far_row(X, row, means, prec, log_const, full, keep_log, log_prob, r, row_su
 #
 #   log_prob(X, start, n_rows, means, prec, log_const, trmm, W, const, centre,
 #            xT, diffs, y, quad, rows, products, log_prob)
-#   accumulate(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
+#   accumulate(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros, rows,
 #              gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx)
 #   prepare_labels(X, start, n_rows, centre, xT, rows)
 
@@ -590,27 +672,31 @@ def _log_prob_blas_diag(X, start, n_rows, means, prec, log_const, trmm, W, const
 
 
 @helper_inline
-def _accumulate_loops_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
-                           gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
-    _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, nk, sx, sxx, True)
+def _accumulate_loops_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
+                           rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
+                           sxx):
+    _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx, True)
 
 
 @helper_inline
-def _accumulate_loops_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
-                           gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
+def _accumulate_loops_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
+                           rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
+                           sxx):
     # The diagonal loops leave no centred block behind.
-    _accumulate_loops(xT, n_rows, means, resp, diffs, False, wdiff, nk, sx, sxx, False)
+    _accumulate_loops(xT, n_rows, means, resp, diffs, False, wdiff, zeros, nk, sx, sxx, False)
 
 
 @helper_inline
-def _accumulate_blas_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
-                          gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
+def _accumulate_blas_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
+                          rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
+                          sxx):
     _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk)
 
 
 @helper_inline
-def _accumulate_blas_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, rows,
-                          gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx):
+def _accumulate_blas_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
+                          rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
+                          sxx):
     _accumulate_diag_moments(rows, n_rows, resp, nk, sx, sxx, gathered, gathered_weights,
                              dense_resp, moments)
 
@@ -735,6 +821,8 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     y = np.empty(2 * loops, dtype=X.dtype)
     quad = np.empty(loops, dtype=X.dtype)
     wdiff = np.empty((n_features, loops), dtype=X.dtype)
+    zeros = np.zeros(loops, dtype=X.dtype)
+    contributions = np.empty(block)
     rows = np.empty((wide, n_features * (1 if _ENGINE_FULL else 2)))
     products = np.empty((diag_blas, n_components))
     gathered = np.empty(diag_blas, dtype=np.int64)
@@ -751,6 +839,9 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     norms = np.empty(block)
     far = np.zeros(block, dtype=np.bool_)
     weighted = sample_weight.shape[0] > 0
+    # A plain boolean (not the literal global), as far_rows is compiled once
+    # for every engine.
+    full = np.bool_(_ENGINE_FULL)
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, n_samples)
         nk, sx, sxx = nk_parts[c], sx_parts[c], sxx_parts[c]
@@ -759,9 +850,12 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
         worst_i = 0
         for start in range(first, last, block):
             n_rows = min(block, last - start)
+            # The loop engines' sums run over whole vectors of rows: the
+            # responsibilities of the rows past the block's end are 0.
+            n_pad = _padded(n_rows, zeros) if _ENGINE_LOOPS else n_rows
             if mode == MODE_LABELS:
                 for k in range(n_components):
-                    for r in range(n_rows):
+                    for r in range(n_pad):
                         log_prob[k, r] = 0.0
                 for r in range(n_rows):
                     label = labels[start + r]
@@ -805,10 +899,8 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                     far[r] = not row_sum[r] >= 1.0
                     n_far += far[r]
                 if n_far:
-                    for r in range(n_rows):
-                        if far[r]:
-                            _far_row(X, start + r, means, prec, log_const, _ENGINE_FULL,
-                                     keep_log, log_prob, r, row_sum, norms)
+                    far_rows(X, start, far[:n_rows], means, prec, log_const, full, keep_log,
+                             log_prob, row_sum, norms)
             if mode == MODE_STATISTICS:
                 # w_r / sum_k e^(l - max): responsibilities times the row weight.
                 for r in range(n_rows):
@@ -819,14 +911,19 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                 for k in range(n_components):
                     for r in range(n_rows):
                         log_prob[k, r] *= row_sum[r]
-                block_loglik = 0.0
+                    for r in range(n_rows, n_pad):
+                        log_prob[k, r] = 0.0
+                if weighted:
+                    for r in range(n_rows):
+                        contributions[r] = sample_weight[start + r] * norms[r]
+                    loglik += sum_rows(contributions, n_rows)
+                else:
+                    loglik += sum_rows(norms, n_rows)
                 for r in range(n_rows):
                     w = sample_weight[start + r] if weighted else 1.0
-                    block_loglik += w * norms[r]
                     if w > 0.0 and norms[r] < worst_c:
                         worst_c = norms[r]
                         worst_i = start + r
-                loglik += block_loglik
             elif predicts:
                 for r in range(n_rows):
                     log_norm[start + r] = norms[r]
@@ -843,27 +940,22 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                             out[start + r, k] = np.float64(log_prob[k, r]) - log_sum
             if accumulates:
                 _engine_accumulate(X, start, n_rows, means, log_prob, mode == MODE_STATISTICS,
-                                   xT, diffs, wdiff, rows, gathered, gathered_weights,
+                                   xT, diffs, wdiff, zeros, rows, gathered, gathered_weights,
                                    dense_resp, moments, syrk, nk, sx, sxx)
         ll_parts[c] = loglik
         worst[c] = worst_c
         worst_index[c] = worst_i
 
 
-def _specialised_pass(engine, suffix=""):
-    return specialise(_gaussian_pass, f"_gaussian_pass_{_ENGINE_NAMES[engine]}{suffix}",
+def _specialised_pass(engine):
+    return specialise(_gaussian_pass, f"_gaussian_pass_{_ENGINE_NAMES[engine]}",
                       **_ENGINES[engine])
 
 
-# The pass of each engine as a kernel (called from Python), and as an inlined
-# body for the compiled EM loops, which are kernels of their own (see
-# fastem._kernels._blocks: code that reassociates is never called across
-# kernels).
-gaussian_pass = {engine: njit(cache=True, error_model="numpy", nogil=True,
-                              fastmath=FAST_MATH)(_specialised_pass(engine))
-                 for engine in _ENGINES}
-gaussian_pass_inline = {engine: helper_inline(_specialised_pass(engine, "_inline"))
-                        for engine in _ENGINES}
+# The pass of each engine as a kernel, called from Python and from the
+# compiled EM loops alike.
+gaussian_pass = {engine: njit(cache=True, error_model="numpy", nogil=True)(
+    _specialised_pass(engine)) for engine in _ENGINES}
 
 
 @njit(cache=True, error_model="numpy")

@@ -60,8 +60,10 @@ def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, offset, sc
     Rows are taken as :math:`z_n = s x_n - s o` (the offset ``o`` is the data's
     mean, ``s`` a power of two, see ``_sq_dist``) and the centres ``centers``
     are given so. As in scikit-learn's k-means, the distance compared is
-    :math:`\lVert c_kVert^2 - 2 z_n^T c_k` (``centre_norms`` holds
-    :math:`\lVert c_kVert^2`), computed for each block of ``BLOCK_ROWS``
+    :math:`\lVert c_k
+Vert^2 - 2 z_n^T c_k` (``centre_norms`` holds
+    :math:`\lVert c_k
+Vert^2`), computed for each block of ``BLOCK_ROWS``
     rows by one ``dgemm``, and ties go to the lowest k: the same arithmetic,
     so rows at equal distances (0/1 or rounded data) go where scikit-learn
     sends them. ``rows`` (BLOCK_ROWS, D) and ``distances`` (BLOCK_ROWS, K) are
@@ -69,14 +71,24 @@ def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, offset, sc
 
     ``sums_p[c]`` (K, D) :math:`\sum_{n \in c, k} w_n z_n`, ``counts_p[c]``
     (K,) :math:`\sum w_n`, ``inertia_p[c]`` :math:`\sum w_n \min_k \lVert
-    z_n-c_kVert^2` and ``changed_p[c]`` the number of labels changed
+    z_n-c_k
+Vert^2` and ``changed_p[c]`` the number of labels changed
     (reduced in chunk order by the caller).
     """
     n_clusters, n_features = centers.shape
     weighted = sample_weight.shape[0] > 0
-    chars = np.array([ord("T"), ord("N")], dtype=np.uint8)
-    sizes = np.array([n_clusters, 0, n_features], dtype=np.int32)
-    alpha_beta = np.array([-2.0, 1.0])
+    # BLAS's by-reference arguments: transa 'T', transb 'N' (as bytes: ord()
+    # and np.array of a list would each compile helpers of their own), sizes
+    # and the scalars alpha = -2, beta = 1.
+    chars = np.empty(2, dtype=np.uint8)
+    chars[0] = 84
+    chars[1] = 78
+    sizes = np.empty(3, dtype=np.int32)
+    sizes[0] = n_clusters
+    sizes[2] = n_features
+    alpha_beta = np.empty(2)
+    alpha_beta[0] = -2.0
+    alpha_beta[1] = 1.0
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
         for start in range(first, last, BLOCK_ROWS):
@@ -129,7 +141,9 @@ def draw_by_mass(closest, sample_weight, fractions, order):
     total = 0.0
     for i in range(n):
         total += closest[i] * sample_weight[i] if weighted else closest[i]
-    rows = np.full(fractions.shape[0], n - 1, dtype=np.int64)
+    rows = np.empty(fractions.shape[0], dtype=np.int64)
+    for t in range(rows.shape[0]):
+        rows[t] = n - 1
     running = 0.0
     t = 0
     for i in range(n):

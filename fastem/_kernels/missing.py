@@ -24,10 +24,10 @@ second moments:
     N_k \\mathrel{+}= r,\\quad s_k \\mathrel{+}= r(\\hat x - \\mu_k),\\quad
     S_k \\mathrel{+}= r\\big((\\hat x - \\mu_k)(\\hat x - \\mu_k)^T + C\\big).
 
-The sums over a group of rows are vectorised (``FAST_MATH``); the kernel
-calls no other cached kernel, so a cached and a fresh compilation give the
-same bits (see :mod:`fastem._kernels._blocks`), and chunks and their
-reduction order are those of every other pass.
+The sums over a group of rows are added row by row, in order (exact IEEE
+arithmetic, so a cached and a fresh compilation give the same bits; see
+:mod:`fastem._kernels._blocks`), and chunks and their reduction order are
+those of every other pass.
 """
 
 from __future__ import annotations

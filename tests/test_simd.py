@@ -1,0 +1,92 @@
+"""fastem._kernels.simd: explicit vectors and fused multiply-adds, checked against NumPy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fastem._kernels.estep import sum_rows
+from fastem._kernels.simd import fma, lanes, vadd, vbroadcast, vfma, vload, vmul, vstore, vsum
+
+
+@njit
+def _lane_ops(a, b, c, out):
+    width = lanes(a)
+    for start in range(0, a.shape[0], width):
+        x = vload(a, start)
+        y = vload(b, start)
+        z = vload(c, start)
+        vstore(out, start, vfma(x, y, vadd(vmul(x, z), vbroadcast(a, 2.0))))
+    return width
+
+
+@njit
+def _tree_sum(a):
+    return vsum(vload(a, 0))
+
+
+@njit
+def _scalar_fma(a, b, c):
+    return fma(a, b, c)
+
+
+@pytest.mark.parametrize("dtype, width", [(np.float64, 8), (np.float32, 16)])
+def test_vector_operations_are_lane_wise_ieee_operations(dtype, width):
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.normal(size=4 * width).astype(dtype) for _ in range(3))
+    out = np.empty_like(a)
+    assert _lane_ops(a, b, c, out) == width
+    # fma rounds once: compare with the exact product-sum rounded once (float64
+    # holds a float32 product exactly; for float64 use Python's exact fractions).
+    expected = np.empty_like(a)
+    for i in range(a.size):
+        inner = dtype(dtype(a[i] * c[i]) + dtype(2.0))
+        if dtype == np.float32:
+            expected[i] = np.float32(np.float64(a[i]) * np.float64(b[i]) + np.float64(inner))
+        else:
+            from fractions import Fraction
+            expected[i] = float(Fraction(float(a[i])) * Fraction(float(b[i]))
+                                + Fraction(float(inner)))
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype, width", [(np.float64, 8), (np.float32, 16)])
+def test_vsum_adds_halves_in_a_fixed_tree(dtype, width):
+    rng = np.random.default_rng(1)
+    a = (rng.normal(size=width) * 10.0 ** rng.integers(-8, 8, size=width)).astype(dtype)
+    values = list(a)
+    while len(values) > 1:
+        half = len(values) // 2
+        values = [dtype(x + y) for x, y in zip(values[:half], values[half:])]
+    assert _tree_sum(a) == values[0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 33, 256])
+def test_sum_rows_is_lane_sums_then_the_tail_in_order(n):
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=max(n, 1)) * 1e3
+    width = 8
+    whole = n - n % width
+    lane_sums = np.zeros(width)
+    for r in range(whole):
+        lane_sums[r % width] += a[r]
+    values = list(lane_sums)
+    while len(values) > 1:
+        half = len(values) // 2
+        values = [x + y for x, y in zip(values[:half], values[half:])]
+    expected = values[0]
+    for r in range(whole, n):
+        expected += a[r]
+    assert sum_rows(a, n) == expected
+    assert math.isclose(sum_rows(a, n), math.fsum(a[:n]), rel_tol=1e-12, abs_tol=1e-9)
+
+
+def test_scalar_fma_rounds_once():
+    # 1 + 2^-30 squared is 1 + 2^-29 + 2^-60: plain float64 arithmetic loses the
+    # last term, a fused multiply-add keeps it.
+    x = 1.0 + 2.0 ** -30
+    assert _scalar_fma(x, x, -(1.0 + 2.0 ** -29)) == 2.0 ** -60
+    assert x * x - (1.0 + 2.0 ** -29) == 0.0
