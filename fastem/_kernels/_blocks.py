@@ -83,7 +83,7 @@ def n_chunks_for(n_samples: int, partial_size: int) -> int:
     return int(min(n_blocks, _MAX_CHUNKS, by_memory))
 
 
-@helper
+@helper_inline
 def chunk_rows(chunk, n_chunks, n_samples):
     """First and one-past-last row of a chunk, aligned to whole blocks."""
     n_blocks = (n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS
@@ -92,7 +92,7 @@ def chunk_rows(chunk, n_chunks, n_samples):
     return first * BLOCK_ROWS, min(n_samples, last * BLOCK_ROWS)
 
 
-@helper
+@helper_inline
 def transpose_block(X, start, n_rows, out):
     """out[d, r] = X[start + r, d]: one strided read of the block per pass."""
     n_features = X.shape[1]
@@ -101,7 +101,7 @@ def transpose_block(X, start, n_rows, out):
             out[d, r] = X[start + r, d]
 
 
-@helper
+@helper_inline
 def exp_nonpositive(values, offsets, out, bits, n):
     r"""out[r] = exp(values[r] - offsets[r]) for arguments <= 0, vectorisable.
 
@@ -137,7 +137,7 @@ def exp_nonpositive(values, offsets, out, bits, n):
         out[r] *= scale[r]
 
 
-@helper
+@helper_inline
 def exp_nonpositive32(values, offsets, out, bits, n):
     r"""Single-precision :func:`exp_nonpositive`: degree-7 polynomial (error
     below 1e-8 relative, under float32's epsilon), twice the lanes per vector.

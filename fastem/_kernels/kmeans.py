@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._blocks import BLOCK_ROWS, chunk_rows, helper
+from ._blocks import BLOCK_ROWS, chunk_rows, helper_inline
 
 
-@helper
+@helper_inline
 def _sq_dist(X, n, center, scale):
     r""":math:`\lVert s\,x_n - s\,c\rVert^2` for a power of two ``s``
     (:func:`fastem.initialization.distance_scale`): exactly ``s**2`` times the

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._blocks import helper
+from ._blocks import helper_inline
 
 # sklearn's guard against empty components, kept for parity.
 _NK_EPS = 10.0 * np.finfo(np.float64).eps
@@ -27,7 +27,7 @@ _JITTER_START = 1e-10
 _JITTER_STEPS = 12
 
 
-@helper
+@helper_inline
 def cholesky_lower(A, L):
     """Lower Cholesky factor of ``A`` into ``L``; False if not positive definite."""
     n = A.shape[0]
@@ -49,7 +49,7 @@ def cholesky_lower(A, L):
     return True
 
 
-@helper
+@helper_inline
 def precision_cholesky_from_lower(L, U):
     """U = (L^{-1})^T, upper triangular, by forward substitution."""
     n = L.shape[0]
@@ -93,7 +93,7 @@ def factor_covariance(cov, L, U):
     return -1.0
 
 
-@helper
+@helper_inline
 def _weights_and_means(nk, sx, shift):
     n_components, n_features = sx.shape
     nk_reg = np.empty(n_components)
