@@ -12,7 +12,10 @@ One E-step under :math:`\theta = (\pi, A, \mu, \Sigma)`:
    :math:`b_t(k) = e^{L_t(k) - \ell_t}` with
    :math:`L_t(k) = \log\mathcal N(x_t\mid\mu_k,\Sigma_k)` and
    :math:`\ell_t = \log\sum_j e^{L_t(j)}` (the responsibilities under unit
-   weights and their log-normaliser: the exponentials of the pass, K per row);
+   weights and their log-normaliser: the exponentials of the pass, K per row),
+   one group of sequences at a time, just before the group's forward–backward
+   and into a buffer of the thread's: no (T, K) array is formed, and the
+   recursions read emissions still in cache;
 2. one forward–backward kernel (:func:`fastem._kernels.hmm.forward_backward`)
    runs the scaled recursions (:math:`K^2` multiply-adds per step and sweep,
    no exponential or logarithm) and gives per sequence
@@ -328,6 +331,47 @@ class HMMStatistics:
                              self.n_sequences + other.n_sequences, self.params)
 
 
+class _GroupEmissions:
+    """Emission probabilities computed group by group, each just before the
+    group's forward–backward (``forward_backward`` is a range task for
+    :func:`fastem._threads.run_chunks`).
+
+    A group's rows get the values :func:`emission_probabilities` gives all
+    rows (the pass is row by row), in a buffer of the task's reused from
+    group to group.
+    """
+
+    def __init__(self, X, seq_bounds, group_bounds, params: HMMParameters,
+                 covariance_type: str):
+        self.X = X
+        self.seq_bounds = seq_bounds
+        self.group_bounds = group_bounds
+        n_states = params.means.shape[0]
+        mixture = GaussianParameters(np.ones(n_states), params.means, params.covars,
+                                     params.precisions_cholesky)
+        self.engine = engine_for(X.shape[1], covariance_type)
+        self.operands = kernel_operands(mixture, covariance_type,
+                                        operand_dtype(self.engine, X.dtype))[:3]
+        self.rows = seq_bounds[group_bounds]  # first row of each group, then T
+
+    def forward_backward(self, group_first: int, group_last: int, *arguments) -> None:
+        """:func:`fastem._kernels.hmm.forward_backward` over groups
+        ``[group_first, group_last)``, each after its emissions."""
+        widest = int(np.max(np.diff(self.rows[group_first:group_last + 1])))
+        n_states = self.operands[0].shape[0]
+        buffer, offsets = np.empty((widest, n_states)), np.empty(widest)
+        for g in range(group_first, group_last):
+            first, last = int(self.rows[g]), int(self.rows[g + 1])
+            n = last - first
+            # The mixture's pass (as emission_probabilities runs it), in this
+            # thread: the task is one thread's share already.
+            with _threads.limit(1):
+                _run_pass(self.engine, estep.MODE_PROBA, self.X[first:last], None, _NO_LABELS,
+                          *self.operands, n_chunks_for(n, 1), buffer[:n], offsets[:n])
+            kernels.forward_backward(g, g + 1, self.group_bounds, self.seq_bounds, buffer,
+                                     offsets, first, *arguments)
+
+
 class SequenceSource:
     r"""Sequences stored back to back as the rows of ``X``: the HMM's statistics source.
 
@@ -352,8 +396,6 @@ class SequenceSource:
         self.seq_bounds = sequence_bounds(self.lengths)
         self.group_bounds = sequence_groups(self.lengths)
         self.n_samples, self.n_features = X.shape
-        # The emission probabilities' arrays, kept from one E-step to the next.
-        self._emission_buffers = None
 
     @property
     def n_sequences(self) -> int:
@@ -383,30 +425,34 @@ class SequenceSource:
 
     def _run(self, params: HMMParameters, mode: int, log_emission=None) -> dict:
         """One kernel pass in ``mode`` (scaled, then log space where needed): its sums."""
+        n_states = params.means.shape[0]
+        work = forward_backward_work(self.n_samples, n_states, self.n_features,
+                                     self.n_features if uses_full_scatter(self.covariance_type)
+                                     else 1)
         if log_emission is None:
-            n_states = params.means.shape[0]
-            if self._emission_buffers is None or self._emission_buffers[0].shape[1] != n_states:
-                self._emission_buffers = (np.empty((self.n_samples, n_states)),
-                                          np.empty(self.n_samples))
-            b, offsets = emission_probabilities(self.X, params, self.covariance_type,
-                                                self._emission_buffers)
+            # Each group's emissions just before its forward-backward, into a
+            # buffer of the call's: no (T, K) array, and the group's emissions
+            # are still in cache when the recursions read them.
+            emission = _GroupEmissions(self.X, self.seq_bounds, self.group_bounds, params,
+                                       self.covariance_type)
+            work += self.n_samples * n_states * (self.n_features + 20)
         else:
-            b, offsets = shifted_probabilities(log_emission)
-        n_states = b.shape[1]
-        out = self._kernel(kernels.SCALED, mode, self.X, self.seq_bounds, self.group_bounds, b,
-                           offsets, params, forward_backward_work(
-                               self.n_samples, n_states, self.n_features,
-                               self.n_features if uses_full_scatter(self.covariance_type)
-                               else 1))
+            emission = shifted_probabilities(log_emission)
+        out = self._kernel(kernels.SCALED, mode, self.X, self.seq_bounds, self.group_bounds,
+                           emission, params, n_states, work)
         redo = np.flatnonzero(out["status"] == kernels.REDO)
         if redo.size:
             self._redo_in_log_space(params, mode, redo, log_emission, out)
         return out
 
-    def _kernel(self, method, mode, X, seq_bounds, group_bounds, emission, offsets, params,
+    def _kernel(self, method, mode, X, seq_bounds, group_bounds, emission, params, n_states,
                 work) -> dict:
-        """Run the forward–backward kernel over all groups; the group slots reduced in order."""
-        n_states = emission.shape[1]
+        """Run the forward–backward kernel over all groups; the group slots reduced in order.
+
+        ``emission`` is the pair (emissions, offsets) of all rows (offsets
+        empty for ``LOG``), or a :class:`_GroupEmissions` that computes each
+        group's before its forward-backward.
+        """
         n_groups = group_bounds.shape[0] - 1
         n_sequences = seq_bounds.shape[0] - 1
         stats = mode == kernels.STATISTICS
@@ -420,12 +466,15 @@ class SequenceSource:
         nk_parts = np.zeros((slots, n_states))
         sx_parts = np.zeros((slots, n_states, self.n_features))
         sxx_parts = np.zeros((slots, n_states, self.n_features, width))
-        _threads.run_chunks(
-            kernels.forward_backward, n_groups, work, group_bounds, seq_bounds, emission,
-            offsets, _log(params.startprob), np.ascontiguousarray(_log(params.transmat)),
-            method, mode, self.implementation == "log", X,
-            np.ascontiguousarray(params.means, dtype=np.float64), loglik, status, gamma,
-            xi_parts, start_parts, nk_parts, sx_parts, sxx_parts)
+        arguments = (_log(params.startprob), np.ascontiguousarray(_log(params.transmat)),
+                     method, mode, self.implementation == "log", X,
+                     np.ascontiguousarray(params.means, dtype=np.float64), loglik, status, gamma,
+                     xi_parts, start_parts, nk_parts, sx_parts, sxx_parts)
+        if isinstance(emission, _GroupEmissions):
+            _threads.run_chunks(emission.forward_backward, n_groups, work, *arguments)
+        else:
+            _threads.run_chunks(kernels.forward_backward, n_groups, work, group_bounds,
+                                seq_bounds, *emission, 0, *arguments)
         # Reduced in group order: the same sums for any thread count.
         out = dict(loglik=loglik, status=status,
                    gamma=gamma if mode == kernels.POSTERIORS else None)
@@ -452,8 +501,9 @@ class SequenceSource:
         lengths = self.lengths[sequences]
         # One group per sequence: each sequence's sums apart, added in order.
         redone = self._kernel(kernels.LOG, mode, X, sequence_bounds(lengths),
-                              np.arange(lengths.shape[0] + 1, dtype=np.int64), L, np.empty(0),
-                              params, log_forward_backward_work(X.shape[0], L.shape[1]))
+                              np.arange(lengths.shape[0] + 1, dtype=np.int64), (L, np.empty(0)),
+                              params, L.shape[1],
+                              log_forward_backward_work(X.shape[0], L.shape[1]))
         out["loglik"][sequences] = redone["loglik"]
         out["status"][sequences] = kernels.DONE
         if out["gamma"] is not None:

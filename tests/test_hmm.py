@@ -17,6 +17,7 @@ from fastem.hmm import (
     GaussianHMM,
     SequenceSource,
     emission_log_densities,
+    emission_probabilities,
     forward_backward_work,
     hmm_parameters,
     sequence_bounds,
@@ -113,7 +114,7 @@ def run_kernel(L, log_pi, log_A, lengths, method, mode, group_bounds, X=None, sh
                nk=np.full((slots, K), np.nan), sx=np.full((slots, K, D), np.nan),
                sxx=np.full((slots, K, D, D if full else 1), np.nan))
     kernels.forward_backward(0, n_groups, np.asarray(group_bounds, dtype=np.int64),
-                             sequence_bounds(lengths), emission, offsets, log_pi, log_A, method,
+                             sequence_bounds(lengths), emission, offsets, 0, log_pi, log_A, method,
                              mode, strict, X, shift, out["loglik"], out["status"], out["gamma"],
                              out["xi"], out["start"], out["nk"], out["sx"], out["sxx"])
     return out
@@ -167,7 +168,7 @@ def test_specialised_sweeps_give_the_generic_bits(K):
     for sweep in (kernels._sweep, kernels.SWEEPS[K]):
         beta = beta_high.copy()
         w, wT, betaT = np.empty(K), np.full((K, 40), np.nan), np.full((K, 40), np.nan)
-        sweep(b, 3, n, low, high, A, inv_c, beta, w, wT, betaT)
+        sweep(b, 0, 3, n, low, high, A, inv_c, beta, w, wT, betaT)
         results.append((wT, betaT, beta))
     for generic, special in zip(*results):
         np.testing.assert_array_equal(generic, special)
@@ -513,6 +514,28 @@ def test_statistics_add_over_sequences(data, covariance_type, implementation):
     m_step = BaumWelch(covariance_type)
     for ours, expected in zip(m_step(summed)[0], m_step(whole)[0]):
         assert relative_error(ours, expected) <= 1e-11
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("mode", [kernels.STATISTICS, kernels.POSTERIORS])
+def test_group_by_group_emissions_give_the_whole_arrays_bits(covariance_type, mode):
+    # The E-step computes each group's emissions just before its forward-backward;
+    # the same kernel on the (T, K) emissions of all rows gives the same bits.
+    lengths = [300] * 40
+    X = sample_hmm([12_000], seed=6)
+    assert len(sequence_groups(lengths)) - 1 >= 2
+    source = SequenceSource(X, lengths, covariance_type, "log")
+    params = hmm_parameters(START["startprob"], START["transmat"], START["means"],
+                            start_covars(covariance_type), covariance_type)
+    grouped = source._run(params, mode)
+    whole = source._kernel(kernels.SCALED, mode, X, source.seq_bounds, source.group_bounds,
+                           emission_probabilities(X, params, covariance_type), params,
+                           N_STATES, forward_backward_work(12_000, N_STATES))
+    for name in ("loglik", "status", "gamma", "trans", "start", "nk", "sx", "sxx"):
+        if grouped[name] is None:
+            assert whole[name] is None
+            continue
+        np.testing.assert_array_equal(grouped[name], whole[name], err_msg=name)
 
 
 def test_threads_give_identical_bits():

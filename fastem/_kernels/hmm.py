@@ -80,8 +80,9 @@ def _row_max(values, t):
 
 
 @helper
-def _forward_scaled(b, offsets, first, last, pi, AT, floor, alpha, base, inv_c):
-    r"""Scaled forward lattice of rows ``[first, last)``; returns :math:`\log p(x)`.
+def _forward_scaled(b, offsets, eb, first, last, pi, AT, floor, alpha, base, inv_c):
+    r"""Scaled forward lattice of rows ``[first, last)`` (row ``t``'s emissions in
+    ``b[t - eb]``, ``offsets[t - eb]``); returns :math:`\log p(x)`.
 
     With :math:`b_t(j) = e^{L_t(j) - \ell_t}`:
 
@@ -113,7 +114,7 @@ def _forward_scaled(b, offsets, first, last, pi, AT, floor, alpha, base, inv_c):
         c = 0.0
         if t == first:
             for j in range(n_states):
-                u = pi[j] * b[t, j]
+                u = pi[j] * b[t - eb, j]
                 alpha[r, j] = u
                 c += u
         else:
@@ -121,7 +122,7 @@ def _forward_scaled(b, offsets, first, last, pi, AT, floor, alpha, base, inv_c):
                 p = 0.0
                 for i in range(n_states):
                     p += alpha[r - 1, i] * AT[j, i]
-                u = (p * b[t, j]) * ic
+                u = (p * b[t - eb, j]) * ic
                 alpha[r, j] = u
                 c += u
         if not (c > floor and c < np.inf):
@@ -137,7 +138,7 @@ def _forward_scaled(b, offsets, first, last, pi, AT, floor, alpha, base, inv_c):
         if mantissa < _PRODUCT_LOW or mantissa > _PRODUCT_HIGH:
             mantissa, e = math.frexp(mantissa)
             exponent += e
-        offset_sum += offsets[t]
+        offset_sum += offsets[t - eb]
     if not offset_sum > -np.inf:
         return -np.inf
     return offset_sum + (math.log(mantissa) + exponent * _LN2)
@@ -151,7 +152,7 @@ _WIDTH = 0
 SPECIALISED_STATES = (2, 3, 4, 5, 6, 7, 8)
 
 
-def _sweep_body(b, first, last, low, high, A, inv_c, beta, w, wT, betaT):
+def _sweep_body(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT):
     r"""The backward sweep over rows ``[low, high)`` (from the top), from
     :math:`\hat\beta_{high}` in ``beta``; its :math:`w_{t+1}` and
     :math:`\hat\beta_t` into the columns ``t - low`` of ``wT`` and ``betaT``.
@@ -170,7 +171,7 @@ def _sweep_body(b, first, last, low, high, A, inv_c, beta, w, wT, betaT):
         if t < last - 1:
             ic = inv_c[t + 1 - first]
             for j in range(n_states):
-                wj = (b[t + 1, j] * beta[j]) * ic
+                wj = (b[t + 1 - eb, j] * beta[j]) * ic
                 w[j] = wj
                 wT[j, r] = wj
             for i in range(n_states):
@@ -190,29 +191,30 @@ SWEEPS = dict(zip(SPECIALISED_STATES, (_sweep_2, _sweep_3, _sweep_4, _sweep_5, _
 
 
 @helper
-def _sweep_block(b, first, last, low, high, A, inv_c, beta, w, wT, betaT):
+def _sweep_block(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT):
     """:func:`_sweep_body` compiled for the state count, if specialised."""
     n_states = A.shape[0]
     if n_states == 2:
-        _sweep_2(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_2(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
     elif n_states == 3:
-        _sweep_3(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_3(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
     elif n_states == 4:
-        _sweep_4(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_4(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
     elif n_states == 5:
-        _sweep_5(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_5(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
     elif n_states == 6:
-        _sweep_6(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_6(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
     elif n_states == 7:
-        _sweep_7(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_7(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
     elif n_states == 8:
-        _sweep_8(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_8(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
     else:
-        _sweep(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
 
 
 @helper
-def _backward_scaled(b, first, last, A, alpha, base, inv_c, beta, w, betaT, wT, aT, gT, scale,
+def _backward_scaled(b, eb, first, last, A, alpha, base, inv_c, beta, w, betaT, wT, aT, gT,
+                     scale,
                      lane_xi, start, posteriors, stats, X, shift, full, xT, dx, gd, lane_nk,
                      lane_sx, lane_sxx):
     r"""Posteriors of rows ``[first, last)`` over their scaled forward lattice,
@@ -248,7 +250,7 @@ def _backward_scaled(b, first, last, A, alpha, base, inv_c, beta, w, betaT, wT, 
     while high > first:
         low = max(first, high - lanes)
         n = high - low
-        _sweep_block(b, first, last, low, high, A, inv_c, beta, w, wT, betaT)
+        _sweep_block(b, eb, first, last, low, high, A, inv_c, beta, w, wT, betaT)
         for r in range(n):
             ic = inv_c[low + r - first]
             for i in range(n_states):
@@ -375,7 +377,7 @@ def _emission_from_lattice(X, first, last, alpha, base, gT, shift, full, xT, dx,
 
 
 @helper
-def _forward_log(L, first, last, log_pi, AT, alpha, base, ea):
+def _forward_log(L, eb, first, last, log_pi, AT, alpha, base, ea):
     r"""Log forward lattice of rows ``[first, last)`` into ``alpha[t - base]``;
     returns :math:`\log p(x)`.
 
@@ -392,7 +394,7 @@ def _forward_log(L, first, last, log_pi, AT, alpha, base, ea):
     """
     n_states = alpha.shape[1]
     for j in range(n_states):
-        alpha[first - base, j] = log_pi[j] + L[first, j]
+        alpha[first - base, j] = log_pi[j] + L[first - eb, j]
     for t in range(first + 1, last):
         r = t - base
         m = _row_max(alpha, r - 1)
@@ -406,7 +408,7 @@ def _forward_log(L, first, last, log_pi, AT, alpha, base, ea):
             s = 0.0
             for i in range(n_states):
                 s += ea[i] * AT[j, i]
-            alpha[r, j] = L[t, j] + (m + math.log(s))
+            alpha[r, j] = L[t - eb, j] + (m + math.log(s))
     r = last - 1 - base
     m = _row_max(alpha, r)
     if m == -np.inf:
@@ -418,7 +420,7 @@ def _forward_log(L, first, last, log_pi, AT, alpha, base, ea):
 
 
 @helper
-def _backward_log(L, first, last, loglik, A, log_A, alpha, base, beta, v, ea, ev, w, xi):
+def _backward_log(L, eb, first, last, loglik, A, log_A, alpha, base, beta, v, ea, ev, w, xi):
     r"""Posteriors of rows ``[first, last)`` (over their log forward lattice, in
     place) and the expected transitions, added to ``xi``.
 
@@ -455,7 +457,7 @@ def _backward_log(L, first, last, loglik, A, log_A, alpha, base, beta, v, ea, ev
     for t in range(last - 2, first - 1, -1):
         r = t - base
         for j in range(n_states):
-            v[j] = L[t + 1, j] + beta[j]
+            v[j] = L[t + 1 - eb, j] + beta[j]
         n = -np.inf
         for j in range(n_states):
             if v[j] > n:
@@ -503,8 +505,9 @@ def _backward_log(L, first, last, loglik, A, log_A, alpha, base, beta, v, ea, ev
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def forward_backward(group_first, group_last, group_bounds, seq_bounds, emission, offsets,
-                     log_startprob, log_transmat, method, mode, strict, X, shift, loglik,
-                     status, gamma, xi_parts, start_parts, nk_parts, sx_parts, sxx_parts):
+                     emission_base, log_startprob, log_transmat, method, mode, strict, X, shift,
+                     loglik, status, gamma, xi_parts, start_parts, nk_parts, sx_parts,
+                     sxx_parts):
     r"""Forward–backward over the sequences of groups ``[group_first, group_last)``.
 
     For every sequence ``s`` of group ``g`` (rows ``seq_bounds[s]`` to
@@ -556,10 +559,13 @@ def forward_backward(group_first, group_last, group_bounds, seq_bounds, emission
         First sequence of each group (and the number of sequences).
     seq_bounds : ndarray (S + 1,) int64
         First row of each sequence (and the number of rows).
-    emission : ndarray (T, K)
-        :math:`b_t(j)` (``SCALED``) or :math:`L_t(j)` (``LOG``).
-    offsets : ndarray (T,)
-        :math:`\ell_t` (``SCALED``; unused by ``LOG``).
+    emission : ndarray (T', K)
+        :math:`b_t(j)` (``SCALED``) or :math:`L_t(j)` (``LOG``) of row ``t`` in
+        ``emission[t - emission_base]``: the call's rows (a group's, when its
+        emissions are computed just before) or all of them.
+    offsets : ndarray (T',)
+        :math:`\ell_t` (``SCALED``; unused by ``LOG``), indexed as ``emission``.
+    emission_base : int
     log_startprob : ndarray (K,), log_transmat : ndarray (K, K)
     method, mode : int
     strict : bool
@@ -641,8 +647,8 @@ def forward_backward(group_first, group_last, group_bounds, seq_bounds, emission
                 last = seq_bounds[s + 1]
                 base = 0 if posteriors else first
                 if scaled:
-                    ll = _forward_scaled(emission, offsets, first, last, pi, AT, floor, lattice,
-                                         base, inv_c)
+                    ll = _forward_scaled(emission, offsets, emission_base, first, last, pi, AT,
+                                         floor, lattice, base, inv_c)
                     if ll != ll:
                         if strict:
                             status[s] = REDO
@@ -650,8 +656,8 @@ def forward_backward(group_first, group_last, group_bounds, seq_bounds, emission
                             continue
                         ll = -np.inf  # hmmlearn's 'scaling': probability zero
                 else:
-                    ll = _forward_log(emission, first, last, log_startprob, AT, lattice, base,
-                                      ea)
+                    ll = _forward_log(emission, emission_base, first, last, log_startprob, AT,
+                                      lattice, base, ea)
                 loglik[s] = ll
                 if mode == FORWARD:
                     continue
@@ -662,7 +668,8 @@ def forward_backward(group_first, group_last, group_bounds, seq_bounds, emission
                                 gamma[t, i] = np.nan
                     continue
                 if scaled:
-                    if not _backward_scaled(emission, first, last, A, lattice, base, inv_c, beta,
+                    if not _backward_scaled(emission, emission_base, first, last, A, lattice,
+                                            base, inv_c, beta,
                                             w, betaT, wT, aT, gT, scale, lane_xi, start,
                                             posteriors, stats, X, shift, full, xT, dx, gd,
                                             lane_nk, lane_sx, lane_sxx):
@@ -672,8 +679,8 @@ def forward_backward(group_first, group_last, group_bounds, seq_bounds, emission
                         break
                 else:
                     acc[:] = 0.0
-                    _backward_log(emission, first, last, ll, A, log_transmat, lattice, base,
-                                  beta, v, ea, ev, w, acc)
+                    _backward_log(emission, emission_base, first, last, ll, A, log_transmat,
+                                  lattice, base, beta, v, ea, ev, w, acc)
                     xi = xi_parts[g]
                     for i in range(n_states):
                         start[i] += lattice[first - base, i]
