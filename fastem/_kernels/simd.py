@@ -130,12 +130,13 @@ def vbroadcast(typingctx, arr, value):
     vector = _vector_of(arr.dtype)
 
     def codegen(context, builder, signature, args):
+        # LLVM's splat idiom: into lane 0, then shuffled to every lane.
         lane = context.cast(builder, args[1], value, arr.dtype)
         vector_type = context.get_value_type(vector)
-        out = ir.Constant(vector_type, None)
-        for i in range(vector.count):
-            out = builder.insert_element(out, lane, ir.Constant(ir.IntType(32), i))
-        return out
+        first = builder.insert_element(ir.Constant(vector_type, ir.Undefined), lane,
+                                       ir.Constant(ir.IntType(32), 0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
+        return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined), mask)
 
     return vector(arr, value), codegen
 
