@@ -26,7 +26,7 @@ import numpy as np
 from ._kernels import estep
 from ._kernels._blocks import n_chunks_for
 from ._kernels.blas import blas_routines, single_threaded_blas
-from ._kernels.estep import finish_statistics, gaussian_operands, gaussian_pass
+from ._kernels.estep import gaussian_operands, gaussian_pass
 from ._kernels.mstep import m_step_diag, m_step_full
 from ._threads import run_chunks
 from .covariance import (
@@ -202,7 +202,10 @@ def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_
               out=_NO_OUTPUT[0], log_norm=_NO_OUTPUT[1]):
     """Run :func:`~fastem._kernels.estep.gaussian_pass` over all chunks of X.
 
-    Returns the per-chunk slots (nk, sx, sxx, loglik, worst, worst_index).
+    Returns the per-chunk slots (nk, sx, sxx, loglik, worst, worst_index)
+    and the rows the pass left out as too far from every component
+    (:func:`_far_rows`; None when there are none, nearly always), whose
+    outputs (``MODE_LOG_RESP``, ``MODE_PROBA``) are already filled in.
     """
     n_components, n_features = means.shape
     accumulates = mode in (estep.MODE_STATISTICS, estep.MODE_LABELS)
@@ -212,14 +215,101 @@ def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_
     parts = (np.zeros(slots), np.zeros(slots + (n_features if accumulates else 0,)),
              np.zeros(slots + ((n_features, width) if accumulates else (0, 0))),
              np.zeros(n_chunks), np.full(n_chunks, np.inf), np.zeros(n_chunks, dtype=np.int64))
+    far_count = np.zeros(n_chunks, dtype=np.int64)
+    far_flags = np.zeros(0 if mode == estep.MODE_LABELS else X.shape[0], dtype=np.bool_)
     trmm, syrk = blas_routines()
     work = X.shape[0] * n_components * (n_features + 1) ** 2
     blas = engine in (estep.ENGINE_BLAS_FULL, estep.ENGINE_BLAS_DIAG)
     with single_threaded_blas() if blas else contextlib.nullcontext():
         run_chunks(gaussian_pass[engine], n_chunks, work, n_chunks, mode, X,
                    weights_operand(sample_weight), labels, means, prec, log_const, trmm, syrk,
-                   *parts, out, log_norm)
-    return parts
+                   *parts, out, log_norm, far_count, far_flags)
+    far = None
+    if far_count.any():
+        far = _far_rows(X, np.flatnonzero(far_flags), means, prec, log_const, full,
+                        mode == estep.MODE_LOG_RESP)
+        if mode in (estep.MODE_LOG_RESP, estep.MODE_PROBA):
+            out[far.rows] = far.values
+            log_norm[far.rows] = far.log_norm
+    return parts, far
+
+
+class _FarRows(NamedTuple):
+    rows: np.ndarray      # (n,) their indices
+    values: np.ndarray    # (n, K) responsibilities, or their logarithms
+    log_norm: np.ndarray  # (n,) log p(x)
+
+
+def _far_rows(X, rows, means, prec, log_const, full, keep_log) -> _FarRows:
+    """Responsibilities and :math:`\log p(x)` of rows too far from every
+    component for the pass's operands, by :func:`~fastem._kernels.estep.far_rows`."""
+    gathered = np.ascontiguousarray(X[rows])
+    values = np.empty((means.shape[0], rows.shape[0]))
+    log_norm = np.empty(rows.shape[0])
+    estep.far_rows(gathered, 0, np.ones(rows.shape[0], dtype=np.bool_), means, prec, log_const,
+                   bool(full), bool(keep_log), values, np.empty(rows.shape[0]), log_norm)
+    return _FarRows(rows, values.T.copy(), log_norm)
+
+
+def _add_far_rows(far: _FarRows, X, sample_weight, shift, nk, sx, sxx, loglik, worst_loglik,
+                  worst):
+    """The statistics of the rows the pass left out, added to its sums (in place
+    for nk, sx, sxx; the log-likelihood and the worst row returned)."""
+    weights = (np.ones(far.rows.shape[0]) if sample_weight is None
+               else sample_weight[far.rows])
+    resp = far.values * weights[:, None]
+    centred = np.asarray(X[far.rows], dtype=np.float64)[:, None, :] - shift[None]
+    nk += resp.sum(axis=0)
+    sx += np.einsum("nk,nkd->kd", resp, centred)
+    if sxx.shape[2] > 1:
+        sxx += np.einsum("nk,nki,nkj->kij", resp, centred, centred)
+    else:
+        sxx[:, :, 0] += np.einsum("nk,nkd->kd", resp, centred * centred)
+    loglik += float(np.sum(weights * far.log_norm))
+    live = weights > 0.0
+    if live.any():
+        lowest = int(np.argmin(np.where(live, far.log_norm, np.inf)))
+        if far.log_norm[lowest] < worst_loglik:
+            worst_loglik, worst = float(far.log_norm[lowest]), int(far.rows[lowest])
+    return loglik, worst_loglik, worst
+
+
+def reduce_chunks(engine, means, nk_parts, sx_parts, sxx_parts, ll_parts, worst, worst_index):
+    """The pass's per-chunk statistics reduced in chunk order: the arithmetic
+    of :func:`~fastem._kernels.estep.finish_statistics`, in NumPy.
+
+    The compiled EM loop calls the kernel; the Python driver this twin, which
+    adds the same values in the same order (one element-wise addition per
+    chunk, then the mirroring and, for the diagonal BLAS engine, the move to
+    each component's mean in the kernel's order of operations), so the two
+    loops keep giving the same bits (tested) while a first fit compiles one
+    kernel less.
+    """
+    n_chunks, n_components, n_features, width = sxx_parts.shape
+    nk = np.zeros(n_components)
+    sx = np.zeros((n_components, n_features))
+    sxx = np.zeros((n_components, n_features, width))
+    loglik = 0.0
+    best, best_index = np.inf, 0
+    for c in range(n_chunks):
+        nk += nk_parts[c]
+        sx += sx_parts[c]
+        sxx += sxx_parts[c]
+        loglik += float(ll_parts[c])
+        if worst[c] < best:
+            best, best_index = float(worst[c]), int(worst_index[c])
+    if width > 1:
+        lower = np.tril_indices(n_features, -1)
+        sxx[:, lower[0], lower[1]] = sxx[:, lower[1], lower[0]]
+    if engine == estep.ENGINE_BLAS_DIAG:
+        centre = np.zeros(n_features)
+        for k in range(n_components):
+            centre += means[k]
+        centre /= n_components
+        delta = means - centre
+        sxx[:, :, 0] += -2.0 * delta * sx + nk[:, None] * delta * delta
+        sx -= nk[:, None] * delta
+    return nk, sx, sxx, loglik, best, best_index
 
 
 def statistics_chunks(n_samples: int, n_components: int, n_features: int,
@@ -242,12 +332,13 @@ def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_t
     means, prec, log_const, _ = kernel_operands(params, covariance_type,
                                                 operand_dtype(engine, X.dtype))
     n_chunks = statistics_chunks(X.shape[0], *means.shape, covariance_type)
-    parts = _run_pass(engine, estep.MODE_STATISTICS, X, sample_weight, _NO_LABELS, means, prec,
-                      log_const, n_chunks)
-    # float64 means: one compilation of finish_statistics for every dtype (they
-    # are only read by the diagonal BLAS engine, whose operands are float64).
-    nk, sx, sxx, loglik, worst_loglik, worst = finish_statistics(
-        engine, means.astype(np.float64, copy=False), *parts)
+    parts, far = _run_pass(engine, estep.MODE_STATISTICS, X, sample_weight, _NO_LABELS, means,
+                           prec, log_const, n_chunks)
+    shift = means.astype(np.float64, copy=False)
+    nk, sx, sxx, loglik, worst_loglik, worst = reduce_chunks(engine, shift, *parts)
+    if far is not None:
+        loglik, worst_loglik, worst = _add_far_rows(far, X, sample_weight, shift, nk, sx, sxx,
+                                                    loglik, worst_loglik, worst)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, sx, sxx, means.astype(np.float64), float(loglik), weight,
                               float(worst_loglik), np.asarray(X[worst], dtype=np.float64),
@@ -267,11 +358,10 @@ def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> Gau
     full = uses_full_scatter(covariance_type)
     prec = np.zeros((n_components, n_features, n_features if full else 1), dtype=shift.dtype)
     n_chunks = statistics_chunks(X.shape[0], n_components, n_features, covariance_type)
-    parts = _run_pass(engine, estep.MODE_LABELS, X, sample_weight,
-                      np.asarray(labels, dtype=np.int32), shift, prec, np.zeros(n_components),
-                      n_chunks)
-    nk, sx, sxx, _, _, _ = finish_statistics(engine, shift.astype(np.float64, copy=False),
-                                             *parts)
+    parts, _ = _run_pass(engine, estep.MODE_LABELS, X, sample_weight,
+                         np.asarray(labels, dtype=np.int32), shift, prec,
+                         np.zeros(n_components), n_chunks)
+    nk, sx, sxx, _, _, _ = reduce_chunks(engine, shift.astype(np.float64, copy=False), *parts)
     weight = float(X.shape[0] if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, sx, sxx, shift.astype(np.float64), np.nan, weight,
                               count=float(X.shape[0]))

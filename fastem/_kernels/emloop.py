@@ -66,7 +66,9 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
     lower_bounds : ndarray (n_iter,)
     converged : bool
     handed_over : bool
-        True when iteration ``n_iter + 1`` needed a repair and was not applied.
+        True when iteration ``n_iter + 1`` needed a repair, or met rows too far
+        from every component for the pass (see ``far_rows``), and was not
+        applied.
     """
     n_samples, n_features = X.shape
     n_components = means.shape[0]
@@ -81,6 +83,8 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
     labels = np.empty(0, dtype=np.int32)
     out = np.empty((0, 0))
     log_norm = np.empty(0)
+    far_count = np.zeros(n_chunks, dtype=np.int64)
+    far_flags = np.zeros(n_samples, dtype=np.bool_)
     lower_bounds = np.empty(max_iter)
     # Arguments of the kernels this loop calls, as plain int64 values: a
     # literal (0, MODE_STATISTICS) would give the kernel a second, literal-typed
@@ -101,7 +105,14 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
         worst[:] = np.inf
         _engine_pass(first_chunk, n_chunks, n_chunks, mode, X, sample_weight, labels, shift,
                      prec, log_const, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
-                     worst_index, out, log_norm)
+                     worst_index, out, log_norm, far_count, far_flags)
+        far = 0
+        for c in range(n_chunks):
+            far += far_count[c]
+        if far > 0:
+            # Rows too far from every component are the driver's to compute.
+            handed_over = True
+            break
         nk, sx, sxx, loglik, _, _ = finish_statistics(engine, means, nk_parts, sx_parts,
                                                       sxx_parts, ll_parts, worst, worst_index)
         # tied (kind 1) pools the full scatter; spherical (kind 3) averages the diagonal.

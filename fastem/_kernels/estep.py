@@ -598,8 +598,10 @@ def far_rows(X, start, far, means, prec, log_const, full, keep_log, log_prob, ro
     ``log_prob[:, r]`` (log-responsibilities if ``keep_log``, else
     responsibilities), ``row_sum[r] = 1`` and ``norms[r]``.
 
-    A kernel of its own, called by every engine's pass only for a block that
-    has such rows (rare): compiled once per dtype, not into every pass.
+    A kernel of its own: every engine's pass flags such rows (rare) and
+    leaves them out, and the caller computes them here, so a fit compiles
+    this only when it meets one. With ``start = 0`` and every row flagged,
+    it computes a gathered array of far rows.
     """
     n_components, n_features = means.shape
     log_q = np.empty(n_components)
@@ -771,7 +773,7 @@ _ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = False
 
 def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, labels, means,
                    prec, log_const, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
-                   worst_index, out, log_norm):
+                   worst_index, out, log_norm, far_count, far_flags):
     r"""Chunks ``[chunk_first, chunk_last)`` of one pass over X: the fused kernel.
 
     ``mode`` says what the pass computes for each row block:
@@ -796,6 +798,12 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     * ``MODE_LOG_RESP`` / ``MODE_PROBA``: :math:`\log r_{nk}` (or
       :math:`r_{nk}`) into ``out`` (N, K) and :math:`\log p(x_n)` into
       ``log_norm`` (N,).
+
+    A row too far from every component for its log-densities to be
+    represented (their exponentials sum below 1) is left out: it adds nothing
+    to the sums and the worst row, its outputs are 0, ``far_flags[n]`` is set
+    and ``far_count[c]`` counts it, for the caller to compute with
+    :func:`far_rows` (``far_flags`` (N,) bool, False on entry).
 
     One compilation per engine (``gaussian_pass[engine]``): vectorised loops
     for D < 24 (``ENGINE_LOOPS_*``), BLAS for wide data (``ENGINE_BLAS_FULL``:
@@ -865,9 +873,6 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     log_sums = np.empty(block)
     far = np.zeros(block, dtype=np.bool_)
     weighted = sample_weight.shape[0] > 0
-    # A plain boolean (not the literal global), as far_rows is compiled once
-    # for every engine.
-    full = np.bool_(_ENGINE_FULL)
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, n_samples)
         nk, sx, sxx = nk_parts[c], sx_parts[c], sxx_parts[c]
@@ -929,8 +934,16 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                     far[r] = not row_sum[r] >= 1.0
                     n_far += far[r]
                 if n_far:
-                    far_rows(X, start, far[:n_rows], means, prec, log_const, full, keep_log,
-                             log_prob, row_sum, norms)
+                    # Left to the caller (far_rows, a kernel compiled only when
+                    # such rows occur): flagged, they add nothing here.
+                    far_count[c] += n_far
+                    for r in range(n_rows):
+                        if far[r]:
+                            far_flags[start + r] = True
+                            row_sum[r] = 1.0
+                            norms[r] = 0.0
+                            for k in range(n_components):
+                                log_prob[k, r] = 0.0
             if mode == MODE_STATISTICS:
                 # w_r / sum_k e^(l - max): responsibilities times the row weight.
                 for r in range(n_rows):
@@ -951,7 +964,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                     loglik += sum_rows(norms, n_rows)
                 for r in range(n_rows):
                     w = sample_weight[start + r] if weighted else 1.0
-                    if w > 0.0 and norms[r] < worst_c:
+                    if w > 0.0 and not far[r] and norms[r] < worst_c:
                         worst_c = norms[r]
                         worst_i = start + r
             elif predicts:
@@ -964,7 +977,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                             out[start + r, k] = log_prob[k, r] * scale
                 else:
                     for r in range(n_rows):
-                        # log_prob holds l - max (far rows: log r itself).
+                        # log_prob holds l - max (far rows: 0, for the caller).
                         log_sum = 0.0 if far[r] else log_sums[r]
                         for k in range(n_components):
                             out[start + r, k] = np.float64(log_prob[k, r]) - log_sum
