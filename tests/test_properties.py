@@ -53,8 +53,15 @@ def test_loglik_never_decreases(problem):
     # something else, and the lower bound can then fall (scikit-learn's too).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gm = GaussianMixture(k, covariance_type=covariance_type, tol=0.0, max_iter=40,
-                             reg_covar=0.0, **_fixed_start(X, k, covariance_type, seed)).fit(X)
+        try:
+            gm = GaussianMixture(k, covariance_type=covariance_type, tol=0.0, max_iter=40,
+                                 reg_covar=0.0, **_fixed_start(X, k, covariance_type, seed)
+                                 ).fit(X)
+        except ValueError as error:
+            # A covariance that became singular: with reg_covar=0 that is
+            # scikit-learn's error, not a fit whose monotonicity can be checked.
+            assert "ill-defined empirical covariance" in str(error)
+            assume(False)
     assume(not any(issubclass(w.category, DegenerateDataWarning) for w in caught))
     steps = np.diff(gm.lower_bounds_)
     # Allow rounding at the 1e-12 level of the per-row log-likelihood.
