@@ -792,7 +792,8 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
       ``nk_parts[c], sx_parts[c], sxx_parts[c]``, and
       :math:`\sum_n w_n\log p(x_n)` and the worst-explained row of the chunk to
       ``ll_parts[c], worst[c], worst_index[c]`` (reduced by
-      :func:`finish_statistics`);
+      :func:`finish_statistics`, or by its NumPy twin
+      :func:`fastem.stats.reduce_chunks` in the Python driver);
     * ``MODE_LABELS``: the same sums for one-hot responsibilities of
       ``labels`` (-1: the row belongs to no component) around ``means``;
     * ``MODE_LOG_RESP`` / ``MODE_PROBA``: :math:`\log r_{nk}` (or
@@ -1008,8 +1009,9 @@ def finish_statistics(engine, means, nk_parts, sx_parts, sxx_parts, ll_parts, wo
 
     Returns ``nk, sx, sxx`` around ``means`` (the upper triangle of full
     scatter matrices mirrored into the lower one) and the total
-    log-likelihood, the lowest :math:`\\log p(x_n)` and its row. One flat
-    function of element loops: less to compile than array expressions.
+    log-likelihood, the lowest :math:`\\log p(x_n)` and its row. The compiled EM loop
+    calls it; the Python driver calls its NumPy twin,
+    :func:`fastem.stats.reduce_chunks` (the same additions in the same order).
     """
     n_chunks, n_components, n_features, width = sxx_parts.shape
     nk = np.zeros(n_components)
