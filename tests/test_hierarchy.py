@@ -11,7 +11,8 @@ from fastem._kernels.hierarchy import hierarchical_merges
 from fastem.initialization import Hierarchy
 
 
-@pytest.mark.parametrize("shape", [(40, 1), (70, 2), (90, 4)])
+# (60, 12) and (50, 20): unions of up to D / 2 rows are scored by their Gram matrix.
+@pytest.mark.parametrize("shape", [(40, 1), (70, 2), (90, 4), (60, 12), (50, 20)])
 def test_merge_sequence_matches_reference(shape):
     n, d = shape
     X = make_mixture(n, d, 3, seed=n)

@@ -9,8 +9,16 @@ covariances with a ridge that keeps small clusters well defined:
 
 where W_c is the scatter matrix of cluster c. Merging only changes the
 costs that involve the merged cluster, so each row keeps its cheapest
-partner and only the affected rows are rescanned: O(n^2) cost evaluations of
-O(D^3) each.
+partner and only the affected rows are rescanned: O(n^2) cost evaluations.
+An evaluation is a D x D Cholesky factorisation, O(D^3), unless the union
+has few rows: W is then Y^T Y for its k centred (weighted) rows Y, and by
+Sylvester's determinant identity
+
+    det(W / n + omega I_D) = omega^D det(I_k + Y Y^T / (n omega)),
+
+a k x k factorisation of the rows' Gram matrix, O(k^2 D). Most evaluations
+are of that kind (early merges join few rows), which makes the hierarchy
+of wide data about an order of magnitude faster.
 
 Twin: :func:`fastem.reference.hierarchical_merges`.
 """
@@ -21,6 +29,10 @@ import math
 
 import numpy as np
 from numba import njit
+
+# From this width on, unions of at most D / 2 rows are scored by their Gram
+# matrix (below it the D x D factorisation is as cheap).
+FEW_ROWS_MIN_FEATURES = 8
 
 
 @njit(cache=True, error_model="numpy")
@@ -59,21 +71,71 @@ def _merged_scatter(na, ma, Wa, nb, mb, Wb, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _merge_cost(a, b, counts, means, scatter, own, omega, merged, work):
-    _merged_scatter(counts[a], means[a], scatter[a], counts[b], means[b], scatter[b], merged)
+def _log_det_few_rows(a, b, X, weights, counts, means, first, following, size, omega, rows,
+                      gram):
+    """log det(W / n + omega I) of the union of clusters ``a`` and ``b`` from its
+    rows (``first``/``following``: each cluster's rows as a linked list), by
+    Sylvester's identity (see the module docstring)."""
+    d = X.shape[1]
     n = counts[a] + counts[b]
-    return n * _log_det_ridge(n, merged, omega, work) - own[a] - own[b]
+    k = 0
+    for cluster in (a, b):
+        i = first[cluster]
+        while i >= 0:
+            root = math.sqrt(weights[i])
+            for j in range(d):
+                mean_j = (counts[a] * means[a, j] + counts[b] * means[b, j]) / n
+                rows[k, j] = root * (X[i, j] - mean_j)
+            k += 1
+            i = following[i]
+    scale = 1.0 / (n * omega)
+    for p in range(k):
+        for q in range(p + 1):
+            dot = 0.0
+            for j in range(d):
+                dot += rows[p, j] * rows[q, j]
+            gram[p, q] = dot * scale + (1.0 if p == q else 0.0)
+    # Cholesky of the k x k matrix (positive definite: its eigenvalues are >= 1).
+    total = 0.0
+    for q in range(k):
+        s = gram[q, q]
+        for p in range(q):
+            s -= gram[q, p] * gram[q, p]
+        s = math.sqrt(s)
+        gram[q, q] = s
+        total += 2.0 * math.log(s)
+        for p in range(q + 1, k):
+            t = gram[p, q]
+            for r in range(q):
+                t -= gram[p, r] * gram[q, r]
+            gram[p, q] = t / s
+    return d * math.log(omega) + total
+
+
+@njit(cache=True, error_model="numpy")
+def _merge_cost(a, b, counts, means, scatter, own, omega, merged, work, X, weights, first,
+                following, size, few, rows, gram):
+    n = counts[a] + counts[b]
+    if size[a] + size[b] <= few:
+        log_det = _log_det_few_rows(a, b, X, weights, counts, means, first, following, size,
+                                    omega, rows, gram)
+    else:
+        _merged_scatter(counts[a], means[a], scatter[a], counts[b], means[b], scatter[b],
+                        merged)
+        log_det = _log_det_ridge(n, merged, omega, work)
+    return n * log_det - own[a] - own[b]
 
 
 @njit(cache=True, error_model="numpy")
 def _rescan(a, active, counts, means, scatter, own, omega, merged, work, best_cost,
-            best_partner):
+            best_partner, X, weights, first, following, size, few, rows, gram):
     """Cheapest partner of cluster ``a`` among the active ones (ties: lowest index)."""
     best_cost[a] = np.inf
     best_partner[a] = -1
     for b in range(active.shape[0]):
         if b != a and active[b]:
-            cost = _merge_cost(a, b, counts, means, scatter, own, omega, merged, work)
+            cost = _merge_cost(a, b, counts, means, scatter, own, omega, merged, work, X,
+                               weights, first, following, size, few, rows, gram)
             if cost < best_cost[a]:
                 best_cost[a] = cost
                 best_partner[a] = b
@@ -113,9 +175,17 @@ def hierarchical_merges(X, weights, omega):
     active = np.ones(n, dtype=np.bool_)
     best_cost = np.empty(n)
     best_partner = np.empty(n, dtype=np.int64)
+    # Each cluster's rows as a linked list, for unions of few rows, evaluated by
+    # their Gram matrix when that is cheaper than the D x D factorisation.
+    first = np.arange(n)
+    following = np.full(n, -1)
+    size = np.ones(n, dtype=np.int64)
+    few = d // 2 if d >= FEW_ROWS_MIN_FEATURES else 0
+    rows = np.empty((max(few, 1), d))
+    gram = np.empty((max(few, 1), max(few, 1)))
     for a in range(n):
         _rescan(a, active, counts, means, scatter, own, omega, merged, work, best_cost,
-                best_partner)
+                best_partner, X, weights, first, following, size, few, rows, gram)
     merges = np.empty((max(n - 1, 0), 2), dtype=np.int64)
     costs = np.empty(max(n - 1, 0))
     for step in range(n - 1):
@@ -134,16 +204,23 @@ def hierarchical_merges(X, weights, omega):
         counts[keep] = total
         own[keep] = total * _log_det_ridge(total, merged, omega, work)
         active[gone] = False
+        # The rows of ``gone`` join the list of ``keep``.
+        last = first[keep]
+        while following[last] >= 0:
+            last = following[last]
+        following[last] = first[gone]
+        size[keep] += size[gone]
         merges[step, 0] = keep
         merges[step, 1] = gone
         costs[step] = best_cost[a]
         for i in range(n):
             if active[i] and (i == keep or best_partner[i] == keep or best_partner[i] == gone):
                 _rescan(i, active, counts, means, scatter, own, omega, merged, work, best_cost,
-                        best_partner)
+                        best_partner, X, weights, first, following, size, few, rows, gram)
             elif active[i]:
                 # Only the cost to the merged cluster changed for this row.
-                cost = _merge_cost(i, keep, counts, means, scatter, own, omega, merged, work)
+                cost = _merge_cost(i, keep, counts, means, scatter, own, omega, merged, work, X,
+                                   weights, first, following, size, few, rows, gram)
                 if cost < best_cost[i] or (cost == best_cost[i] and keep < best_partner[i]):
                     best_cost[i] = cost
                     best_partner[i] = keep
