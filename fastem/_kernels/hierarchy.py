@@ -43,19 +43,26 @@ def _log_det_ridge(n, W, omega, work):
         for j in range(d):
             work[i, j] = W[i, j] / n
         work[i, i] += omega
+    return _cholesky_log_det(work, d)
+
+
+@njit(cache=True, error_model="numpy")
+def _cholesky_log_det(A, k):
+    """log det of the leading k x k block of ``A`` (symmetric; its lower triangle
+    is overwritten by the Cholesky factor), pivots floored at 1e-300."""
     total = 0.0
-    for j in range(d):
-        s = work[j, j]
+    for j in range(k):
+        s = A[j, j]
         for p in range(j):
-            s -= work[j, p] * work[j, p]
+            s -= A[j, p] * A[j, p]
         s = math.sqrt(max(s, 1e-300))
-        work[j, j] = s
+        A[j, j] = s
         total += 2.0 * math.log(s)
-        for i in range(j + 1, d):
-            t = work[i, j]
+        for i in range(j + 1, k):
+            t = A[i, j]
             for p in range(j):
-                t -= work[i, p] * work[j, p]
-            work[i, j] = t / s
+                t -= A[i, p] * A[j, p]
+            A[i, j] = t / s
     return total
 
 
@@ -95,21 +102,8 @@ def _log_det_few_rows(a, b, X, weights, counts, means, first, following, size, o
             for j in range(d):
                 dot += rows[p, j] * rows[q, j]
             gram[p, q] = dot * scale + (1.0 if p == q else 0.0)
-    # Cholesky of the k x k matrix (positive definite: its eigenvalues are >= 1).
-    total = 0.0
-    for q in range(k):
-        s = gram[q, q]
-        for p in range(q):
-            s -= gram[q, p] * gram[q, p]
-        s = math.sqrt(s)
-        gram[q, q] = s
-        total += 2.0 * math.log(s)
-        for p in range(q + 1, k):
-            t = gram[p, q]
-            for r in range(q):
-                t -= gram[p, r] * gram[q, r]
-            gram[p, q] = t / s
-    return d * math.log(omega) + total
+    # Positive definite: its eigenvalues are at least 1.
+    return d * math.log(omega) + _cholesky_log_det(gram, k)
 
 
 @njit(cache=True, error_model="numpy")
