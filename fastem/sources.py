@@ -31,9 +31,13 @@ from .stats import (
 )
 
 # Below this much work per iteration (rows x K x (D+1)^2) the in-memory
-# source can run the whole EM loop in compiled code: per-call overhead would
-# otherwise dominate.
-COMPILED_LOOP_WORK = 2_000_000
+# source can run the whole EM loop in compiled code, on one thread. From 2M
+# to 16M a single fit takes the same time either way (measured: the Python
+# loop's two threads gain what its per-call overhead loses), but a search
+# over many starts (short-run EM, selection) runs its starts in compiled
+# loops side by side, one per thread: breast_cancer's grid (569 x 30) took
+# 0.56 s with this bound against 0.96 s with 2M.
+COMPILED_LOOP_WORK = 8_000_000
 # The compiled loop is a second tier. It gives the Python-driven loop's bits
 # (the same kernels in the same order), about 3x faster on a few hundred rows
 # (13 against 39 us per iteration), but compiling it costs 1-3 s the first

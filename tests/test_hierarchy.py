@@ -11,8 +11,10 @@ from fastem._kernels.hierarchy import hierarchical_merges
 from fastem.initialization import Hierarchy
 
 
-# (60, 12) and (50, 20): unions of up to D / 2 rows are scored by their Gram matrix.
-@pytest.mark.parametrize("shape", [(40, 1), (70, 2), (90, 4), (60, 12), (50, 20)])
+# Unions of up to D / 2 rows are scored by their Gram matrix (from D = 8) and small
+# clusters joining a larger one by a low-rank update (from D = 6): both occur at
+# (60, 12), (50, 20) and (80, 30).
+@pytest.mark.parametrize("shape", [(40, 1), (70, 2), (90, 4), (60, 12), (50, 20), (80, 30)])
 def test_merge_sequence_matches_reference(shape):
     n, d = shape
     X = make_mixture(n, d, 3, seed=n)
