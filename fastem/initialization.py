@@ -582,7 +582,8 @@ class ShortRunEM:
 
         threads = min(_threads.n_threads(), len(group))
         applies = getattr(self.source, "compiled_loop_applies", None)
-        small = applies is not None and applies(self.candidates[group[0]].params.means.shape[0])
+        small = applies is not None and applies(self.candidates[group[0]].params.means.shape[0],
+                                                threads=1)
         if threads < 2 or not small:
             return run(group)
         bounds = [len(group) * t // threads for t in range(threads + 1)]

@@ -670,6 +670,9 @@ def select_model(
                 candidates[k].take(budget)  # here, not in the threads sharing them
         pooled = [cell for cell in chosen if short_run and _threads.n_threads() > 1
                   and cell[0] in fitted_ks and _small(source_for(cell[1]), cell[0])]
+        # Largest K first, so that the threads finish together rather than
+        # one running the largest cell alone at the end.
+        pooled.sort(key=lambda cell: -cell[0])
         done = dict(zip(pooled, _threads.map_threads(lambda c: fit_cell(c, budget), pooled)))
         for cell in chosen:
             if cell not in done:
@@ -717,9 +720,10 @@ def select_model(
 
 
 def _small(source, n_components) -> bool:
-    """Whether a cell's EM runs in the compiled loop (in-memory data, little work)."""
+    """Whether a cell's EM runs in the compiled loop on a thread of its own
+    (in-memory data, little work): such cells run side by side."""
     applies = getattr(source, "compiled_loop_applies", None)
-    return bool(applies is not None and applies(n_components))
+    return bool(applies is not None and applies(n_components, threads=1))
 
 
 def _check_grid(n_components, covariance_types, criterion, **fit_arguments):

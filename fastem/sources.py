@@ -15,6 +15,7 @@ import contextlib
 
 import numpy as np
 
+from . import _threads
 from ._kernels import estep
 from ._kernels.blas import blas_routines, single_threaded_blas
 from ._kernels.emloop import em_loop
@@ -31,13 +32,18 @@ from .stats import (
 )
 
 # Below this much work per iteration (rows x K x (D+1)^2) the in-memory
-# source can run the whole EM loop in compiled code, on one thread. From 2M
-# to 16M a single fit takes the same time either way (measured: the Python
-# loop's two threads gain what its per-call overhead loses), but a search
-# over many starts (short-run EM, selection) runs its starts in compiled
-# loops side by side, one per thread: breast_cancer's grid (569 x 30) took
-# 0.56 s with this bound against 0.96 s with 2M.
-COMPILED_LOOP_WORK = 8_000_000
+# source runs the whole EM loop in compiled code, on one thread: per-call
+# overhead would otherwise dominate. Measured per iteration, compiled loop
+# against the Python loop on two threads: 0.20 against 0.27 ms at 2M work,
+# 0.37 against 0.39 ms at 4M, 0.72 against 0.54 ms at 8M.
+COMPILED_LOOP_WORK = 4_000_000
+# Where the loop has one thread anyway (a search runs its starts side by
+# side, one per thread), the compiled loop is faster at any size; up to this
+# multiple of the bound above (a few ms per iteration, which keeps Ctrl-C
+# answered within a fraction of a second). Side by side, a search's starts
+# take 0.37 ms per iteration each at 8.6M work against 0.60 ms one after the
+# other on two threads, and 2.0 against 2.4 ms at 64M.
+ONE_THREAD_LOOP_FACTOR = 16
 # The compiled loop is a second tier. It gives the Python-driven loop's bits
 # (the same kernels in the same order), about 3x faster on a few hundred rows
 # (13 against 39 us per iteration), but compiling it costs 1-3 s the first
@@ -90,10 +96,13 @@ class InMemorySource:
             return True
         return False
 
-    def compiled_loop_applies(self, n_components: int) -> bool:
-        """Whether per-iteration work is small enough for the compiled loop."""
+    def compiled_loop_applies(self, n_components: int, threads: int | None = None) -> bool:
+        """Whether per-iteration work is small enough for the compiled loop, on
+        ``threads`` threads (default: those this call may use)."""
         work = self.n_samples * n_components * (self.n_features + 1) ** 2
-        return work <= COMPILED_LOOP_WORK
+        threads = _threads.n_threads() if threads is None else threads
+        bound = COMPILED_LOOP_WORK * (ONE_THREAD_LOOP_FACTOR if threads < 2 else 1)
+        return work <= bound
 
     def compiled_em(self, params: GaussianParameters, m_step, lower_bound: float, tol: float,
                     max_iter: int):
