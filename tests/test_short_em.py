@@ -304,3 +304,15 @@ def test_em_em_refuses_batch_size():
     X = make_mixture(300, 2, 2, seed=0)
     with pytest.raises(ValueError, match="em-em"):
         GaussianMixture(2, init_params="em-em", batch_size=50).fit(X)
+
+
+def test_a_search_runs_its_starts_in_the_compiled_loop_where_a_single_fit_would_not():
+    # 4,000 x 9 components x 31^2 = 34.6M work per iteration: more than a
+    # single fit on two threads runs compiled, less than one thread's bound.
+    from fastem.sources import InMemorySource
+
+    source = InMemorySource(np.zeros((4000, 30)), None, "full")
+    assert source.compiled_loop_applies(9, threads=1)
+    assert not source.compiled_loop_applies(9, threads=2)
+    assert not InMemorySource(np.zeros((40_000, 30)), None, "full").compiled_loop_applies(
+        9, threads=1)
