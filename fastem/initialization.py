@@ -17,6 +17,7 @@ from ._kernels._blocks import BLOCK_ROWS, n_chunks_for
 from ._kernels.blas import gemm_routine, single_threaded_blas
 from ._kernels.kmeans import (
     candidate_potentials,
+    column_moments,
     draw_by_mass,
     lloyd_assign,
     update_closest,
@@ -119,26 +120,50 @@ def _draw_by_mass(mass, sample_weight, fractions):
     return draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"))
 
 
-def column_variance(X, sample_weight=None, scale=1.0):
-    """Weighted per-feature variance of ``scale * X``, two-pass, in row slabs
-    (no N x D copy)."""
-    w_total = X.shape[0] if sample_weight is None else sample_weight.sum()
-    total = np.zeros(X.shape[1])
-    for start in range(0, X.shape[0], _ROWS_PER_SLAB):
-        slab = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64) * scale
-        if sample_weight is None:
-            total += slab.sum(axis=0)
-        else:
-            total += sample_weight[start:start + _ROWS_PER_SLAB] @ slab
-    mean = total / w_total
-    squares = np.zeros(X.shape[1])
-    for start in range(0, X.shape[0], _ROWS_PER_SLAB):
-        dev = np.asarray(X[start:start + _ROWS_PER_SLAB], dtype=np.float64) * scale - mean
-        if sample_weight is None:
-            squares += np.einsum("ij,ij->j", dev, dev)
-        else:
-            squares += sample_weight[start:start + _ROWS_PER_SLAB] @ (dev * dev)
-    return squares / w_total
+def column_variance(X, sample_weight=None, scale=1.0, centre=None):
+    r"""Weighted per-feature variance of ``scale * X``, without an N x D copy.
+
+    Around a centre :math:`c` (by default the weighted mean, from a first
+    pass), with :math:`W = \sum_n w_n`,
+
+    .. math::
+
+        \sigma_d^2 = \frac1W \sum_n w_n (s x_{nd} - c_d)^2
+                     - \Big(\frac1W \sum_n w_n (s x_{nd} - c_d)\Big)^2,
+
+    exact for any :math:`c` and free of cancellation when :math:`c` is close to
+    the mean (Lloyd passes the unweighted mean it already has). The sums run
+    over row chunks on the threads and are reduced in chunk order, so the
+    result does not depend on the thread count.
+    """
+    n_samples, n_features = X.shape
+    w_total = n_samples if sample_weight is None else sample_weight.sum()
+    if centre is None:
+        first, _ = _column_moments(X, sample_weight, np.zeros(n_features), scale)
+        centre = first / w_total
+    first, second = _column_moments(X, sample_weight, np.asarray(centre, dtype=np.float64),
+                                    scale)
+    shift = first / w_total
+    return np.maximum(second / w_total - shift * shift, 0.0)
+
+
+def _column_moments(X, sample_weight, centre, scale):
+    """The sums of :func:`fastem._kernels.kmeans.column_moments` over all rows."""
+    n_samples, n_features = X.shape
+    n_chunks = n_chunks_for(n_samples, n_features)
+    first = np.zeros((n_chunks, n_features))
+    second = np.zeros((n_chunks, n_features))
+    run_chunks(column_moments, n_chunks, n_samples * n_features, n_chunks, X,
+               weights_operand(sample_weight), centre, float(scale), first, second)
+    # Summed in chunk order: the same moments for any thread count.
+    return _sum_in_order(first), _sum_in_order(second)
+
+
+def _sum_in_order(parts):
+    total = np.zeros(parts.shape[1:])
+    for part in parts:
+        total += part
+    return total
 
 
 def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
@@ -167,7 +192,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     scale = distance_scale(X)
     offset = np.asarray(X.mean(axis=0), dtype=np.float64)
     z_centers = np.asarray(centers, dtype=np.float64) * scale - offset * scale
-    tol_abs = tol * column_variance(X, sample_weight, scale).mean()
+    tol_abs = tol * column_variance(X, sample_weight, scale, offset * scale).mean()
     # int32 labels: at a million rows they are the largest temporary of a fit.
     labels = np.full(n_samples, -1, dtype=np.int32)
     work = n_samples * n_clusters * n_features
@@ -183,18 +208,24 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
         return _lloyd_reduce(*slots)
 
     n_iter = 0
+    settled = False
     for n_iter in range(1, max_iter + 1):
-        sums, counts, _, changed = assign(z_centers)
+        sums, counts, inertia, changed = assign(z_centers)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
             _relocate_empty(X, sample_weight, offset, scale, z_centers, labels, sums, counts,
                             empty)
         new_centers = _average(sums, counts)
         shift = float((np.sqrt(((new_centers - z_centers) ** 2).sum(axis=1)) ** 2).sum())
+        # No label changed (and none was moved): the same sums give the same
+        # centres, so the labels and inertia just computed are final.
+        settled = changed == 0 and not empty.size and np.array_equal(new_centers, z_centers)
         z_centers = new_centers
         if changed == 0 or shift <= tol_abs:
             break
-    _, _, inertia, _ = assign(z_centers)
+    if not settled:
+        # As scikit-learn does: the labels (and inertia) of the final centres.
+        _, _, inertia, _ = assign(z_centers)
     centers = (z_centers + offset * scale) / scale
     return labels, centers, float(inertia) / scale / scale, n_iter
 

@@ -368,6 +368,16 @@ def kmeans_plusplus(X, n_clusters, uniforms, first_index, n_local_trials=None, s
     return X[indices].copy(), indices
 
 
+def column_moments(X, centre, scale=1.0, sample_weight=None):
+    r"""Weighted first and second moments of each column of ``scale * X`` around
+    ``centre`` (twin of :func:`fastem._kernels.kmeans.column_moments`, summed):
+    :math:`\sum_n w_n (s x_{nd} - c_d)` and :math:`\sum_n w_n (s x_{nd} - c_d)^2`.
+    """
+    Z = np.asarray(X, dtype=np.float64) * scale - centre
+    w = np.ones(Z.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
+    return w @ Z, w @ (Z * Z)
+
+
 def lloyd(X, centers, *, max_iter=300, tol=1e-4, sample_weight=None):
     r"""Lloyd's k-means from given centres, as scikit-learn's ``KMeans`` runs it.
 

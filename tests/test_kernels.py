@@ -146,6 +146,39 @@ def test_lloyd_matches_reference():
     assert_close(inertia, ref_inertia, what="inertia")
 
 
+@pytest.mark.parametrize("tol", [1e-4, 0.0])  # stops on a small shift, or when settled
+def test_lloyd_labels_and_inertia_are_those_of_its_final_centres(tol):
+    X = make_mixture(2000, 3, 4, seed=9)
+    labels, centers, inertia, n_iter = lloyd(X, X[[0, 1, 2, 3]], tol=tol)
+    distances = ((X[:, None, :] - centers[None]) ** 2).sum(axis=2)
+    np.testing.assert_array_equal(labels, distances.argmin(axis=1))
+    assert_close(inertia, distances.min(axis=1).sum(), what="inertia")
+    if tol == 0.0:
+        assert n_iter > 1
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_column_moments_match_reference(weighted, dtype):
+    from fastem.initialization import _column_moments, column_variance
+
+    rng = np.random.default_rng(5)
+    X = (rng.normal(size=(3000, 7)) * [1, 10, 0.1, 1e3, 1, 1, 1] + 50).astype(dtype)
+    sw = rng.uniform(0.2, 3.0, 3000) if weighted else None
+    centre = rng.normal(size=7)
+    first, second = _column_moments(X, sw, centre, 0.25)
+    ref_first, ref_second = reference.column_moments(X, centre, 0.25, sw)
+    np.testing.assert_allclose(first, ref_first, rtol=1e-12)
+    np.testing.assert_allclose(second, ref_second, rtol=1e-12)
+    w = np.ones(3000) if sw is None else sw
+    Z = X.astype(np.float64)
+    mean = np.average(Z, axis=0, weights=w)
+    expected = np.average((Z - mean) ** 2, axis=0, weights=w)
+    np.testing.assert_allclose(column_variance(X, sw), expected, rtol=1e-10)
+    np.testing.assert_allclose(column_variance(X, sw, 2.0, centre=2.0 * Z.mean(axis=0)),
+                               4.0 * expected, rtol=1e-10)
+
+
 def test_lloyd_refills_empty_clusters_like_reference():
     X = make_mixture(300, 2, 3, seed=4)
     far_away = X.max(axis=0) + 100.0

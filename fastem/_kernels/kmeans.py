@@ -154,3 +154,22 @@ def draw_by_mass(closest, sample_weight, fractions, order):
         if t == order.shape[0]:
             break
     return rows
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def column_moments(chunk_first, chunk_last, n_chunks, X, sample_weight, centre, scale,
+                   first_parts, second_parts):
+    r"""Chunk c's weighted first and second moments of each column around ``centre``:
+    first_parts[c, d] = :math:`\sum_{n\in c} w_n (s x_{nd} - c_d)` and
+    second_parts[c, d] = :math:`\sum_{n\in c} w_n (s x_{nd} - c_d)^2`, rows in order."""
+    weighted = sample_weight.shape[0] > 0
+    n_features = X.shape[1]
+    for c in range(chunk_first, chunk_last):
+        first, last = chunk_rows(c, n_chunks, X.shape[0])
+        for n in range(first, last):
+            w = sample_weight[n] if weighted else 1.0
+            for d in range(n_features):
+                t = X[n, d] * scale - centre[d]
+                first_parts[c, d] += w * t
+                second_parts[c, d] += w * t * t
+
