@@ -42,7 +42,13 @@ from .missing import log_responsibilities as missing_log_responsibilities
 from .priors import GaussianPrior, MaximumPosterior, data_moments, m_step_for
 from .scaling import DataScale
 from .sources import BlockSource, InMemorySource
-from .stats import GaussianParameters, MaximumLikelihood, log_responsibilities
+from .stats import (
+    GaussianParameters,
+    MaximumLikelihood,
+    log_densities,
+    log_responsibilities,
+    most_probable_components,
+)
 
 __all__ = ["DegenerateDataWarning", "GaussianMixture", "fitted_mixture"]
 
@@ -206,10 +212,22 @@ class EMMixture(DensityMixin, BaseEstimator):
         return float(np.mean(log_prob_norm)), log_resp
 
     # ------------------------------------------------------------ predict
-    def _log_resp(self, X, probabilities=False):
+    def _validated(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
-                          ensure_all_finite=self._finite_rule())
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False, order="C",
+                             ensure_all_finite=self._finite_rule())
+
+    def _complete_rows_pass(self, X, function):
+        """``function(X, parameters, covariance_type)`` on validated ``X``, or None
+        when X has missing values that EM with missing values must handle."""
+        X = self._validated(X)
+        if self.missing == "em" and np.isnan(X).any():
+            return None, X
+        with _threads.limit(self.n_threads), _threads.deferred_interrupts():
+            return function(X, self._current_parameters(), self.covariance_type), X
+
+    def _log_resp(self, X, probabilities=False):
+        X = self._validated(X)
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             if self.missing == "em" and np.isnan(X).any():
                 # Marginal densities of the observed entries (fastem.missing).
@@ -232,11 +250,13 @@ class EMMixture(DensityMixin, BaseEstimator):
         """
         if distributed.is_dask_array(X):
             return distributed.score_samples(self, X)
-        _, log_norm, dtype = self._log_resp(X)
+        log_norm, X = self._complete_rows_pass(X, log_densities)
+        if log_norm is None:
+            _, log_norm, _ = self._log_resp(X)
         # A row far from every component can have a log-density beyond the
         # float32 range: it is -inf in float32, as computed there.
         with np.errstate(over="ignore"):
-            return log_norm.astype(dtype, copy=False)
+            return log_norm.astype(X.dtype, copy=False)
 
     def score(self, X, y=None):
         """Average log-likelihood of the rows of ``X``."""
@@ -258,8 +278,11 @@ class EMMixture(DensityMixin, BaseEstimator):
         """Most probable component of each row."""
         if distributed.is_dask_array(X):
             return distributed.predict(self, X)
-        log_resp, _, _ = self._log_resp(X)
-        return log_resp.argmax(axis=1)
+        labels, X = self._complete_rows_pass(X, most_probable_components)
+        if labels is None:
+            log_resp, _, _ = self._log_resp(X)
+            labels = log_resp.argmax(axis=1)
+        return labels
 
     def sample(self, n_samples=1):
         """Draw ``n_samples`` rows from the fitted mixture.

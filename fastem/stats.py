@@ -205,7 +205,8 @@ def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_
     Returns the per-chunk slots (nk, sx, sxx, loglik, worst, worst_index)
     and the rows the pass left out as too far from every component
     (:func:`_far_rows`; None when there are none, nearly always), whose
-    outputs (``MODE_LOG_RESP``, ``MODE_PROBA``) are already filled in.
+    outputs (``MODE_LOG_RESP``, ``MODE_PROBA``, ``MODE_LOG_NORM``,
+    ``MODE_ARGMAX``) are already filled in.
     """
     n_components, n_features = means.shape
     accumulates = mode in (estep.MODE_STATISTICS, estep.MODE_LABELS)
@@ -227,9 +228,13 @@ def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_
     far = None
     if far_count.any():
         far = _far_rows(X, np.flatnonzero(far_flags), means, prec, log_const, full,
-                        mode == estep.MODE_LOG_RESP)
+                        mode in (estep.MODE_LOG_RESP, estep.MODE_ARGMAX))
         if mode in (estep.MODE_LOG_RESP, estep.MODE_PROBA):
             out[far.rows] = far.values
+        if mode == estep.MODE_ARGMAX:
+            labels[far.rows] = far.values.argmax(axis=1)
+        if mode in (estep.MODE_LOG_RESP, estep.MODE_PROBA, estep.MODE_LOG_NORM) or (
+                mode == estep.MODE_ARGMAX and log_norm.shape[0]):
             log_norm[far.rows] = far.log_norm
     return parts, far
 
@@ -472,3 +477,29 @@ def log_responsibilities(X, params: GaussianParameters, covariance_type: str, *,
     _run_pass(engine, mode, X, None, _NO_LABELS, means, prec, log_const,
               n_chunks_for(X.shape[0], 1), log_resp, log_norm)
     return log_resp, log_norm
+
+
+def log_densities(X, params: GaussianParameters, covariance_type: str) -> np.ndarray:
+    r""":math:`\log p(x_n) = \log\sum_k \pi_k \mathcal N(x_n \mid \mu_k, \Sigma_k)` per
+    row (float64), by the pass of :func:`log_responsibilities` without its
+    (N, K) output."""
+    engine = engine_for(X.shape[1], covariance_type)
+    means, prec, log_const, _ = kernel_operands(params, covariance_type,
+                                                operand_dtype(engine, X.dtype))
+    log_norm = np.empty(X.shape[0])
+    _run_pass(engine, estep.MODE_LOG_NORM, X, None, _NO_LABELS, means, prec, log_const,
+              n_chunks_for(X.shape[0], 1), _NO_OUTPUT[0], log_norm)
+    return log_norm
+
+
+def most_probable_components(X, params: GaussianParameters, covariance_type: str) -> np.ndarray:
+    r""":math:`\arg\max_k \log \pi_k \mathcal N(x_n \mid \mu_k, \Sigma_k)` per row (the
+    lowest k of a tie, as scikit-learn's ``predict``), int64, without an (N, K)
+    array."""
+    engine = engine_for(X.shape[1], covariance_type)
+    means, prec, log_const, _ = kernel_operands(params, covariance_type,
+                                                operand_dtype(engine, X.dtype))
+    labels = np.empty(X.shape[0], dtype=np.int32)
+    _run_pass(engine, estep.MODE_ARGMAX, X, None, labels, means, prec, log_const,
+              n_chunks_for(X.shape[0], 1))
+    return labels.astype(np.int64)

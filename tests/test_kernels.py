@@ -339,3 +339,68 @@ def test_statistics_skipping_zero_responsibilities_match_reference(covariance_ty
     assert_close(stats.sxx.reshape(ref_sxx.shape), ref_sxx, what="S_k")
     assert_close(stats.loglik, ref_norm.sum() if sw is None else ref_norm @ sw,
                  what="log-likelihood")
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n_features", [3, 26])  # the loop and the BLAS engines
+def test_log_densities_and_labels_need_no_responsibility_array(covariance_type, dtype,
+                                                                n_features):
+    # score_samples' and predict's modes of the pass: the same log p(x) bits as
+    # the pass that writes log-responsibilities, and the first largest
+    # weighted log-density, also for a row too far for the operands.
+    from fastem._kernels import estep
+    from fastem.stats import (
+        GaussianParameters,
+        _run_pass,
+        engine_for,
+        kernel_operands,
+        log_densities,
+        most_probable_components,
+        operand_dtype,
+    )
+    from fastem.stats import log_responsibilities as log_resp_of
+
+    from fastem import GaussianMixture
+
+    X = make_mixture(1500, n_features, 3, seed=4).astype(dtype)
+    model = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
+                            max_iter=5).fit(X)
+    X[7] = 1e200 if dtype == np.float64 else 1e25  # its squares overflow the operands
+    params = GaussianParameters(model.weights_, model.means_, model.covariances_,
+                                model.precisions_cholesky_)
+    with np.errstate(over="ignore", invalid="ignore"):
+        log_resp, log_norm = log_resp_of(X, params, covariance_type)
+    engine = engine_for(n_features, covariance_type)
+    means, prec, log_const, _ = kernel_operands(params, covariance_type,
+                                                operand_dtype(engine, X.dtype))
+    out, norms = np.empty((X.shape[0], 3)), np.empty(X.shape[0])
+    _, far = _run_pass(engine, estep.MODE_LOG_RESP, X, None, np.empty(0, dtype=np.int32),
+                       means, prec, log_const, 4, out, norms)
+    if operand_dtype(engine, X.dtype) == X.dtype:
+        # The far-row path is exercised (float32 data in float64 BLAS
+        # operands cannot overflow).
+        np.testing.assert_array_equal(far.rows, [7])
+    np.testing.assert_array_equal(log_densities(X, params, covariance_type), log_norm)
+    labels = most_probable_components(X, params, covariance_type)
+    with np.errstate(over="ignore", invalid="ignore"):
+        weighted = np.log(model.weights_) + reference.log_gaussian_prob(
+            X.astype(np.float64), model.means_, model.precisions_cholesky_, covariance_type)
+    ordinary = np.ones(X.shape[0], dtype=bool)
+    ordinary[7] = False
+    np.testing.assert_array_equal(labels[ordinary], weighted[ordinary].argmax(axis=1))
+    assert labels[7] == log_resp[7].argmax()
+    np.testing.assert_array_equal(model.predict(X), labels)
+
+
+def test_predict_takes_the_first_of_tied_components():
+    from fastem import GaussianMixture
+
+    X = make_mixture(300, 2, 2, seed=1)
+    model = GaussianMixture(2, random_state=0).fit(X)
+    # Two identical components: every row is a tie, which goes to component 0.
+    model.means_[1] = model.means_[0]
+    model.covariances_[1] = model.covariances_[0]
+    model.precisions_cholesky_[1] = model.precisions_cholesky_[0]
+    model.weights_[:] = 0.5
+    np.testing.assert_array_equal(model.predict(X), np.zeros(300, dtype=np.int64))

@@ -73,6 +73,8 @@ MODE_STATISTICS = 0
 MODE_LABELS = 1
 MODE_LOG_RESP = 2
 MODE_PROBA = 3
+MODE_LOG_NORM = 4
+MODE_ARGMAX = 5
 
 
 @njit(cache=True, error_model="numpy")
@@ -812,7 +814,11 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
       ``labels`` (-1: the row belongs to no component) around ``means``;
     * ``MODE_LOG_RESP`` / ``MODE_PROBA``: :math:`\log r_{nk}` (or
       :math:`r_{nk}`) into ``out`` (N, K) and :math:`\log p(x_n)` into
-      ``log_norm`` (N,).
+      ``log_norm`` (N,);
+    * ``MODE_LOG_NORM``: only :math:`\log p(x_n)` into ``log_norm``;
+    * ``MODE_ARGMAX``: :math:`\arg\max_k \ell_{nk}` (the lowest k of a tie)
+      into ``labels`` (N,) int32, and :math:`\log p(x_n)` into ``log_norm``
+      unless it is empty. No (N, K) array is written.
 
     A row too far from every component for its log-densities to be
     represented (their exponentials sum below 1) is left out: it adds nothing
@@ -832,7 +838,8 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
         :func:`fastem._kernels._blocks.n_chunks_for`).
     X : ndarray (N, D), float64 or float32, C-contiguous
     sample_weight : ndarray (N,) or (0,) for unit weights
-    labels : ndarray (N,) int32, or (0,) outside ``MODE_LABELS``
+    labels : ndarray (N,) int32: read in ``MODE_LABELS``, written in
+        ``MODE_ARGMAX``, (0,) otherwise
     means : ndarray (K, D), the operands' precision (X's for the loop
         engines, float64 for BLAS)
     prec : ndarray
@@ -859,7 +866,8 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     else:
         centre, W, const = np.empty(0), np.empty((0, 0)), np.empty(0)
     accumulates = mode == MODE_STATISTICS or mode == MODE_LABELS
-    predicts = mode == MODE_LOG_RESP or mode == MODE_PROBA
+    predicts = (mode == MODE_LOG_RESP or mode == MODE_PROBA or mode == MODE_LOG_NORM
+                or mode == MODE_ARGMAX)
     # Scratch of one call, reused chunk after chunk (each engine allocates its own).
     xT = np.empty((n_features, loops), dtype=X.dtype)
     diffs = np.empty((n_components if _ENGINE_FULL else 1, n_features, loops), dtype=X.dtype)
@@ -918,6 +926,15 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                 for k in range(1, n_components):
                     for r in range(n_rows):
                         row_max[r] = max(row_max[r], log_prob[k, r])
+                if mode == MODE_ARGMAX:
+                    # The first component of the largest weighted log-density
+                    # (as scikit-learn's predict); the lowest k is written last.
+                    for r in range(n_rows):
+                        labels[start + r] = 0
+                    for k in range(n_components - 1, -1, -1):
+                        for r in range(n_rows):
+                            if log_prob[k, r] == row_max[r]:
+                                labels[start + r] = k
                 for r in range(n_rows):
                     row_sum[r] = 0.0
                 keep_log = mode == MODE_LOG_RESP
@@ -983,14 +1000,15 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                         worst_c = norms[r]
                         worst_i = start + r
             elif predicts:
-                for r in range(n_rows):
-                    log_norm[start + r] = norms[r]
+                if log_norm.shape[0] > 0:
+                    for r in range(n_rows):
+                        log_norm[start + r] = norms[r]
                 if mode == MODE_PROBA:
                     for r in range(n_rows):
                         scale = 1.0 / np.float64(row_sum[r])
                         for k in range(n_components):
                             out[start + r, k] = log_prob[k, r] * scale
-                else:
+                elif mode == MODE_LOG_RESP:
                     for r in range(n_rows):
                         # log_prob holds l - max (far rows: 0, for the caller).
                         log_sum = 0.0 if far[r] else log_sums[r]
