@@ -40,7 +40,8 @@ _ROWS_PER_SLAB = 8192
 _LARGEST_EXPONENT = 400
 
 
-def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_trials=None):
+def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_trials=None,
+                    scale=None):
     r"""Greedy k-means++ seeding.
 
     The first centre is drawn with probability :math:`\propto w_n`; each next
@@ -55,6 +56,8 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
     random_state : numpy.random.RandomState
     sample_weight : ndarray (N,) or None
     n_local_trials : int, optional
+    scale : float, optional
+        :func:`distance_scale` of X, when the caller has it.
 
     Returns
     -------
@@ -70,7 +73,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
         first = min(int(first_u * n_samples), n_samples - 1)
     else:
         first = int(_draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]))[0])
-    return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight)
+    return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight, scale)
 
 
 def distance_scale(X) -> float:
@@ -86,11 +89,12 @@ def distance_scale(X) -> float:
     return power_of_two_scale(X, _LARGEST_EXPONENT)
 
 
-def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weight=None):
+def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weight=None,
+                               scale=None):
     """k-means++ from pre-drawn uniforms (the twin of
     :func:`fastem.reference.kmeans_plusplus`, which consumes the same draws)."""
     n_samples = X.shape[0]
-    scale = distance_scale(X)
+    scale = distance_scale(X) if scale is None else scale
     sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
@@ -166,7 +170,7 @@ def _sum_in_order(parts):
     return total
 
 
-def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
+def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None):
     r"""Lloyd's k-means from ``centers``, as scikit-learn's ``KMeans`` runs it.
 
     The same arithmetic, so that ties (rows at equal distances from two
@@ -179,6 +183,8 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     summed squared centre shift is at most ``tol * mean(var(X))``. Twin:
     :func:`fastem.reference.lloyd`.
 
+    ``scale`` is :func:`distance_scale` of X when the caller has it.
+
     Returns
     -------
     labels : ndarray (N,) int32, centers : ndarray (K, D), inertia : float, n_iter : int
@@ -189,7 +195,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4):
     n_chunks = n_chunks_for(n_samples, n_clusters * n_features)
     # Rows are taken as z = s x - s m: the mean m as scikit-learn subtracts
     # it, and a power of two s that keeps squares in range (1 for most data).
-    scale = distance_scale(X)
+    scale = distance_scale(X) if scale is None else scale
     offset = np.asarray(X.mean(axis=0), dtype=np.float64)
     z_centers = np.asarray(centers, dtype=np.float64) * scale - offset * scale
     tol_abs = tol * column_variance(X, sample_weight, scale, offset * scale).mean()
@@ -297,8 +303,9 @@ def initial_statistics(X, sample_weight, n_components, init_params, covariance_t
     'hierarchical' cuts the model-based hierarchy (:class:`Hierarchy`) at K.
     """
     if init_params == "kmeans":
-        seeds, _ = kmeans_plusplus(X, n_components, random_state, sample_weight)
-        labels, centers, _, _ = lloyd(X, seeds, sample_weight)
+        scale = distance_scale(X)  # one pass for both
+        seeds, _ = kmeans_plusplus(X, n_components, random_state, sample_weight, scale=scale)
+        labels, centers, _, _ = lloyd(X, seeds, sample_weight, scale=scale)
         return label_statistics_of(X, sample_weight, labels, centers, covariance_type)
     if init_params in ("k-means++", "random_from_data"):
         if init_params == "k-means++":
