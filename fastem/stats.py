@@ -18,6 +18,7 @@ the one :func:`m_step`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -195,18 +196,72 @@ def operand_dtype(engine: int, data_dtype) -> np.dtype:
 
 
 _NO_LABELS = np.empty(0, dtype=np.int32)
+_NO_BOUNDS = np.empty((0, 2))
+# Exact pruning pays for the eigenvalues it needs (K D^3) from this many rows
+# per feature on (the E-step costs N K D^2 / 2).
+PRUNE_MIN_ROWS_PER_FEATURE = 64
+# Relative widening of the eigenvalue bounds, far beyond their rounding errors.
+_EIGENVALUE_SLACK = 1e-6
+
+
+def pruning_bounds(prec_chol, X) -> np.ndarray:
+    r"""The full BLAS engine's pruning bounds (K, 2): :math:`\tfrac12\lambda_{\min}`
+    and :math:`\tfrac12\lambda_{\max}` of each precision :math:`P_k = U_k U_k^T`,
+    widened by ``_EIGENVALUE_SLACK``; empty (no pruning) on small data, on
+    float32 data (its distances would be rounded to float32), for non-finite
+    factors, or where this process's dtrmm does not give each row the same
+    result whatever rows share the call (:func:`pruning_is_exact`).
+    """
+    n_components, n_features = prec_chol.shape[:2]
+    if (X.dtype != np.float64 or X.shape[0] < PRUNE_MIN_ROWS_PER_FEATURE * n_features
+            or not pruning_is_exact(n_features)):
+        return _NO_BOUNDS
+    U = np.asarray(prec_chol, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        eigenvalues = np.linalg.eigvalsh(U @ U.transpose(0, 2, 1))
+    if not np.all(np.isfinite(eigenvalues)):
+        return _NO_BOUNDS
+    bounds = np.empty((n_components, 2))
+    bounds[:, 0] = 0.5 * np.maximum(eigenvalues[:, 0], 0.0) * (1.0 - _EIGENVALUE_SLACK)
+    bounds[:, 1] = 0.5 * eigenvalues[:, -1] * (1.0 + _EIGENVALUE_SLACK)
+    return bounds
+
+
+@functools.lru_cache(maxsize=None)
+def pruning_is_exact(n_features: int) -> bool:
+    """Whether this process's dtrmm computes a column the same way whatever
+    columns share the call, when their number is a multiple of
+    ``estep.TRMM_ROWS`` (OpenBLAS does: its kernels take whole panels of
+    columns; checked on random matrices of this width, single-threaded as the
+    pass calls it). Exact pruning relies on it."""
+    from scipy.linalg import blas as scipy_blas
+
+    rng = np.random.default_rng(12345)
+    lower = np.asfortranarray(np.tril(rng.normal(size=(n_features, n_features))))
+    block = np.asfortranarray(rng.normal(size=(n_features, 16 * estep.TRMM_ROWS)))
+    with single_threaded_blas():
+        whole = scipy_blas.dtrmm(1.0, lower, block, side=0, lower=1, trans_a=0, diag=0)
+        for size in (1, 3, 8, 15):
+            columns = np.sort(rng.choice(block.shape[1], size * estep.TRMM_ROWS, replace=False))
+            part = scipy_blas.dtrmm(1.0, lower, np.asfortranarray(block[:, columns]), side=0,
+                                    lower=1, trans_a=0, diag=0)
+            if not np.array_equal(part, whole[:, columns]):
+                return False
+    return True
 _NO_OUTPUT = (np.empty((0, 0)), np.empty(0))
 
 
 def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_chunks,
-              out=_NO_OUTPUT[0], log_norm=_NO_OUTPUT[1]):
+              out=_NO_OUTPUT[0], log_norm=_NO_OUTPUT[1], pruned=None):
     """Run :func:`~fastem._kernels.estep.gaussian_pass` over all chunks of X.
 
     Returns the per-chunk slots (nk, sx, sxx, loglik, worst, worst_index)
     and the rows the pass left out as too far from every component
     (:func:`_far_rows`; None when there are none, nearly always), whose
     outputs (``MODE_LOG_RESP``, ``MODE_PROBA``, ``MODE_LOG_NORM``,
-    ``MODE_ARGMAX``) are already filled in.
+    ``MODE_ARGMAX``) are already filled in. The full BLAS engine prunes far
+    components exactly where it can (:func:`pruning_bounds`); ``pruned``
+    (n_chunks,) int64, if given, receives the counts of skipped pairs.
     """
     n_components, n_features = means.shape
     accumulates = mode in (estep.MODE_STATISTICS, estep.MODE_LABELS)
@@ -221,10 +276,18 @@ def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_
     trmm, syrk = blas_routines()
     work = X.shape[0] * n_components * (n_features + 1) ** 2
     blas = engine in (estep.ENGINE_BLAS_FULL, estep.ENGINE_BLAS_DIAG)
+    if pruned is None:
+        pruned = np.zeros(n_chunks, dtype=np.int64)
     with single_threaded_blas() if blas else contextlib.nullcontext():
+        bounds = _NO_BOUNDS
+        if engine == estep.ENGINE_BLAS_FULL and mode not in (estep.MODE_LABELS,
+                                                             estep.MODE_LOG_RESP):
+            # Inside the single-threaded BLAS: woken for the eigenvalues,
+            # OpenBLAS's own threads would spin beside the pass's.
+            bounds = pruning_bounds(prec, X)
         run_chunks(gaussian_pass[engine], n_chunks, work, n_chunks, mode, X,
-                   weights_operand(sample_weight), labels, means, prec, log_const, trmm, syrk,
-                   *parts, out, log_norm, far_count, far_flags)
+                   weights_operand(sample_weight), labels, means, prec, log_const, bounds, trmm,
+                   syrk, *parts, out, log_norm, far_count, far_flags, pruned)
     far = None
     if far_count.any():
         far = _far_rows(X, np.flatnonzero(far_flags), means, prec, log_const, full,

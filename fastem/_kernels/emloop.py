@@ -85,6 +85,9 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
     log_norm = np.empty(0)
     far_count = np.zeros(n_chunks, dtype=np.int64)
     far_flags = np.zeros(n_samples, dtype=np.bool_)
+    # Small data: no pruning (its bounds need eigenvalues, from NumPy).
+    no_bounds = np.empty((0, 2))
+    pruned = np.zeros(n_chunks, dtype=np.int64)
     lower_bounds = np.empty(max_iter)
     # Arguments of the kernels this loop calls, as plain int64 values: a
     # literal (0, MODE_STATISTICS) would give the kernel a second, literal-typed
@@ -104,8 +107,8 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
         sxx_parts[:] = 0.0
         worst[:] = np.inf
         _engine_pass(first_chunk, n_chunks, n_chunks, mode, X, sample_weight, labels, shift,
-                     prec, log_const, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
-                     worst_index, out, log_norm, far_count, far_flags)
+                     prec, log_const, no_bounds, trmm, syrk, nk_parts, sx_parts, sxx_parts,
+                     ll_parts, worst, worst_index, out, log_norm, far_count, far_flags, pruned)
         far = 0
         for c in range(n_chunks):
             far += far_count[c]

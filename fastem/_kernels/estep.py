@@ -56,6 +56,22 @@ BLAS_BLOCKS = 4
 # (measured, one thread, 1M rows, K=5: D=10 41 ms against 48 ms at 256 rows
 # and 44 ms at 512; D=2 11.2 against 13.5 and 12.1).
 LOOPS_BLOCK_ROWS = 1024
+# The full BLAS engine calls dtrmm on a multiple of this many rows (zero rows
+# pad the block): OpenBLAS then computes every row by the same kernel, so a
+# row's result does not depend on which other rows share the call (checked at
+# run time, see fastem.stats.pruning_is_exact), which makes exact pruning
+# possible. 64 is four times the smallest multiple measured to have that property.
+TRMM_ROWS = 64
+# A component is left out of a row's E-step when the upper bound of its
+# weighted log-density lies this far below the row's best lower bound: its
+# responsibility would have been exactly 0 (the exponential's floor, -708 in
+# float64, the BLAS engines' precision), with a margin for rounding.
+PRUNE_GAP = 708.0 + 1.0
+# After a block in which fewer than this fraction of (row, component) pairs
+# were skipped, the next PRUNE_REST blocks do not try (the bounds cost about
+# 2 / D of the E-step: with overlapping components they would be wasted).
+PRUNE_WORTHWHILE = 0.25
+PRUNE_REST = 16
 # Below this fraction of non-zero responsibilities in a block, the diagonal
 # engine's moments skip the zeros instead of multiplying them (measured
 # break-even at D=50, K=20: about 0.37).
@@ -377,32 +393,94 @@ def _blas_scalars(n_features, n_rows):
 
 
 @helper_inline
-def _centre_rows(X, start, n_rows, mean, rows):
-    """rows[r, d] = X[start + r, d] - mean[d] (row-major, as BLAS wants it)."""
-    for r in range(n_rows):
-        for d in range(X.shape[1]):
-            rows[r, d] = X[start + r, d] - mean[d]
-
-
-@helper_inline
-def _log_prob_full_blas(X, start, n_rows, means, prec_chol, log_const, rows, log_prob, trmm):
-    """As the loop engine, with (x - mu_k) U_k computed by one dtrmm per component.
+def _log_prob_full_blas(X, start, n_rows, means, prec_chol, log_const, rows, log_prob, trmm,
+                        bounds, dist, picked, lower, mean_row):
+    r"""As the loop engine, with (x - mu_k) U_k computed by one dtrmm per component;
+    returns the number of (row, component) pairs left out (exact pruning).
 
     A row-major (rows, D) block is a column-major (D, rows) matrix and the
     row-major upper U_k a column-major lower one, so the product is
-    ``B := L B`` with L = U_k^T in BLAS terms.
+    ``B := L B`` with L = U_k^T in BLAS terms. The rows go in multiples of
+    ``TRMM_ROWS`` (zero rows pad them), so that each row's result is the same
+    whatever rows share the call.
+
+    With ``bounds`` (K, 2) non-empty: with :math:`d_{rk} = \lVert x_r -
+    \mu_k\rVert^2` and the extreme eigenvalues of :math:`P_k = U_k U_k^T`,
+
+    .. math::
+
+        \ell_k - \tfrac12\lambda_{\max}(P_k)\, d_{rk} \;\le\; \ell_{rk}
+        \;\le\; \ell_k - \tfrac12\lambda_{\min}(P_k)\, d_{rk}
+
+    (``bounds[k]`` holds the two halves, widened for rounding). A component
+    whose upper bound lies ``PRUNE_GAP`` below the row's best lower bound
+    would get a responsibility of exactly 0: it is not computed and its
+    :math:`\ell` is :math:`-\infty`, which gives the same 0 and the same row
+    sums. ``dist`` (K, block), ``picked`` (block,) int64, ``lower``
+    (block,) and ``mean_row`` (D,), X's dtype, are scratch (the bounds are
+    computed for float64 data only: :func:`fastem.stats.pruning_bounds`).
     """
     n_components, n_features = means.shape
     chars, sizes, ones = _blas_scalars(n_features, n_rows)
     left = chars[0:1]
     no = chars[1:2]
+    prune = bounds.shape[0] > 0
+    if prune:
+        flat = X.reshape(-1)
+        for r in range(n_rows):
+            lower[r] = -np.inf
+        for k in range(n_components):
+            for d in range(n_features):
+                mean_row[d] = means[k, d]
+            for r in range(n_rows):
+                total = np.float64(_squared_distance(flat, (start + r) * n_features, mean_row,
+                                                     n_features))
+                dist[k, r] = total
+                lower[r] = max(lower[r], log_const[k] - bounds[k, 1] * total)
+    skipped = 0
     for k in range(n_components):
-        _centre_rows(X, start, n_rows, means[k], rows)
+        count = 0
+        for r in range(n_rows):
+            if prune and log_const[k] - bounds[k, 0] * dist[k, r] < lower[r] - PRUNE_GAP:
+                log_prob[k, r] = -np.inf
+                continue
+            picked[count] = r
+            for d in range(n_features):
+                rows[count, d] = X[start + r, d] - means[k, d]
+            count += 1
+        skipped += n_rows - count
+        if count == 0:
+            continue
+        padded = (count + TRMM_ROWS - 1) // TRMM_ROWS * TRMM_ROWS
+        for i in range(count, padded):
+            for d in range(n_features):
+                rows[i, d] = 0.0
+        sizes[1] = padded
         trmm(left.ctypes, left.ctypes, no.ctypes, no.ctypes, sizes[0:1].ctypes,
              sizes[1:2].ctypes, ones.ctypes, prec_chol[k].ctypes, sizes[0:1].ctypes,
              rows.ctypes, sizes[0:1].ctypes)
-        for r in range(n_rows):
-            log_prob[k, r] = log_const[k] - 0.5 * _sum_of_squares(rows[r], n_features)
+        for i in range(count):
+            log_prob[k, picked[i]] = log_const[k] - 0.5 * _sum_of_squares(rows[i], n_features)
+    return skipped
+
+
+@helper_inline
+def _squared_distance(x, offset, y, n):
+    """``(x[o] - y[0])^2 + ... + (x[o + n - 1] - y[n - 1])^2`` in vectors, in a
+    fixed order (``x`` flat, ``o = offset``: a row of X without a view of it,
+    whose reference count the threads would share)."""
+    width = lanes(x)
+    whole = n - n % width
+    acc = vzeros(x)
+    minus = vbroadcast(x, -1.0)
+    for i in range(0, whole, width):
+        t = vfma(vload(y, i), minus, vload(x, offset + i))  # x - y, rounded once
+        acc = vfma(t, t, acc)
+    total = vsum(acc)
+    for i in range(whole, n):
+        t = x[offset + i] - y[i]
+        total = fma(t, t, total)
+    return total
 
 
 @helper_inline
@@ -686,29 +764,33 @@ def far_rows(X, start, far, means, prec, log_const, full, keep_log, log_prob, ro
 
 @helper_inline
 def _log_prob_loops_full(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                         diffs, y, quad, rows, products, log_prob):
+                         diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
     transpose_block(X, start, n_rows, xT)
     _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
+    return 0
 
 
 @helper_inline
 def _log_prob_loops_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                         diffs, y, quad, rows, products, log_prob):
+                         diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
     transpose_block(X, start, n_rows, xT)
     _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
+    return 0
 
 
 @helper_inline
 def _log_prob_blas_full(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                        diffs, y, quad, rows, products, log_prob):
-    _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm)
+                        diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
+    return _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm,
+                               bounds, dist, picked, lower, mean_row)
 
 
 @helper_inline
 def _log_prob_blas_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                        diffs, y, quad, rows, products, log_prob):
+                        diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
     _centred_powers(X, start, n_rows, centre, rows)
     _log_prob_diag_gemm(rows, n_rows, W, const, products, log_prob)
+    return 0
 
 
 @helper_inline
@@ -788,8 +870,8 @@ _ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = False
 
 
 def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, labels, means,
-                   prec, log_const, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts, worst,
-                   worst_index, out, log_norm, far_count, far_flags):
+                   prec, log_const, bounds, trmm, syrk, nk_parts, sx_parts, sxx_parts, ll_parts,
+                   worst, worst_index, out, log_norm, far_count, far_flags, pruned):
     r"""Chunks ``[chunk_first, chunk_last)`` of one pass over X: the fused kernel.
 
     ``mode`` says what the pass computes for each row block:
@@ -847,6 +929,11 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
         (K, D, 1) diagonal precisions :math:`1/\sigma^2`, means' dtype.
     log_const : ndarray (K,)
         :math:`\log\pi_k + \log\det U_k - \tfrac D2\log 2\pi`.
+    bounds : ndarray (K, 2) or (0, 2)
+        Exact pruning of the full BLAS engine (see ``_log_prob_full_blas``;
+        ``MODE_LOG_RESP`` and ``MODE_LABELS`` never prune): half the smallest
+        and largest eigenvalues of each precision, widened for rounding, or
+        empty for no pruning. ``pruned[c]`` counts chunk c's skipped pairs.
     trmm, syrk : ctypes functions
         ``dtrmm`` and ``dsyrk`` from ``scipy.linalg.cython_blas``, passed in so
         the compiled kernel holds no process-specific address.
@@ -896,6 +983,15 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     log_sums = np.empty(block)
     far = np.zeros(block, dtype=np.bool_)
     weighted = sample_weight.shape[0] > 0
+    prunes = bounds.shape[0] > 0 and _ENGINE_FULL and not _ENGINE_LOOPS and (
+        mode == MODE_STATISTICS or mode == MODE_PROBA or mode == MODE_ARGMAX
+        or mode == MODE_LOG_NORM)
+    dist = np.empty((n_components if prunes else 0, block))
+    picked = np.empty(block, dtype=np.int64)
+    lower = np.empty(block)
+    mean_row = np.empty(n_features, dtype=X.dtype)
+    no_bounds = bounds[:0]
+    rest = 0  # blocks to go before pruning is tried again
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, n_samples)
         nk, sx, sxx = nk_parts[c], sx_parts[c], sxx_parts[c]
@@ -917,8 +1013,16 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                         log_prob[label, r] = sample_weight[start + r] if weighted else 1.0
                 _engine_prepare_labels(X, start, n_rows, centre, xT, rows)
             else:
-                _engine_log_prob(X, start, n_rows, means, prec, log_const, trmm, W, const,
-                                 centre, xT, diffs, y, quad, rows, products, log_prob)
+                tries = prunes and rest == 0
+                skipped = _engine_log_prob(X, start, n_rows, means, prec, log_const, trmm, W,
+                                           const, centre, xT, diffs, y, quad, rows, products,
+                                           log_prob, bounds if tries else no_bounds, dist,
+                                           picked, lower, mean_row)
+                pruned[c] += skipped
+                if tries and skipped < PRUNE_WORTHWHILE * n_components * n_rows:
+                    rest = PRUNE_REST
+                elif rest > 0:
+                    rest -= 1
                 # log-sum-exp per row, shifted by the row's largest term so far
                 # outliers do not underflow to NaN; e^(l - max) replaces l.
                 for r in range(n_rows):
