@@ -566,3 +566,18 @@ def most_probable_components(X, params: GaussianParameters, covariance_type: str
     _run_pass(engine, estep.MODE_ARGMAX, X, None, labels, means, prec, log_const,
               n_chunks_for(X.shape[0], 1))
     return labels.astype(np.int64)
+
+
+def pruned_fraction(X, weights, means, precisions_cholesky, covariance_type: str) -> float:
+    """The fraction of (row, component) pairs a pass under these parameters
+    leaves out by exact pruning (0 outside the full BLAS engine): a
+    diagnostic for benchmarks."""
+    params = GaussianParameters(weights, means, None, precisions_cholesky)
+    engine = engine_for(X.shape[1], covariance_type)
+    means, prec, log_const, _ = kernel_operands(params, covariance_type,
+                                                operand_dtype(engine, X.dtype))
+    n_chunks = n_chunks_for(X.shape[0], 1)
+    pruned = np.zeros(n_chunks, dtype=np.int64)
+    _run_pass(engine, estep.MODE_LOG_NORM, X, None, _NO_LABELS, means, prec, log_const,
+              n_chunks, _NO_OUTPUT[0], np.empty(X.shape[0]), pruned)
+    return float(pruned.sum()) / (X.shape[0] * means.shape[0])

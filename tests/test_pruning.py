@@ -113,3 +113,17 @@ def test_pruning_needs_a_dtrmm_whose_rows_do_not_depend_on_their_neighbours(monk
     monkeypatch.setattr(stats, "pruning_is_exact", lambda n_features: False)
     assert stats.pruning_bounds(U, X).shape == (0, 2)
     assert stats.pruning_bounds(U, X[:100]).shape == (0, 2)  # too few rows to pay
+
+
+def test_pruned_fraction_reports_the_pass():
+    from fastem.stats import pruned_fraction
+
+    X = _separated(4000)
+    model = GaussianMixture(4, random_state=0, max_iter=5).fit(X)
+    fraction = pruned_fraction(X, model.weights_, model.means_, model.precisions_cholesky_,
+                               "full")
+    # At most the three far components of every row; at least half of them here.
+    assert 0.5 * 0.75 < fraction <= 0.75
+    assert pruned_fraction(X, model.weights_, model.means_,
+                           1.0 / np.sqrt(model.covariances_.diagonal(axis1=1, axis2=2)),
+                           "diag") == 0.0
