@@ -127,3 +127,28 @@ def test_pruned_fraction_reports_the_pass():
     assert pruned_fraction(X, model.weights_, model.means_,
                            1.0 / np.sqrt(model.covariances_.diagonal(axis1=1, axis2=2)),
                            "diag") == 0.0
+
+
+@pytest.mark.parametrize("estimator", ["GaussianMixture", "BayesianGaussianMixture"])
+def test_weighted_and_variational_fits_with_pruning_equal_those_without(estimator,
+                                                                         monkeypatch):
+    import fastem
+
+    X = _separated(4000, seed=5)
+    weights = np.random.default_rng(5).uniform(0.2, 3.0, X.shape[0])
+    cls = getattr(fastem, estimator)
+
+    def fit():
+        model = cls(n_components=4, random_state=0, max_iter=15, tol=0.0)
+        with pytest.warns(Warning):  # tol=0 never converges
+            return model.fit(X, sample_weight=weights) if estimator == "GaussianMixture" \
+                else model.fit(X)
+
+    pruned = fit()
+    assert stats.pruned_fraction(X, pruned.weights_, pruned.means_,
+                                 pruned.precisions_cholesky_, "full") > 0.3
+    monkeypatch.setattr(stats, "PRUNE_MIN_ROWS_PER_FEATURE", 10**12)
+    plain = fit()
+    assert pruned.lower_bounds_ == plain.lower_bounds_
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_array_equal(getattr(pruned, name), getattr(plain, name))
