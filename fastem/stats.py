@@ -227,7 +227,7 @@ def pruning_bounds(prec_chol, X) -> np.ndarray:
     return bounds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pruning_is_exact(n_features: int) -> bool:
     """Whether this process's dtrmm computes a column the same way whatever
     columns share the call, when their number is a multiple of

@@ -349,6 +349,7 @@ def test_log_densities_and_labels_need_no_responsibility_array(covariance_type, 
     # score_samples' and predict's modes of the pass: the same log p(x) bits as
     # the pass that writes log-responsibilities, and the first largest
     # weighted log-density, also for a row too far for the operands.
+    from fastem import GaussianMixture
     from fastem._kernels import estep
     from fastem.stats import (
         GaussianParameters,
@@ -360,8 +361,6 @@ def test_log_densities_and_labels_need_no_responsibility_array(covariance_type, 
         operand_dtype,
     )
     from fastem.stats import log_responsibilities as log_resp_of
-
-    from fastem import GaussianMixture
 
     X = make_mixture(1500, n_features, 3, seed=4).astype(dtype)
     model = GaussianMixture(3, covariance_type=covariance_type, random_state=0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 import fastem.stats as stats
 from fastem import GaussianMixture
 from fastem._kernels import estep

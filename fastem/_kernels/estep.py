@@ -766,33 +766,31 @@ def far_rows(X, start, far, means, prec, log_const, full, keep_log, log_prob, ro
 
 @helper_inline
 def _log_prob_loops_full(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                         diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
+                         diffs, y, quad, rows, products, log_prob):
     transpose_block(X, start, n_rows, xT)
     _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
-    return 0
 
 
 @helper_inline
 def _log_prob_loops_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                         diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
+                         diffs, y, quad, rows, products, log_prob):
     transpose_block(X, start, n_rows, xT)
     _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
-    return 0
 
 
 @helper_inline
 def _log_prob_blas_full(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                        diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
+                        diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower,
+                        mean_row):
     return _log_prob_full_blas(X, start, n_rows, means, prec, log_const, rows, log_prob, trmm,
                                bounds, dist, picked, lower, mean_row)
 
 
 @helper_inline
 def _log_prob_blas_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
-                        diffs, y, quad, rows, products, log_prob, bounds, dist, picked, lower, mean_row):
+                        diffs, y, quad, rows, products, log_prob):
     _centred_powers(X, start, n_rows, centre, rows)
     _log_prob_diag_gemm(rows, n_rows, W, const, products, log_prob)
-    return 0
 
 
 @helper_inline
@@ -846,29 +844,29 @@ _ENGINES = {
                             _engine_accumulate=_accumulate_loops_full,
                             _engine_prepare_labels=_prepare_labels_loops,
                             _ENGINE_BLOCK=LOOPS_BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=True,
-                            _ENGINE_DIAG_BLAS=False),
+                            _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False),
     ENGINE_LOOPS_DIAG: dict(_engine_log_prob=_log_prob_loops_diag,
                             _engine_accumulate=_accumulate_loops_diag,
                             _engine_prepare_labels=_prepare_labels_loops,
                             _ENGINE_BLOCK=LOOPS_BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=False,
-                            _ENGINE_DIAG_BLAS=False),
+                            _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False),
     ENGINE_BLAS_FULL: dict(_engine_log_prob=_log_prob_blas_full,
                            _engine_accumulate=_accumulate_blas_full,
                            _engine_prepare_labels=_prepare_labels_blas_full,
                            _ENGINE_BLOCK=BLOCK_ROWS * BLAS_BLOCKS, _ENGINE_LOOPS=False,
-                           _ENGINE_FULL=True, _ENGINE_DIAG_BLAS=False),
+                           _ENGINE_FULL=True, _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=True),
     ENGINE_BLAS_DIAG: dict(_engine_log_prob=_log_prob_blas_diag,
                            _engine_accumulate=_accumulate_blas_diag,
                            _engine_prepare_labels=_prepare_labels_blas_diag,
                            _ENGINE_BLOCK=BLOCK_ROWS, _ENGINE_LOOPS=False, _ENGINE_FULL=False,
-                           _ENGINE_DIAG_BLAS=True),
+                           _ENGINE_DIAG_BLAS=True, _ENGINE_PRUNES=False),
 }
 _ENGINE_NAMES = {ENGINE_LOOPS_FULL: "loops_full", ENGINE_LOOPS_DIAG: "loops_diag",
                  ENGINE_BLAS_FULL: "blas_full", ENGINE_BLAS_DIAG: "blas_diag"}
 # Placeholders the specialised copies rebind (the generic body is never compiled).
 _engine_log_prob = _engine_accumulate = _engine_prepare_labels = None
 _ENGINE_BLOCK = BLOCK_ROWS
-_ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = False
+_ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = _ENGINE_PRUNES = False
 
 
 def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, labels, means,
@@ -985,15 +983,15 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     log_sums = np.empty(block)
     far = np.zeros(block, dtype=np.bool_)
     weighted = sample_weight.shape[0] > 0
-    prunes = bounds.shape[0] > 0 and _ENGINE_FULL and not _ENGINE_LOOPS and (
-        mode == MODE_STATISTICS or mode == MODE_PROBA or mode == MODE_ARGMAX
-        or mode == MODE_LOG_NORM)
-    dist = np.empty((n_components if prunes else 0, block))
-    picked = np.empty(block, dtype=np.int64)
-    lower = np.empty(block)
-    mean_row = np.empty(n_features, dtype=X.dtype)
-    no_bounds = bounds[:0]
-    rest = 0  # blocks to go before pruning is tried again
+    if _ENGINE_PRUNES:
+        prunes = bounds.shape[0] > 0 and (mode == MODE_STATISTICS or mode == MODE_PROBA
+                                          or mode == MODE_ARGMAX or mode == MODE_LOG_NORM)
+        dist = np.empty((n_components if prunes else 0, block))
+        picked = np.empty(block, dtype=np.int64)
+        lower = np.empty(block)
+        mean_row = np.empty(n_features, dtype=X.dtype)
+        no_bounds = bounds[:0]
+        rest = 0  # blocks to go before pruning is tried again
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, n_samples)
         nk, sx, sxx = nk_parts[c], sx_parts[c], sxx_parts[c]
@@ -1015,16 +1013,21 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                         log_prob[label, r] = sample_weight[start + r] if weighted else 1.0
                 _engine_prepare_labels(X, start, n_rows, centre, xT, rows)
             else:
-                tries = prunes and rest == 0
-                skipped = _engine_log_prob(X, start, n_rows, means, prec, log_const, trmm, W,
-                                           const, centre, xT, diffs, y, quad, rows, products,
-                                           log_prob, bounds if tries else no_bounds, dist,
-                                           picked, lower, mean_row)
-                pruned[c] += skipped
-                if tries and skipped < PRUNE_WORTHWHILE * n_components * n_rows:
-                    rest = PRUNE_REST
-                elif rest > 0:
-                    rest -= 1
+                if _ENGINE_PRUNES:
+                    tries = prunes and rest == 0
+                    skipped = _engine_log_prob(X, start, n_rows, means, prec, log_const, trmm,
+                                               W, const, centre, xT, diffs, y, quad, rows,
+                                               products, log_prob,
+                                               bounds if tries else no_bounds, dist, picked,
+                                               lower, mean_row)
+                    pruned[c] += skipped
+                    if tries and skipped < PRUNE_WORTHWHILE * n_components * n_rows:
+                        rest = PRUNE_REST
+                    elif rest > 0:
+                        rest -= 1
+                else:
+                    _engine_log_prob(X, start, n_rows, means, prec, log_const, trmm, W, const,
+                                     centre, xT, diffs, y, quad, rows, products, log_prob)
                 # log-sum-exp per row, shifted by the row's largest term so far
                 # outliers do not underflow to NaN; e^(l - max) replaces l.
                 for r in range(n_rows):
