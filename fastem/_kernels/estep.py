@@ -334,16 +334,25 @@ def _scatter_upper(wdiff, diff, n_pad, zeros, out):
 
 
 @helper_inline
-def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx,
-                      full):
-    """Add the block's weighted first and second moments around the means.
+def _component_weight(weights, n_pad, zeros):
+    """The sum of a block's (padded) responsibilities of one component, lane-wise."""
+    width = lanes(zeros)
+    total = vzeros(zeros)
+    for r in range(0, n_pad, width):
+        total = vadd(total, vload(weights, r))
+    return vsum(total)
+
+
+@helper_inline
+def _moments_loops_full(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx):
+    """Add the block's weighted first moments and scatter around the means.
 
     With ``centred``, ``diffs[k]`` already holds the block centred on mean k
     (left by the E-step); otherwise it is centred here, in ``diffs[0]``. The
     responsibilities ``resp`` and the centred rows are 0 from ``n_rows`` to
-    the next whole vector. Sums over the block's rows (at most
-    ``BLOCK_ROWS``) are taken lane-wise in X's precision, every total across
-    blocks in float64.
+    the next whole vector. Sums over the block's rows are taken lane-wise in
+    X's precision, every total across blocks in float64. (Separate from the
+    diagonal variant so that neither engine compiles the other's code.)
     """
     n_components, n_features = means.shape
     width = lanes(zeros)
@@ -353,31 +362,43 @@ def _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk,
         if not centred:
             _centre(xT, n_rows, means[k], diff)
         weights = resp[k]
-        total = vzeros(zeros)
-        for r in range(0, n_pad, width):
-            total = vadd(total, vload(weights, r))
-        nk[k] += vsum(total)
+        nk[k] += _component_weight(weights, n_pad, zeros)
         for i in range(n_features):
             row = diff[i]
             first = vzeros(zeros)
-            if full:
-                # w (x - mu) is kept for the scatter.
-                weighted_row = wdiff[i]
-                for r in range(0, n_pad, width):
-                    wd = vmul(vload(weights, r), vload(row, r))
-                    vstore(weighted_row, r, wd)
-                    first = vadd(first, wd)
-            else:
-                second = vzeros(zeros)
-                for r in range(0, n_pad, width):
-                    d = vload(row, r)
-                    wd = vmul(vload(weights, r), d)
-                    first = vadd(first, wd)
-                    second = vfma(wd, d, second)
-                sxx[k, i, 0] += vsum(second)
+            # w (x - mu) is kept for the scatter.
+            weighted_row = wdiff[i]
+            for r in range(0, n_pad, width):
+                wd = vmul(vload(weights, r), vload(row, r))
+                vstore(weighted_row, r, wd)
+                first = vadd(first, wd)
             sx[k, i] += vsum(first)
-        if full:
-            _scatter_upper(wdiff, diff, n_pad, zeros, sxx[k])
+        _scatter_upper(wdiff, diff, n_pad, zeros, sxx[k])
+
+
+@helper_inline
+def _moments_loops_diag(xT, n_rows, means, resp, diff, zeros, nk, sx, sxx):
+    """Add the block's weighted first and second moments (the diagonal) around
+    the means, centring the block on each mean in ``diff`` (as
+    :func:`_moments_loops_full` for the rest)."""
+    n_components, n_features = means.shape
+    width = lanes(zeros)
+    n_pad = _padded(n_rows, zeros)
+    for k in range(n_components):
+        _centre(xT, n_rows, means[k], diff)
+        weights = resp[k]
+        nk[k] += _component_weight(weights, n_pad, zeros)
+        for i in range(n_features):
+            row = diff[i]
+            first = vzeros(zeros)
+            second = vzeros(zeros)
+            for r in range(0, n_pad, width):
+                d = vload(row, r)
+                wd = vmul(vload(weights, r), d)
+                first = vadd(first, wd)
+                second = vfma(wd, d, second)
+            sxx[k, i, 0] += vsum(second)
+            sx[k, i] += vsum(first)
 
 
 @helper_inline
@@ -797,7 +818,7 @@ def _log_prob_blas_diag(X, start, n_rows, means, prec, log_const, trmm, W, const
 def _accumulate_loops_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
                            rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
                            sxx):
-    _accumulate_loops(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx, True)
+    _moments_loops_full(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx)
 
 
 @helper_inline
@@ -805,7 +826,7 @@ def _accumulate_loops_diag(X, start, n_rows, means, resp, centred, xT, diffs, wd
                            rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
                            sxx):
     # The diagonal loops leave no centred block behind.
-    _accumulate_loops(xT, n_rows, means, resp, diffs, False, wdiff, zeros, nk, sx, sxx, False)
+    _moments_loops_diag(xT, n_rows, means, resp, diffs[0], zeros, nk, sx, sxx)
 
 
 @helper_inline
