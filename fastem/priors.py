@@ -288,13 +288,15 @@ class MaximumPosterior(MaximumLikelihood):
         normal = 1.0 if kappa > 0 else 0.0
         if kind <= 1:
             # W_k = S_k - s_k s_k^T / N_k (around c_k), and the shrinkage term.
-            scatter = (stats.sxx - np.einsum("ki,kj->kij", stats.sx, centre)
-                       + a[:, None, None] * np.einsum("ki,kj->kij", offset, offset))
+            correction = (a[:, None, None] * np.einsum("ki,kj->kij", offset, offset)
+                          - np.einsum("ki,kj->kij", stats.sx, centre))
             if kind == 0:
-                cov = ((prior.scale + scatter)
+                cov = ((prior.scale + (stats.sxx + correction))
                        / (prior.dof + nk + n_features + 1 + normal)[:, None, None])
             else:
-                cov = ((prior.scale + scatter.sum(axis=0))
+                # The scatter summed over components (it may come pooled).
+                scatter = stats.sxx.sum(axis=0) + correction.sum(axis=0)
+                cov = ((prior.scale + scatter)
                        / (prior.dof + nk.sum() + n_features + 1 + normal * n_components))[None]
             cov = 0.5 * (cov + cov.transpose(0, 2, 1))
             cov[:, np.arange(n_features), np.arange(n_features)] += self.reg_covar

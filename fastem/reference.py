@@ -36,9 +36,11 @@ __all__ = [
     "log_responsibilities",
     "m_step",
     "missing_value_statistics",
+    "pooled_tied_statistics",
     "precision_cholesky",
     "statistics_from_labels",
     "sufficient_statistics",
+    "whiten",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -203,7 +205,8 @@ def m_step(nk, sx, sxx, shift, reg_covar, covariance_type):
         / \tilde N_k + \lambda I
 
     'tied' pools the scatter, :math:`\Sigma = \sum_k(\cdot)/\sum_k \tilde N_k
-    + \lambda I`; 'spherical' averages the diagonal over features.
+    + \lambda I` (``sxx`` may then be given pooled, as (1, D, D)); 'spherical'
+    averages the diagonal over features.
 
     Returns
     -------
@@ -215,17 +218,18 @@ def m_step(nk, sx, sxx, shift, reg_covar, covariance_type):
     means = shift + d
     weights = nk_reg / nk_reg.sum()
     if sxx.ndim == 3:
-        scatter = (
-            sxx
+        correction = (
             - np.einsum("ki,kj->kij", d, sx)
             - np.einsum("ki,kj->kij", sx, d)
             + nk[:, None, None] * np.einsum("ki,kj->kij", d, d)
         )
         n_features = sx.shape[1]
         if covariance_type == "tied":
-            cov = scatter.sum(axis=0) / nk_reg.sum() + reg_covar * np.eye(n_features)
+            # sxx may be per component (K, D, D) or pooled (1, D, D).
+            scatter = sxx.sum(axis=0) + correction.sum(axis=0)
+            cov = scatter / nk_reg.sum() + reg_covar * np.eye(n_features)
         else:
-            cov = scatter / nk_reg[:, None, None] + reg_covar * np.eye(n_features)
+            cov = (sxx + correction) / nk_reg[:, None, None] + reg_covar * np.eye(n_features)
     else:
         scatter = sxx - 2.0 * d * sx + nk[:, None] * d * d
         cov = scatter / nk_reg[:, None] + reg_covar
@@ -688,3 +692,37 @@ def hmm_viterbi(log_emission, log_startprob, log_transmat, lengths=None):
             state = int(back[t, state])
             path[bounds[s] + t - 1] = state
     return logprob, path
+
+
+def whiten(X, centre, prec_chol):
+    r"""Rows in the whitened space of a tied model: :math:`y = (x - c)\,U`.
+
+    Twin of :func:`fastem._kernels.whiten.whiten_rows`.
+    """
+    return (np.asarray(X, dtype=np.float64) - centre) @ prec_chol
+
+
+def pooled_tied_statistics(nk, sy, shift_y, prec_chol, centre, total_scatter):
+    r"""First moments and pooled scatter of a tied model from whitened statistics.
+
+    With :math:`s_k = s^{(y)}_k U^{-1}` and :math:`\delta_k = m_k U^{-1}`:
+
+    .. math::
+
+        \sum_k S_k = S_c - \sum_k\big(\delta_k s_k^T + s_k\delta_k^T
+        + N_k\delta_k\delta_k^T\big)
+
+    around the shifts :math:`c + \delta_k`. Twin of
+    :func:`fastem._kernels.whiten.pooled_tied_statistics`.
+
+    Returns
+    -------
+    sx (K, D), shift (K, D), pooled (1, D, D)
+    """
+    inverse = np.linalg.inv(prec_chol)
+    sx = sy @ inverse
+    delta = shift_y @ inverse
+    outer = np.einsum("ki,kj->ij", delta, sx)
+    pooled = (total_scatter[0] - outer - outer.T
+              - np.einsum("k,ki,kj->ij", nk, delta, delta))
+    return sx, centre + delta, pooled[None]

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 
 import numpy as np
 
 from . import _threads
 from ._kernels import estep
 from ._kernels.blas import blas_routines, single_threaded_blas
-from ._kernels.emloop import em_loop
+from ._kernels.emloop import em_loop, em_loop_whitened
 from .covariance import from_canonical, to_canonical
 from .em import COLLAPSE_FRACTION
 from .stats import (
@@ -29,6 +30,8 @@ from .stats import (
     operand_dtype,
     statistics_chunks,
     weights_operand,
+    whitened_statistics,
+    whitening_of,
 )
 
 # Below this much work per iteration (rows x K x (D+1)^2) the in-memory
@@ -54,6 +57,7 @@ ONE_THREAD_LOOP_FACTOR = 16
 # grid switches within its first cells.
 COMPILED_LOOP_AFTER = 1000
 _python_iterations: collections.Counter = collections.Counter()
+_NOT_WHITENED = (np.empty(0), np.empty((0, 0, 0)))
 _compiled_variants: set = set()
 
 
@@ -74,21 +78,47 @@ class InMemorySource:
         self.covariance_type = covariance_type
         self.n_samples, self.n_features = X.shape
         self.weight = float(self.n_samples if sample_weight is None else sample_weight.sum())
+        self._whitening = None
+        # Room for the whitened rows, one per thread: a search runs the
+        # starts of a cell side by side on one source.
+        self._whitened_rows = threading.local()
 
     def statistics(self, params: GaussianParameters) -> GaussianStatistics:
-        """One fused pass: E-step under ``params`` and its statistics."""
-        if self.compiled_loop_applies(params.means.shape[0]):
-            _python_iterations[self._variant()] += 1
+        """One fused pass: E-step under ``params`` and its statistics (for a
+        tied model of several components, through the whitened rows, with the
+        scatter pooled: :func:`~fastem.stats.whitened_statistics`)."""
+        n_components = params.means.shape[0]
+        if self.compiled_loop_applies(n_components):
+            _python_iterations[self._variant(n_components)] += 1
+        if self._whitens(n_components):
+            rows = getattr(self._whitened_rows, "rows", None)
+            if rows is None:
+                rows = self._whitened_rows.rows = np.empty_like(self.X)
+            return whitened_statistics(self.X, self.sample_weight, params, self.whitening(),
+                                       rows)
         return e_step_statistics(self.X, self.sample_weight, params, self.covariance_type)
 
-    def _variant(self) -> tuple[int, str]:
-        """The compiled loop's variant for this data: its engine and the data's dtype."""
-        return engine_for(self.n_features, self.covariance_type), self.X.dtype.name
+    def _whitens(self, n_components: int) -> bool:
+        # One component gains nothing: the transform costs what its E-step does.
+        return self.covariance_type == "tied" and n_components > 1
 
-    def compiled_loop_ready(self) -> bool:
+    def whitening(self):
+        """The centre and total scatter of this data (computed once)."""
+        if self._whitening is None:
+            self._whitening = whitening_of(self.X, self.sample_weight)
+        return self._whitening
+
+    def _variant(self, n_components: int) -> tuple[int, str, bool]:
+        """The compiled loop's variant for this data: its engine, the data's
+        dtype and whether it runs on whitened rows."""
+        if self._whitens(n_components):
+            return engine_for(self.n_features, "diag"), self.X.dtype.name, True
+        return engine_for(self.n_features, self.covariance_type), self.X.dtype.name, False
+
+    def compiled_loop_ready(self, n_components: int) -> bool:
         """Whether this process has compiled the loop for this data's engine and
         dtype, or has run enough small-data iterations for it to pay."""
-        variant = self._variant()
+        variant = self._variant(n_components)
         if variant in _compiled_variants:
             return True
         if _python_iterations[variant] >= COMPILED_LOOP_AFTER:
@@ -118,18 +148,24 @@ class InMemorySource:
         compiled_form = getattr(m_step, "compiled_form", None)
         n_components = params.means.shape[0]
         if (compiled_form is None or not self.compiled_loop_applies(n_components)
-                or not self.compiled_loop_ready()):
+                or not self.compiled_loop_ready(n_components)):
             return None
         kind, reg_covar = compiled_form
         covariance_type = self.covariance_type
         X = self.X
-        engine = engine_for(self.n_features, covariance_type)
+        engine, _, whitens = self._variant(n_components)
+        if whitens:
+            loop = em_loop_whitened[engine]
+            centre, total_scatter = self.whitening()
+        else:
+            loop = em_loop[engine]
+            centre, total_scatter = _NOT_WHITENED
         covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
                        else params.covariances)
         trmm, syrk = blas_routines()
         blas = engine in (estep.ENGINE_BLAS_FULL, estep.ENGINE_BLAS_DIAG)
         with single_threaded_blas() if blas else contextlib.nullcontext():
-            outcome = em_loop[engine](
+            outcome = loop(
                 X, weights_operand(self.sample_weight), self.weight,
                 np.empty(0, dtype=operand_dtype(engine, X.dtype)),
                 np.asarray(params.weights, dtype=np.float64),
@@ -140,8 +176,8 @@ class InMemorySource:
                 # the driver's collapse test (fastem.em), which hands over
                 COLLAPSE_FRACTION * self.weight / max(self.n_samples, 1),
                 statistics_chunks(self.n_samples, n_components, self.n_features,
-                                  covariance_type),
-                trmm, syrk)
+                                  "diag" if whitens else covariance_type),
+                trmm, syrk, centre, total_scatter)
         weights, means, cov, prec_chol, lower_bounds, converged, handed_over = outcome
         params = GaussianParameters(weights, means, from_canonical(cov, covariance_type),
                                     from_canonical(prec_chol, covariance_type))

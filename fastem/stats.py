@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +29,7 @@ from ._kernels._blocks import n_chunks_for
 from ._kernels.blas import blas_routines, single_threaded_blas
 from ._kernels.estep import gaussian_operands, gaussian_pass
 from ._kernels.mstep import m_step_diag, m_step_full
+from ._kernels.whiten import pooled_tied_statistics, whiten_rows, whitened_operands
 from ._threads import run_chunks
 from .covariance import (
     COVARIANCE_KIND,
@@ -63,8 +64,9 @@ class GaussianStatistics:
         Weighted responsibility mass :math:`N_k`.
     sx : ndarray (K, D)
         :math:`s_k`, first moments around ``shift``.
-    sxx : ndarray (K, D, D) or (K, D, 1)
-        :math:`S_k`, second moments around ``shift`` (full or diagonal).
+    sxx : ndarray (K, D, D) or (K, D, 1), or (1, D, D)
+        :math:`S_k`, second moments around ``shift`` (full or diagonal), or
+        for a tied model possibly their sum :math:`\\sum_k S_k` (``is_pooled``).
     shift : ndarray (K, D)
         The per-component centres :math:`c_k` the moments are taken around.
     loglik : float
@@ -89,9 +91,24 @@ class GaussianStatistics:
     worst_point: np.ndarray | None = None
     count: float = 0.0
 
+    @property
+    def is_pooled(self) -> bool:
+        """Whether ``sxx`` is a tied model's pooled scatter :math:`\\sum_k S_k`,
+        (1, D, D), rather than one matrix per component."""
+        return self.sxx.shape[0] < self.nk.shape[0]
+
+    def pooled(self) -> GaussianStatistics:
+        """The same statistics with the scatter summed over components (all a
+        tied model's M-step reads)."""
+        if self.is_pooled:
+            return self
+        return replace(self, sxx=self.sxx.sum(axis=0, keepdims=True))
+
     def __add__(self, other: GaussianStatistics) -> GaussianStatistics:
         if not isinstance(other, GaussianStatistics):
             return NotImplemented
+        if self.is_pooled != other.is_pooled:
+            return self.pooled() + other.pooled()
         if self.shift.shape != other.shift.shape or self.sxx.shape != other.sxx.shape:
             raise ValueError("cannot add statistics of models of different shapes")
         if not np.array_equal(self.shift, other.shift):
@@ -129,9 +146,12 @@ class GaussianStatistics:
         sx = self.sx + nk[:, None] * delta
         if self.sxx.shape[2] > 1:  # full scatter (for D = 1 both forms agree)
             outer = np.einsum("ki,kj->kij", delta, self.sx)
-            sxx = self.sxx + outer + outer.transpose(0, 2, 1) + nk[:, None, None] * np.einsum(
+            change = outer + outer.transpose(0, 2, 1) + nk[:, None, None] * np.einsum(
                 "ki,kj->kij", delta, delta
             )
+            if self.is_pooled:
+                change = change.sum(axis=0, keepdims=True)
+            sxx = self.sxx + change
         else:
             sxx = self.sxx + (2.0 * delta * self.sx + nk[:, None] * delta * delta)[:, :, None]
         return GaussianStatistics(nk, sx, sxx, shift, self.loglik, self.weight,
@@ -159,15 +179,22 @@ def kernel_operands(params: GaussianParameters, covariance_type: str, dtype=np.f
     """
     means = np.ascontiguousarray(params.means, dtype=dtype)
     kind = COVARIANCE_KIND[covariance_type]
-    expected_log_terms = getattr(params, "expected_log_terms", None)
-    weights = (np.ones(means.shape[0]) if expected_log_terms is not None
-               else np.ascontiguousarray(params.weights, dtype=np.float64))
+    weights, expected_log_terms = _operand_weights(params)
     prec, log_const = gaussian_operands(
         weights, to_canonical(params.precisions_cholesky, covariance_type), kind,
         means.shape[1])
     if expected_log_terms is not None:
         log_const = log_const + expected_log_terms(means.shape[1])
     return means, prec.astype(dtype, copy=False), log_const, kind <= 1
+
+
+def _operand_weights(params):
+    """The weights the operands' log-constants take, and the expected log terms
+    that replace them for a variational posterior (None otherwise)."""
+    expected_log_terms = getattr(params, "expected_log_terms", None)
+    if expected_log_terms is not None:
+        return np.ones(np.shape(params.means)[0]), expected_log_terms
+    return np.ascontiguousarray(params.weights, dtype=np.float64), None
 
 
 def uses_blas(n_features: int, covariance_type: str) -> bool:
@@ -309,7 +336,7 @@ class _FarRows(NamedTuple):
 
 
 def _far_rows(X, rows, means, prec, log_const, full, keep_log) -> _FarRows:
-    """Responsibilities and :math:`\log p(x)` of rows too far from every
+    r"""Responsibilities and :math:`\log p(x)` of rows too far from every
     component for the pass's operands, by :func:`~fastem._kernels.estep.far_rows`."""
     gathered = np.ascontiguousarray(X[rows])
     values = np.empty((means.shape[0], rows.shape[0]))
@@ -411,6 +438,68 @@ def e_step_statistics(X, sample_weight, params: GaussianParameters, covariance_t
     return GaussianStatistics(nk, sx, sxx, means.astype(np.float64), float(loglik), weight,
                               float(worst_loglik), np.asarray(X[worst], dtype=np.float64),
                               float(X.shape[0]))
+
+
+class Whitening(NamedTuple):
+    """What a tied model's whitened E-step keeps for a whole fit (see
+    :func:`whitened_statistics`): the centre :math:`c` and the total scatter
+    :math:`S_c` (1, D, D) around it."""
+
+    centre: np.ndarray
+    total_scatter: np.ndarray
+
+
+def whitening_of(X, sample_weight) -> Whitening:
+    """The centre (the weighted mean, as the statistics kernel rounds it) and
+    the total scatter around it, by the statistics pass with one label."""
+    weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    mean = np.average(np.asarray(X, dtype=np.float64), axis=0, weights=weights)
+    total = label_statistics_of(X, sample_weight, np.zeros(X.shape[0], dtype=np.int32),
+                                mean[None], "full")
+    return Whitening(total.shift[0].copy(), total.sxx.copy())
+
+
+def whitened_statistics(X, sample_weight, params: GaussianParameters, whitening: Whitening,
+                        rows=None) -> GaussianStatistics:
+    """A tied model's E-step statistics through its whitened rows, the scatter pooled.
+
+    The rows are transformed once, :math:`y = (x - c)U`, and the E-step of a
+    spherical model with unit variances runs on them (the diagonal engines,
+    :math:`D` per row and component instead of :math:`D^2`); the first moments
+    and the pooled scatter follow (:mod:`fastem._kernels.whiten`). The same
+    kernels as the compiled loop's whitened variant, in the same order.
+    ``rows``, like ``X``, receives the whitened rows (a new array if None).
+    """
+    n_samples, n_features = X.shape
+    n_components = params.means.shape[0]
+    prec_chol = np.ascontiguousarray(to_canonical(params.precisions_cholesky, "tied"),
+                                     dtype=np.float64)
+    centre, total_scatter = whitening
+    Y = np.empty_like(X) if rows is None else rows
+    n_chunks = statistics_chunks(n_samples, n_components, n_features, "diag")
+    run_chunks(whiten_rows, n_chunks, n_samples * n_features * n_features / 2, n_chunks, X,
+               centre, prec_chol[0], Y)
+    weights, expected_log_terms = _operand_weights(params)
+    shift_y, log_const = whitened_operands(
+        weights, np.ascontiguousarray(params.means, dtype=np.float64), prec_chol, centre)
+    if expected_log_terms is not None:
+        log_const = log_const + expected_log_terms(n_features)
+    engine = engine_for(n_features, "diag")
+    operand = operand_dtype(engine, X.dtype)
+    means = shift_y.astype(operand)
+    unit = np.ones((n_components, n_features, 1), dtype=operand)
+    parts, far = _run_pass(engine, estep.MODE_STATISTICS, Y, sample_weight, _NO_LABELS, means,
+                           unit, log_const, n_chunks)
+    shift_y = means.astype(np.float64)
+    nk, sy, syy, loglik, worst_loglik, worst = reduce_chunks(engine, shift_y, *parts)
+    if far is not None:
+        loglik, worst_loglik, worst = _add_far_rows(far, Y, sample_weight, shift_y, nk, sy, syy,
+                                                    loglik, worst_loglik, worst)
+    sx, shift, pooled = pooled_tied_statistics(nk, sy, shift_y, prec_chol[0], centre,
+                                               total_scatter)
+    weight = float(n_samples if sample_weight is None else sample_weight.sum())
+    return GaussianStatistics(nk, sx, pooled, shift, float(loglik), weight, float(worst_loglik),
+                              np.asarray(X[worst], dtype=np.float64), float(n_samples))
 
 
 def label_statistics_of(X, sample_weight, labels, shift, covariance_type) -> GaussianStatistics:

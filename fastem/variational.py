@@ -201,18 +201,19 @@ class VariationalUpdate:
         if kind <= 1:
             # Scatter around the weighted mean: S - s d^T - d s^T + N d d^T.
             outer = np.einsum("ki,kj->kij", stats.sx, centre)
-            scatter = (stats.sxx - outer - outer.transpose(0, 2, 1)
-                       + stats.nk[:, None, None] * np.einsum("ki,kj->kij", centre, centre))
+            correction = (stats.nk[:, None, None] * np.einsum("ki,kj->kij", centre, centre)
+                          - outer - outer.transpose(0, 2, 1))
             eye = self.reg_covar * np.eye(n_features)
             if kind == 0:
                 dof = prior.degrees_of_freedom + nk
-                sk = scatter / nk[:, None, None] + eye
+                sk = (stats.sxx + correction) / nk[:, None, None] + eye
                 cov = (prior.covariance + nk[:, None, None] * sk
                        + (nk * shrink)[:, None, None] * np.einsum("ki,kj->kij", diff, diff))
                 cov = cov / dof[:, None, None]
             else:
                 dof = prior.degrees_of_freedom + nk.sum() / n_components
-                sk = scatter.sum(axis=0) / nk.sum() + eye
+                # The scatter summed over components (it may come pooled).
+                sk = (stats.sxx.sum(axis=0) + correction.sum(axis=0)) / nk.sum() + eye
                 cov = (prior.covariance + sk * nk.sum() / n_components
                        + prior.mean_precision / n_components
                        * ((nk / beta) * diff.T) @ diff) / dof
@@ -263,8 +264,10 @@ class VariationalUpdate:
         if kind <= 1:
             precision = np.einsum("kij,klj->kil", prec_chol, prec_chol)
             if kind == 1:
-                precision = np.broadcast_to(precision, stats.sxx.shape)
-            mahalanobis = np.einsum("kij,kij->k", precision, stats.sxx)
+                # One precision: only the scatter summed over components counts.
+                mahalanobis = np.einsum("ij,ij->", precision[0], stats.sxx.sum(axis=0))
+            else:
+                mahalanobis = np.einsum("kij,kij->k", precision, stats.sxx)
         else:
             precision = np.broadcast_to(prec_chol[:, :, 0] ** 2, stats.sx.shape)
             mahalanobis = np.sum(precision * stats.sxx[:, :, 0], axis=1)

@@ -225,7 +225,7 @@ def test_small_fits_switch_to_the_compiled_loop_after_enough_python_iterations(m
         return GaussianMixture(2, max_iter=12, tol=0.0, random_state=0).fit(X.astype(dtype))
 
     first = fit()
-    assert calls == [] and sources._python_iterations[(0, "float64")] == 12
+    assert calls == [] and sources._python_iterations[(0, "float64", False)] == 12
     second = fit()                      # 24 iterations: over the threshold from now on
     assert calls == []
     third = fit()
@@ -237,4 +237,4 @@ def test_small_fits_switch_to_the_compiled_loop_after_enough_python_iterations(m
     # Large data never run the compiled loop, and do not count.
     big = make_mixture(300_000, 2, 2, seed=9)
     GaussianMixture(2, max_iter=2, random_state=0).fit(big)
-    assert len(calls) == 1 and sources._python_iterations[(0, "float64")] == 24
+    assert len(calls) == 1 and sources._python_iterations[(0, "float64", False)] == 24

@@ -8,12 +8,15 @@ from conftest import COVARIANCE_TYPES, make_mixture, random_parameters
 
 from fastem import reference
 from fastem.initialization import kmeans_plusplus_from_draws, lloyd
+from fastem._kernels.whiten import pooled_tied_statistics, whiten_rows
 from fastem.stats import (
     GaussianParameters,
     e_step_statistics,
     label_statistics_of,
     log_responsibilities,
     m_step,
+    whitened_statistics,
+    whitening_of,
 )
 
 RTOL = 1e-10
@@ -210,6 +213,109 @@ def test_whole_fit_matches_reference(covariance_type):
     assert_close(gm.means_, ref["means"], rtol=1e-9, what="means")
     assert_close(gm.covariances_, ref["covariances"], rtol=1e-9, what="covariances")
     assert_close(gm.weights_, ref["weights"], rtol=1e-9, what="weights")
+
+
+def test_whiten_rows_matches_reference():
+    X = make_mixture(700, 6, 3, seed=4) + 50.0
+    _, _, _, pc = random_parameters(X, 3, "tied")
+    centre = X.mean(axis=0) + 0.25
+    out = np.empty_like(X)
+    whiten_rows(0, 3, 3, X, centre, pc, out)
+    assert_close(out, reference.whiten(X, centre, pc), what="whitened rows")
+    # float32 rows: float64 accumulation, rounded once.
+    X32 = X.astype(np.float32)
+    out32 = np.empty_like(X32)
+    whiten_rows(0, 1, 1, X32, centre, pc, out32)
+    np.testing.assert_allclose(out32, reference.whiten(X32, centre, pc), rtol=1e-6, atol=1e-5)
+
+
+def test_pooled_tied_statistics_kernel_matches_reference():
+    rng = np.random.default_rng(2)
+    k, d = 4, 5
+    _, _, _, pc = random_parameters(make_mixture(300, d, k, seed=3), k, "tied")
+    nk = rng.uniform(1.0, 50.0, k)
+    sy, shift_y = rng.normal(size=(k, d)), rng.normal(size=(k, d))
+    centre = rng.normal(size=d)
+    total = rng.normal(size=(d, d))
+    total = total @ total.T
+    total = (0.5 * (total + total.T))[None]  # exactly symmetric, as the kernels' S_c
+    got = pooled_tied_statistics(nk, sy, shift_y, pc, centre, total)
+    want = reference.pooled_tied_statistics(nk, sy, shift_y, pc, centre, total)
+    for name, a, b in zip(("sx", "shift", "pooled"), got, want):
+        assert_close(a, b, what=name)
+    np.testing.assert_array_equal(got[2][0], got[2][0].T)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_whitened_statistics_match_reference(problem, weighted):
+    """A tied model's statistics through whitened rows: the per-component
+    reference statistics, their scatter summed, and the same M-step."""
+    X, k = problem
+    X = X + 20.0  # away from the origin: the centre must take care of it
+    sw = np.random.default_rng(1).uniform(0.0, 3.0, X.shape[0]) if weighted else None
+    w, means, cov, pc = random_parameters(X, k, "tied")
+    params = GaussianParameters(w, means, cov, pc)
+    stats = whitened_statistics(X, sw, params, whitening_of(X, sw))
+    assert stats.is_pooled and stats.sxx.shape == (1, X.shape[1], X.shape[1])
+    ref_norm, ref_resp = reference.log_responsibilities(X, w, means, pc, "tied")
+    nk, sx, sxx = reference.sufficient_statistics(X, np.exp(ref_resp), stats.shift, "tied", sw)
+    assert_close(stats.shift, means, what="shifts")
+    assert_close(stats.nk, nk, what="N_k")
+    terms = np.sqrt(np.abs(sxx).max() * nk.max())
+    assert_close(stats.sx, sx, what="s_k", scale=terms)
+    # The pooled scatter is a difference of the total scatter and the
+    # components' terms: compared against the total's size.
+    assert_close(stats.sxx[0], sxx.sum(axis=0), what="pooled S", scale=np.abs(sxx).sum(0).max()
+                 * 1e2)
+    expected_ll = ref_norm.sum() if sw is None else ref_norm @ sw
+    assert_close(stats.loglik, expected_ll, what="log-likelihood")
+    worst = np.argmin(np.where(sw == 0, np.inf, ref_norm) if weighted else ref_norm)
+    np.testing.assert_array_equal(stats.worst_point, X[worst])
+    params_w, _ = m_step(stats, 1e-6, "tied")
+    _, ref_means, ref_cov = reference.estimate_parameters(X, np.exp(ref_resp), 1e-6, "tied", sw)
+    assert_close(params_w.means, ref_means, what="means", rtol=1e-9)
+    assert_close(params_w.covariances, ref_cov, what="tied covariance", rtol=1e-9)
+    ref = reference.m_step(stats.nk, stats.sx, stats.sxx, stats.shift, 1e-6, "tied")
+    assert_close(params_w.covariances, ref[2], what="reference m_step, pooled")
+
+
+def test_whitened_float32_statistics_match_reference():
+    X = make_mixture(900, 4, 3, seed=21)
+    w, means, cov, pc = random_parameters(X, 3, "tied")
+    X32 = X.astype(np.float32)
+    stats = whitened_statistics(X32, None, GaussianParameters(w, means, cov, pc),
+                                whitening_of(X32, None))
+    X64 = X32.astype(np.float64)
+    ref_norm, ref_resp = reference.log_responsibilities(X64, w, means, pc, "tied")
+    nk, _, sxx = reference.sufficient_statistics(X64, np.exp(ref_resp), stats.shift, "tied")
+    assert_close(stats.nk, nk, rtol=1e-5, what="N_k")
+    assert_close(stats.sxx[0], sxx.sum(axis=0), rtol=1e-5, what="pooled S")
+    assert_close(stats.loglik, ref_norm.sum(), rtol=1e-6, what="log-likelihood")
+
+
+def test_pooled_statistics_add_and_recentre():
+    """Pooled tied statistics of two halves add up to those of the whole,
+    whatever their shifts, and a pooled and a per-component part add too."""
+    X = make_mixture(400, 3, 2, seed=1)
+    w, means, cov, pc = random_parameters(X, 2, "tied")
+    params = GaussianParameters(w, means, cov, pc)
+
+    def pooled(rows):
+        rows = np.ascontiguousarray(rows)
+        return whitened_statistics(rows, None, params, whitening_of(rows, None))
+
+    whole = pooled(X)
+    a, b = pooled(X[:150]), pooled(X[150:])
+    per_component = e_step_statistics(np.ascontiguousarray(X[150:]), None, params, "tied")
+    assert not per_component.is_pooled
+    for other in (b.recentre(means + 1.0), per_component):
+        both = a + other
+        assert both.is_pooled
+        assert_close(both.nk, whole.nk)
+        assert_close(both.sx, whole.sx, scale=np.abs(whole.sxx).max())
+        assert_close(both.sxx, whole.sxx)
+        assert_close(m_step(both, 1e-6, "tied")[0].covariances,
+                     m_step(whole, 1e-6, "tied")[0].covariances, rtol=1e-9)
 
 
 def test_statistics_recentre_and_add():

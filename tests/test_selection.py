@@ -380,6 +380,30 @@ def test_starts_fitted_together_match_fits_one_by_one(covariance_type):
             np.testing.assert_array_equal(u, v)
 
 
+def test_tied_starts_side_by_side_keep_their_own_whitened_rows():
+    """A tied model's starts run at once on one source (compiled loops on two
+    threads), each transforming the rows under its own parameters: bit for
+    bit the fits one by one."""
+    from fastem.initialization import seed_statistics
+
+    X = make_mixture(4000, 6, 3, seed=11)
+    rng = np.random.default_rng(1)
+    source = InMemorySource(X, None, "tied")
+    m_step = MaximumLikelihood("tied", 1e-6)
+    starts = []
+    for _ in range(2):
+        rows = rng.choice(X.shape[0], 3, replace=False)
+        starts.append(m_step(seed_statistics(X, None, rows, "tied"))[0])
+    monitor = em.ConvergenceMonitor(0.0)
+    together = em.run_starts(source, m_step, starts, monitor, 60)
+    alone = [em.run_em(source, m_step, start, monitor, 60) for start in starts]
+    assert together[0].lower_bounds != together[1].lower_bounds
+    for a, b in zip(together, alone):
+        assert a.lower_bounds == b.lower_bounds
+        for u, v in zip(a.params, b.params):
+            np.testing.assert_array_equal(u, v)
+
+
 def _fit_two_starts(_=None):
     from fastem import GaussianMixture
     from fastem.stats import GaussianParameters

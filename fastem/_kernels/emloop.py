@@ -21,7 +21,9 @@ from numba import njit
 
 from ._blocks import helper, specialise
 from .estep import (
+    ENGINE_BLAS_DIAG,
     ENGINE_BLAS_FULL,
+    ENGINE_LOOPS_DIAG,
     ENGINE_LOOPS_FULL,
     MODE_STATISTICS,
     finish_statistics,
@@ -29,6 +31,7 @@ from .estep import (
     gaussian_pass,
 )
 from .mstep import m_step_diag, m_step_full
+from .whiten import pooled_tied_statistics, whiten_rows, whitened_operands
 
 
 @helper
@@ -45,11 +48,12 @@ def _as_dtype_of(values, like):
 # Placeholders the per-engine copies rebind (see em_loop below).
 _engine_pass = _engine_m_step = None
 _ENGINE = ENGINE_LOOPS_FULL
+_WHITENED = False
 
 
 def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covariances,
              prec_chol, kind, reg_covar, tol, max_iter, lower_bound, collapse_below, n_chunks,
-             trmm, syrk):
+             trmm, syrk, centre, total_scatter):
     r"""Run up to ``max_iter`` EM iterations (E-step statistics, M-step, test).
 
     ``em_loop[engine]`` runs the pass of that engine; it and ``operand_like``
@@ -58,6 +62,11 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
     are float64 in the canonical 3-D shapes of the M-step kernels;
     ``total_weight`` is the driver's :math:`\sum_n w_n` (the objective's
     denominator, summed by NumPy there).
+
+    ``em_loop_whitened[engine]`` runs a tied model on whitened rows, as
+    :func:`fastem.stats.whitened_statistics` does: ``engine`` is then a
+    diagonal one and ``centre`` and ``total_scatter`` are the source's
+    :class:`~fastem.stats.Whitening` (unused, and empty, otherwise).
 
     Returns
     -------
@@ -72,7 +81,7 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
     """
     n_samples, n_features = X.shape
     n_components = means.shape[0]
-    full = kind <= 1
+    full = kind <= 1 and not _WHITENED
     width = n_features if full else 1
     nk_parts = np.empty((n_chunks, n_components))
     sx_parts = np.empty((n_chunks, n_components, n_features))
@@ -98,15 +107,26 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
     n_iter = 0
     converged = False
     handed_over = False
+    unit = np.ones((n_components, n_features, 1), dtype=operand_like.dtype)
+    # The whitened rows: this call's own (starts run side by side on one source).
+    whitened = np.empty((n_samples if _WHITENED else 0, n_features), dtype=X.dtype)
     while n_iter < max_iter:
-        prec64, log_const = gaussian_operands(weights, prec_chol, kind, n_features)
-        shift = _as_dtype_of(means, operand_like)
-        prec = _as_dtype_of(prec64, operand_like)
+        if _WHITENED:
+            whiten_rows(first_chunk, n_chunks, n_chunks, X, centre, prec_chol[0], whitened)
+            shift64, log_const = whitened_operands(weights, means, prec_chol, centre)
+            shift = _as_dtype_of(shift64, operand_like)
+            prec = unit
+            data = whitened
+        else:
+            prec64, log_const = gaussian_operands(weights, prec_chol, kind, n_features)
+            shift = _as_dtype_of(means, operand_like)
+            prec = _as_dtype_of(prec64, operand_like)
+            data = X
         nk_parts[:] = 0.0
         sx_parts[:] = 0.0
         sxx_parts[:] = 0.0
         worst[:] = np.inf
-        _engine_pass(first_chunk, n_chunks, n_chunks, mode, X, sample_weight, labels, shift,
+        _engine_pass(first_chunk, n_chunks, n_chunks, mode, data, sample_weight, labels, shift,
                      prec, log_const, no_bounds, trmm, syrk, nk_parts, sx_parts, sxx_parts,
                      ll_parts, worst, worst_index, out, log_norm, far_count, far_flags, pruned)
         far = 0
@@ -116,11 +136,20 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
             # Rows too far from every component are the driver's to compute.
             handed_over = True
             break
-        nk, sx, sxx, loglik, _, _ = finish_statistics(engine, means, nk_parts, sx_parts,
-                                                      sxx_parts, ll_parts, worst, worst_index)
-        # tied (kind 1) pools the full scatter; spherical (kind 3) averages the diagonal.
-        new = _engine_m_step(nk, sx, sxx, _as_dtype_of(shift, log_const), reg_covar,
-                             kind == 1 or kind == 3)
+        if _WHITENED:
+            shift64 = _as_dtype_of(shift, log_const)
+            nk, sy, _, loglik, _, _ = finish_statistics(engine, shift64, nk_parts, sx_parts,
+                                                        sxx_parts, ll_parts, worst, worst_index)
+            sx, centres, pooled = pooled_tied_statistics(nk, sy, shift64, prec_chol[0], centre,
+                                                         total_scatter)
+            new = m_step_full(nk, sx, pooled, centres, reg_covar, True)
+        else:
+            nk, sx, sxx, loglik, _, _ = finish_statistics(engine, means, nk_parts, sx_parts,
+                                                          sxx_parts, ll_parts, worst,
+                                                          worst_index)
+            # tied (kind 1) pools the full scatter; spherical (kind 3) averages the diagonal.
+            new = _engine_m_step(nk, sx, sxx, _as_dtype_of(shift, log_const), reg_covar,
+                                 kind == 1 or kind == 3)
         repair = False
         for k in range(n_components):
             repair |= nk[k] < collapse_below
@@ -141,14 +170,18 @@ def _em_loop(X, sample_weight, total_weight, operand_like, weights, means, covar
             handed_over)
 
 
-def _loop_for(engine):
+def _loop_for(engine, whitened=False):
     full = engine in (ENGINE_LOOPS_FULL, ENGINE_BLAS_FULL)
+    name = f"_em_loop_{engine}" + ("_whitened" if whitened else "")
     return njit(cache=True, error_model="numpy", nogil=True)(specialise(
-        _em_loop, f"_em_loop_{engine}", _ENGINE=engine, _engine_pass=gaussian_pass[engine],
-        _engine_m_step=m_step_full if full else m_step_diag))
+        _em_loop, name, _ENGINE=engine, _engine_pass=gaussian_pass[engine],
+        _engine_m_step=m_step_full if full else m_step_diag, _WHITENED=whitened))
 
 
 # One compiled loop per engine. nogil: model selection runs the loops of
 # several starts at once from Python threads (each loop is serial and touches
 # only its own arrays).
 em_loop = {engine: _loop_for(engine) for engine in gaussian_pass}
+# Tied models of several components, on whitened rows: the diagonal engines.
+em_loop_whitened = {engine: _loop_for(engine, whitened=True)
+                    for engine in (ENGINE_LOOPS_DIAG, ENGINE_BLAS_DIAG)}

@@ -121,6 +121,9 @@ def m_step_full(nk, sx, sxx, shift, reg_covar, tied):
         \Sigma_k = \big(S_k - d_k s_k^T - s_k d_k^T + N_k d_k d_k^T\big)
         / \tilde N_k + \lambda I, \qquad d_k = s_k / \tilde N_k
 
+    ``sxx`` is (K, D, D), or for ``tied`` also the pooled :math:`\sum_k S_k`
+    as (1, D, D).
+
     Returns
     -------
     weights (K,), means (K, D), covariances (K', D, D), precisions_cholesky
@@ -132,9 +135,13 @@ def m_step_full(nk, sx, sxx, shift, reg_covar, tied):
     cov = np.zeros((n_cov, n_features, n_features))
     for k in range(n_components):
         target = 0 if tied else k
+        # A tied model's scatter may come pooled, (1, D, D) (see
+        # fastem._kernels.whiten): it is added once, with component 0.
+        own = k < sxx.shape[0]
         for i in range(n_features):
             for j in range(n_features):
-                cov[target, i, j] += (sxx[k, i, j] - d[k, i] * sx[k, j] - sx[k, i] * d[k, j]
+                scatter = sxx[k, i, j] if own else 0.0
+                cov[target, i, j] += (scatter - d[k, i] * sx[k, j] - sx[k, i] * d[k, j]
                                       + nk[k] * d[k, i] * d[k, j])
     L = np.empty((n_features, n_features))
     prec_chol = np.empty((n_cov, n_features, n_features))
