@@ -7,8 +7,8 @@ import pytest
 from conftest import COVARIANCE_TYPES, make_mixture, random_parameters
 
 from fastem import reference
-from fastem.initialization import kmeans_plusplus_from_draws, lloyd
 from fastem._kernels.whiten import pooled_tied_statistics, whiten_rows
+from fastem.initialization import kmeans_plusplus_from_draws, lloyd
 from fastem.stats import (
     GaussianParameters,
     e_step_statistics,
