@@ -386,9 +386,10 @@ def test_tied_starts_side_by_side_keep_their_own_whitened_rows():
     bit the fits one by one."""
     from fastem.initialization import seed_statistics
 
-    X = make_mixture(4000, 6, 3, seed=11)
+    X = make_mixture(1500, 26, 3, seed=11)  # wide: the whitened rows
     rng = np.random.default_rng(1)
     source = InMemorySource(X, None, "tied")
+    assert source._whitens(3) and source.compiled_loop_applies(3)
     m_step = MaximumLikelihood("tied", 1e-6)
     starts = []
     for _ in range(2):

@@ -23,7 +23,6 @@ from ._blocks import helper, specialise
 from .estep import (
     ENGINE_BLAS_DIAG,
     ENGINE_BLAS_FULL,
-    ENGINE_LOOPS_DIAG,
     ENGINE_LOOPS_FULL,
     MODE_STATISTICS,
     finish_statistics,
@@ -182,6 +181,6 @@ def _loop_for(engine, whitened=False):
 # several starts at once from Python threads (each loop is serial and touches
 # only its own arrays).
 em_loop = {engine: _loop_for(engine) for engine in gaussian_pass}
-# Tied models of several components, on whitened rows: the diagonal engines.
-em_loop_whitened = {engine: _loop_for(engine, whitened=True)
-                    for engine in (ENGINE_LOOPS_DIAG, ENGINE_BLAS_DIAG)}
+# Tied models of several components on wide data, on whitened rows: the
+# diagonal BLAS engine (see fastem.sources.InMemorySource).
+em_loop_whitened = {ENGINE_BLAS_DIAG: _loop_for(ENGINE_BLAS_DIAG, whitened=True)}
