@@ -56,10 +56,8 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from . import _threads, em
 from . import io as model_files
-from ._kernels import estep
-from ._kernels import hmm as kernels
-from ._kernels._blocks import n_chunks_for
-from ._kernels.mstep import factor_covariance
+from ._kernels import kernel_module
+from ._kernels.chunks import n_chunks_for
 from .covariance import (
     COVARIANCE_TYPES,
     covariance_shape,
@@ -77,6 +75,10 @@ from .stats import (
     log_responsibilities,
     operand_dtype,
 )
+
+estep = kernel_module("estep")
+kernels = kernel_module("hmm")
+mstep = kernel_module("mstep")
 
 __all__ = ["BaumWelch", "GaussianHMM", "HMMConvergenceMonitor", "HMMParameters",
            "HMMStatistics", "SequenceSource", "StateSelection", "emission_log_densities",
@@ -715,7 +717,7 @@ class BaumWelch:
                     stack[k] = previous[k]
                     factors[k] = previous_factor[k]
                     continue
-                loads[k] = factor_covariance(stack[k], lower, factors[k])
+                loads[k] = mstep.factor_covariance(stack[k], lower, factors[k])
             if covariance_type == "tied":
                 return stack[0], factors[0], np.full(n_states, loads[0])
             return stack, factors, loads

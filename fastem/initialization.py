@@ -13,15 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _threads, em
-from ._kernels._blocks import BLOCK_ROWS, n_chunks_for
+from ._kernels import kernel_module
 from ._kernels.blas import gemm_routine, single_threaded_blas
-from ._kernels.kmeans import (
-    candidate_potentials,
-    column_moments,
-    draw_by_mass,
-    lloyd_assign,
-    update_closest,
-)
+from ._kernels.chunks import BLOCK_ROWS, n_chunks_for
 from ._threads import run_chunks
 from .covariance import uses_full_scatter
 from .scaling import power_of_two_scale
@@ -32,6 +26,8 @@ from .stats import (
     operand_dtype,
     weights_operand,
 )
+
+kmeans = kernel_module("kmeans")
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 _ROWS_PER_SLAB = 8192
@@ -100,12 +96,12 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     indices = [int(first_index)]
     closest = np.full(n_samples, np.inf)
     work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
-    run_chunks(update_closest, n_chunks, work, n_chunks, X,
+    run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X,
                np.asarray(X[first_index], dtype=np.float64), scale, closest)
     for c in range(1, n_clusters):
         candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64))
         parts = np.zeros((n_chunks, candidates.shape[0]))
-        run_chunks(candidate_potentials, n_chunks, work, n_chunks, X, sw,
+        run_chunks(kmeans.candidate_potentials, n_chunks, work, n_chunks, X, sw,
                    np.ascontiguousarray(X[candidates], dtype=np.float64), scale, closest,
                    parts)
         # Summed in chunk order: the same potentials for any thread count.
@@ -114,14 +110,14 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
             potentials += part
         best = int(candidates[int(np.argmin(potentials))])
         indices.append(best)
-        run_chunks(update_closest, n_chunks, work, n_chunks, X,
+        run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X,
                    np.asarray(X[best], dtype=np.float64), scale, closest)
     indices = np.asarray(indices)
     return np.asarray(X[indices], dtype=np.float64), indices
 
 
 def _draw_by_mass(mass, sample_weight, fractions):
-    return draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"))
+    return kmeans.draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"))
 
 
 def column_variance(X, sample_weight=None, scale=1.0, centre=None):
@@ -157,7 +153,7 @@ def _column_moments(X, sample_weight, centre, scale):
     n_chunks = n_chunks_for(n_samples, n_features)
     first = np.zeros((n_chunks, n_features))
     second = np.zeros((n_chunks, n_features))
-    run_chunks(column_moments, n_chunks, n_samples * n_features, n_chunks, X,
+    run_chunks(kmeans.column_moments, n_chunks, n_samples * n_features, n_chunks, X,
                weights_operand(sample_weight), centre, float(scale), first, second)
     # Summed in chunk order: the same moments for any thread count.
     return _sum_in_order(first), _sum_in_order(second)
@@ -241,7 +237,7 @@ def _lloyd_assign_scratch(first, last, n_chunks, X, sw, offset, scale, centers, 
     """``lloyd_assign`` with the scratch of one call (each thread its own)."""
     rows = np.empty((BLOCK_ROWS, X.shape[1]))
     distances = np.empty((BLOCK_ROWS, centers.shape[0]))
-    lloyd_assign(first, last, n_chunks, X, sw, offset, scale, centers, norms, gemm, labels,
+    kmeans.lloyd_assign(first, last, n_chunks, X, sw, offset, scale, centers, norms, gemm, labels,
                  rows, distances, *slots)
 
 

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._kernels import missing as kernel
-from ._kernels._blocks import n_chunks_for
+from ._kernels import kernel_module
+from ._kernels.chunks import n_chunks_for
 from ._threads import run_chunks
 from .stats import GaussianParameters, GaussianStatistics
+
+kernel = kernel_module("missing")
 
 MISSING_OPTIONS = ("error", "em")
 

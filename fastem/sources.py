@@ -17,9 +17,8 @@ import threading
 import numpy as np
 
 from . import _threads
-from ._kernels import estep
+from ._kernels import kernel_module
 from ._kernels.blas import blas_routines, single_threaded_blas
-from ._kernels.emloop import em_loop, em_loop_whitened
 from .covariance import from_canonical, to_canonical
 from .em import COLLAPSE_FRACTION
 from .stats import (
@@ -34,6 +33,9 @@ from .stats import (
     whitened_statistics,
     whitening_of,
 )
+
+estep = kernel_module("estep")
+emloop = kernel_module("emloop")
 
 # Below this much work per iteration (rows x K x (D+1)^2) the in-memory
 # source runs the whole EM loop in compiled code, on one thread: per-call
@@ -161,10 +163,10 @@ class InMemorySource:
         X = self.X
         engine, _, whitens = self._variant(n_components)
         if whitens:
-            loop = em_loop_whitened[engine]
+            loop = emloop.em_loop_whitened[engine]
             centre, total_scatter = self.whitening()
         else:
-            loop = em_loop[engine]
+            loop = emloop.em_loop[engine]
             centre, total_scatter = _NOT_WHITENED
         covariances = (np.zeros_like(params.precisions_cholesky) if params.covariances is None
                        else params.covariances)

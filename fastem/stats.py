@@ -24,12 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._kernels import estep
-from ._kernels._blocks import n_chunks_for
+from ._kernels import kernel_module
 from ._kernels.blas import blas_routines, single_threaded_blas
-from ._kernels.estep import gaussian_operands, gaussian_pass
-from ._kernels.mstep import m_step_diag, m_step_full
-from ._kernels.whiten import pooled_tied_statistics, whiten_rows, whitened_operands
+from ._kernels.chunks import n_chunks_for
 from ._threads import run_chunks
 from .covariance import (
     COVARIANCE_KIND,
@@ -38,6 +35,10 @@ from .covariance import (
     to_canonical,
     uses_full_scatter,
 )
+
+estep = kernel_module("estep")
+mstep = kernel_module("mstep")
+whiten = kernel_module("whiten")
 
 _NO_WEIGHTS = np.empty(0)
 # From this width on, the fused pass runs the BLAS engines (dtrmm + dsyrk,
@@ -180,7 +181,7 @@ def kernel_operands(params: GaussianParameters, covariance_type: str, dtype=np.f
     means = np.ascontiguousarray(params.means, dtype=dtype)
     kind = COVARIANCE_KIND[covariance_type]
     weights, expected_log_terms = _operand_weights(params)
-    prec, log_const = gaussian_operands(
+    prec, log_const = estep.gaussian_operands(
         weights, to_canonical(params.precisions_cholesky, covariance_type), kind,
         means.shape[1])
     if expected_log_terms is not None:
@@ -312,7 +313,7 @@ def _run_pass(engine, mode, X, sample_weight, labels, means, prec, log_const, n_
             # Inside the single-threaded BLAS: woken for the eigenvalues,
             # OpenBLAS's own threads would spin beside the pass's.
             bounds = pruning_bounds(prec, X)
-        run_chunks(gaussian_pass[engine], n_chunks, work, n_chunks, mode, X,
+        run_chunks(estep.gaussian_pass[engine], n_chunks, work, n_chunks, mode, X,
                    weights_operand(sample_weight), labels, means, prec, log_const, bounds, trmm,
                    syrk, *parts, out, log_norm, far_count, far_flags, pruned)
     far = None
@@ -477,10 +478,10 @@ def whitened_statistics(X, sample_weight, params: GaussianParameters, whitening:
     centre, total_scatter = whitening
     Y = np.empty_like(X) if rows is None else rows
     n_chunks = statistics_chunks(n_samples, n_components, n_features, "diag")
-    run_chunks(whiten_rows, n_chunks, n_samples * n_features * n_features / 2, n_chunks, X,
+    run_chunks(whiten.whiten_rows, n_chunks, n_samples * n_features * n_features / 2, n_chunks, X,
                centre, prec_chol[0], Y)
     weights, expected_log_terms = _operand_weights(params)
-    shift_y, log_const = whitened_operands(
+    shift_y, log_const = whiten.whitened_operands(
         weights, np.ascontiguousarray(params.means, dtype=np.float64), prec_chol, centre)
     if expected_log_terms is not None:
         log_const = log_const + expected_log_terms(n_features)
@@ -495,7 +496,7 @@ def whitened_statistics(X, sample_weight, params: GaussianParameters, whitening:
     if far is not None:
         loglik, worst_loglik, worst = _add_far_rows(far, Y, sample_weight, shift_y, nk, sy, syy,
                                                     loglik, worst_loglik, worst)
-    sx, shift, pooled = pooled_tied_statistics(nk, sy, shift_y, prec_chol[0], centre,
+    sx, shift, pooled = whiten.pooled_tied_statistics(nk, sy, shift_y, prec_chol[0], centre,
                                                total_scatter)
     weight = float(n_samples if sample_weight is None else sample_weight.sum())
     return GaussianStatistics(nk, sx, pooled, shift, float(loglik), weight, float(worst_loglik),
@@ -546,7 +547,7 @@ def m_step(stats: GaussianStatistics, reg_covar: float, covariance_type: str):
         positive definite (0 where none was; -1 where it could not be made so).
     """
     kind = COVARIANCE_KIND[covariance_type]
-    family = m_step_full if uses_full_scatter(covariance_type) else m_step_diag
+    family = mstep.m_step_full if uses_full_scatter(covariance_type) else mstep.m_step_diag
     # tied (kind 1) pools the full scatter; spherical (kind 3) averages the diagonal.
     weights, means, cov, prec_chol, jitter = family(
         stats.nk, np.ascontiguousarray(stats.sx), np.ascontiguousarray(stats.sxx),

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import numpy as np
@@ -214,8 +215,9 @@ def test_small_fits_switch_to_the_compiled_loop_after_enough_python_iterations(m
 
     calls = []
     loops = {engine: (lambda loop: lambda *args: calls.append(1) or loop(*args))(loop)
-             for engine, loop in sources.em_loop.items()}
-    monkeypatch.setattr(sources, "em_loop", loops)
+             for engine, loop in sources.emloop.em_loop.items()}
+    monkeypatch.setattr(sources, "emloop", types.SimpleNamespace(
+        em_loop=loops, em_loop_whitened=sources.emloop.em_loop_whitened))
     monkeypatch.setattr(sources, "COMPILED_LOOP_AFTER", 20)
     monkeypatch.setattr(sources, "_python_iterations", type(sources._python_iterations)())
     monkeypatch.setattr(sources, "_compiled_variants", set())
@@ -238,3 +240,23 @@ def test_small_fits_switch_to_the_compiled_loop_after_enough_python_iterations(m
     big = make_mixture(300_000, 2, 2, seed=9)
     GaussianMixture(2, max_iter=2, random_state=0).fit(big)
     assert len(calls) == 1 and sources._python_iterations[(0, "float64", False)] == 24
+
+
+def test_importing_fastem_leaves_numba_to_the_first_fit():
+    """``import fastem`` and its public names cost scikit-learn's import and
+    fastem's own, not Numba's: the kernel modules load on first use."""
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import fastem
+        from fastem import (BayesianGaussianMixture, GaussianHMM, GaussianMixture,
+                            GaussianPrior, select_model)
+        import fastem.cli, fastem.selection, fastem.io, fastem.blocks
+        before = sorted(n for n in sys.modules if n == "numba" or n.startswith("numba."))
+        X = np.random.default_rng(0).normal(size=(300, 2))
+        model = GaussianMixture(2, random_state=0).fit(X)
+        print(before, "numba" in sys.modules, np.isfinite(model.score(X)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["[]", "True", "True"], out

@@ -34,18 +34,13 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from .chunks import BLOCK_ROWS, n_chunks_for  # noqa: F401 (the kernels' import)
 from .simd import fma
 
 # Helpers: never called from Python by the package, compiled with their caller.
 helper = njit(cache=False, error_model="numpy")
 helper_inline = njit(cache=False, error_model="numpy", inline="always")
 
-BLOCK_ROWS = 256
-# Partial sums are cheap for small K*D*D but not for K=20, D=100; cap the
-# memory they take (in float64 entries) while keeping enough chunks to
-# balance the load over the threads.
-_MAX_CHUNKS = 64
-_PARTIAL_BUDGET = 4_000_000
 
 # exp(x) = 2^n * exp(f), n = round(x / ln 2), |f| <= ln(2)/2, with ln 2 split
 # in a high part exact in few bits and a low correction (Cody & Waite).
@@ -77,17 +72,6 @@ def specialise(body, name: str, **bindings):
     twin.__module__ = body.__module__
     twin.__doc__ = body.__doc__
     return twin
-
-
-def n_chunks_for(n_samples: int, partial_size: int) -> int:
-    """Number of row chunks for ``n_samples`` rows and a partial-sum size.
-
-    Depends on the data's shape only (never on the thread count), so the
-    reduction order, and hence the result, is the same on any machine.
-    """
-    n_blocks = max(1, -(-n_samples // BLOCK_ROWS))
-    by_memory = max(1, _PARTIAL_BUDGET // max(1, partial_size))
-    return int(min(n_blocks, _MAX_CHUNKS, by_memory))
 
 
 @helper_inline
