@@ -85,10 +85,15 @@ def chunk_rows(chunk, n_chunks, n_samples):
 
 @helper_inline
 def transpose_block(X, start, n_rows, out):
-    """out[d, r] = X[start + r, d]: one strided read of the block per pass."""
+    """out[d, r] = X[start + r, d]: one strided read of the block per pass.
+
+    Feature by feature, so that every store runs along a row of ``out`` (row
+    by row, each row's values went to D places 8 KB apart: one float64 pass
+    over 1M x 10, one thread, 9.2 against 6.2 ms; float32 the same either way).
+    """
     n_features = X.shape[1]
-    for r in range(n_rows):
-        for d in range(n_features):
+    for d in range(n_features):
+        for r in range(n_rows):
             out[d, r] = X[start + r, d]
 
 

@@ -305,8 +305,8 @@ def _emission_block(X, low, n, gT, shift, full, xT, dx, gd, lane_nk, lane_sx, la
     without reassociation; :func:`_reduce_lanes` adds the lanes in order.
     """
     n_states, n_features = shift.shape
-    for r in range(n):
-        for d in range(n_features):
+    for d in range(n_features):  # stores along xT's rows (see transpose_block)
+        for r in range(n):
             xT[d, r] = X[low + r, d]
     for k in range(n_states):
         for r in range(n):
