@@ -8,7 +8,7 @@ import pytest
 import fastem.stats as stats
 from fastem import GaussianMixture
 from fastem._kernels import estep
-from fastem._kernels._blocks import n_chunks_for
+from fastem._kernels.chunks import n_chunks_for
 from fastem.stats import (
     GaussianParameters,
     _run_pass,

@@ -1,6 +1,7 @@
 """Block-level building blocks shared by the Numba kernels.
 
-Every kernel walks X in fixed blocks of ``BLOCK_ROWS`` rows. Blocks are grouped
+Every kernel walks X in fixed blocks of ``BLOCK_ROWS`` rows (sizes in
+:mod:`fastem._kernels.chunks`). Blocks are grouped
 into ``n_chunks`` contiguous chunks that depend only on the data's shape,
 never on the number of threads; a kernel call handles a range of chunks
 (:mod:`fastem._threads` hands the ranges to threads), each chunk's partial

@@ -938,7 +938,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     ----------
     chunk_first, chunk_last, n_chunks : int
         The chunk range of this call, out of ``n_chunks`` (from
-        :func:`fastem._kernels._blocks.n_chunks_for`).
+        :func:`fastem._kernels.chunks.n_chunks_for`).
     X : ndarray (N, D), float64 or float32, C-contiguous
     sample_weight : ndarray (N,) or (0,) for unit weights
     labels : ndarray (N,) int32: read in ``MODE_LABELS``, written in
