@@ -14,13 +14,17 @@ from numbers import Integral, Real
 import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted
 
 from . import distributed
 from ._validation import _check_shape, check_positive_definite, check_sample_weight
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import COVARIANCE_TYPES, precisions_from_cholesky
-from .initialization import initial_statistics, responsibility_statistics
+from .initialization import (
+    distance_scale_for_largest,
+    initial_statistics,
+    responsibility_statistics,
+)
 from .mixture import EMMixture
 from .priors import data_moments
 from .scaling import DataScale
@@ -198,15 +202,15 @@ default='dirichlet_process'
                              "use GaussianMixture, or fit a memory-mapped file")
         if is_out_of_core(X):
             return self._fit_out_of_core(X, sample_weight)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
-                          order="C")
+        X, largest = self._validate_fit_data(X)
         self._check_n_samples(X.shape[0])
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
-        rescaled = self._check_scale(DataScale.of(X))
+        rescaled = self._check_scale(DataScale.of_largest(largest, X.dtype))
         source = InMemorySource(X, sample_weight, self.covariance_type)
         return self._fit_source(source, X.shape[1], X.dtype, rescaled,
                                 lambda: (X, sample_weight),
-                                moments=lambda: data_moments(X, sample_weight))
+                                moments=lambda: data_moments(X, sample_weight),
+                                init_scale=distance_scale_for_largest(largest))
 
     def _fit_out_of_core(self, X, sample_weight):
         blocks = blocks_of(X, sample_weight)
@@ -289,10 +293,11 @@ default='dirichlet_process'
         return {}
 
     def _initial_parameters(self, X, sample_weight, random_state, user_init,
-                            rescaled=DataScale(), m_step=None):
-        """The variational update of the initial responsibilities (``init_params``)."""
+                            rescaled=DataScale(), m_step=None, scale=None):
+        """The variational update of the initial responsibilities (``init_params``);
+        ``scale`` is the k-means distance scale of ``X`` when known."""
         stats = initial_statistics(X, sample_weight, self.n_components, self.init_params,
-                                   self.covariance_type, random_state)
+                                   self.covariance_type, random_state, scale)
         params, jitter = m_step(stats)
         if np.any(jitter < 0):
             raise ValueError("the initial posterior's covariances are not positive definite; "

@@ -18,7 +18,7 @@ from ._kernels.blas import gemm_routine, single_threaded_blas
 from ._kernels.chunks import BLOCK_ROWS, n_chunks_for
 from ._threads import run_chunks
 from .covariance import uses_full_scatter
-from .scaling import power_of_two_scale
+from .scaling import power_of_two_scale, scale_for_largest
 from .stats import (
     GaussianStatistics,
     engine_for,
@@ -83,6 +83,11 @@ def distance_scale(X) -> float:
     coordinate is about :math:`2^{400}` (or 1, for tiny data).
     """
     return power_of_two_scale(X, _LARGEST_EXPONENT)
+
+
+def distance_scale_for_largest(largest: float) -> float:
+    """:func:`distance_scale` of data whose largest absolute coordinate is ``largest``."""
+    return scale_for_largest(largest, _LARGEST_EXPONENT)
 
 
 def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weight=None,
@@ -289,7 +294,7 @@ def _relocate_empty(X, sample_weight, offset, scale, z_centers, labels, sums, co
 
 
 def initial_statistics(X, sample_weight, n_components, init_params, covariance_type,
-                       random_state) -> GaussianStatistics:
+                       random_state, scale=None) -> GaussianStatistics:
     """Statistics of the initial assignment chosen by ``init_params``.
 
     'kmeans' runs Lloyd's k-means from a k-means++ seeding and assigns each
@@ -297,9 +302,11 @@ def initial_statistics(X, sample_weight, n_components, init_params, covariance_t
     to each component and leave the others unassigned (as scikit-learn does);
     'random' draws soft responsibilities uniformly and normalises them;
     'hierarchical' cuts the model-based hierarchy (:class:`Hierarchy`) at K.
+    ``scale`` is :func:`distance_scale` of X when the caller knows it.
     """
     if init_params == "kmeans":
-        scale = distance_scale(X)  # one pass for both
+        if scale is None:
+            scale = distance_scale(X)  # one pass for both
         seeds, _ = kmeans_plusplus(X, n_components, random_state, sample_weight, scale=scale)
         labels, centers, _, _ = lloyd(X, seeds, sample_weight, scale=scale)
         return label_statistics_of(X, sample_weight, labels, centers, covariance_type)

@@ -33,13 +33,20 @@ from .stats import GaussianParameters
 _EXPONENT_LIMIT = {np.dtype(np.float64): 400, np.dtype(np.float32): 40}
 
 
+def largest_magnitude(X) -> float:
+    """:math:`\\max|X|` (0 for empty X), by two NumPy reductions and no N x D
+    temporary: infinite when X holds an infinity, NaN when it holds a NaN (the
+    reductions propagate it), so one call also tells whether X is finite."""
+    if X.size == 0:
+        return 0.0
+    return max(abs(float(X.max())), abs(float(X.min())))
+
+
 def power_of_two_scale(X, exponent_limit: int) -> float:
     """A power of two :math:`s` with :math:`\\max|s X|` about ``2**exponent_limit``
     when X's largest coordinate is beyond it (or about 1 when it is below
     ``2**-exponent_limit``); 1.0 otherwise. No N x D temporary."""
-    if X.size == 0:
-        return 1.0
-    return scale_for_largest(max(abs(float(X.max())), abs(float(X.min()))), exponent_limit)
+    return scale_for_largest(largest_magnitude(X), exponent_limit)
 
 
 def scale_for_largest(largest: float, exponent_limit: int) -> float:

@@ -33,6 +33,37 @@ def test_bad_data_raises_value_error_naming_the_problem(X, message):
         GaussianMixture(1).fit(X)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_data_get_scikit_learns_own_message(bad, dtype):
+    # fastem's fit checks finiteness from the data's extremes (read for its
+    # scale anyway); a failure must still read exactly as scikit-learn's.
+    from sklearn.mixture import BayesianGaussianMixture as SkBayesian
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    from fastem import BayesianGaussianMixture
+
+    X = make_mixture(50, 3, 2).astype(dtype)
+    X[7, 1] = bad
+    for ours, theirs in ((GaussianMixture(2), SkGaussianMixture(2)),
+                         (BayesianGaussianMixture(n_components=2), SkBayesian(n_components=2))):
+        with pytest.raises(ValueError) as expected:
+            theirs.fit(X)
+        with pytest.raises(ValueError) as raised:
+            ours.fit(X)
+        assert str(raised.value) == str(expected.value)
+
+
+def test_missing_em_accepts_nan_but_not_infinity():
+    X = make_mixture(200, 3, 2)
+    X[5, 0] = np.nan
+    model = GaussianMixture(2, missing="em", random_state=0).fit(X)
+    assert np.all(np.isfinite(model.means_))
+    X[9, 2] = np.inf
+    with pytest.raises(ValueError, match="infinity"):
+        GaussianMixture(2, missing="em", random_state=0).fit(X)
+
+
 def test_fewer_samples_than_components():
     with pytest.raises(ValueError, match="n_samples >= n_components"):
         GaussianMixture(5).fit(np.random.default_rng(0).normal(size=(4, 2)))
