@@ -164,6 +164,15 @@ def _column_moments(X, sample_weight, centre, scale):
     return _sum_in_order(first), _sum_in_order(second)
 
 
+def column_mean(X):
+    """``X.mean(axis=0)``, the same bits (scikit-learn's k-means centres X on
+    it), by :func:`fastem._kernels.kmeans.column_sums` where they agree."""
+    if (X.ndim == 2 and X.shape[1] > 1 and X.shape[0] > 0 and X.flags.c_contiguous
+            and X.dtype in (np.float32, np.float64)):
+        return kmeans.column_sums(X) / X.shape[0]
+    return X.mean(axis=0)
+
+
 def _sum_in_order(parts):
     total = np.zeros(parts.shape[1:])
     for part in parts:
@@ -197,7 +206,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None):
     # Rows are taken as z = s x - s m: the mean m as scikit-learn subtracts
     # it, and a power of two s that keeps squares in range (1 for most data).
     scale = distance_scale(X) if scale is None else scale
-    offset = np.asarray(X.mean(axis=0), dtype=np.float64)
+    offset = np.asarray(column_mean(X), dtype=np.float64)
     z_centers = np.asarray(centers, dtype=np.float64) * scale - offset * scale
     tol_abs = tol * column_variance(X, sample_weight, scale, offset * scale).mean()
     # int32 labels: at a million rows they are the largest temporary of a fit.

@@ -8,7 +8,7 @@ from conftest import COVARIANCE_TYPES, make_mixture, random_parameters
 
 from fastem import reference
 from fastem._kernels.whiten import pooled_tied_statistics, whiten_rows
-from fastem.initialization import kmeans_plusplus_from_draws, lloyd
+from fastem.initialization import column_mean, kmeans_plusplus_from_draws, lloyd
 from fastem.stats import (
     GaussianParameters,
     e_step_statistics,
@@ -136,6 +136,19 @@ def test_kmeans_plusplus_matches_reference(problem, weighted):
     ref_centers, ref_idx = reference.kmeans_plusplus(X, k, uniforms, 11, sample_weight=sw)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(centers, ref_centers)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(2, 2), (1000, 3), (4099, 10), (257, 64), (3, 500)])
+def test_column_mean_has_numpys_bits(shape, dtype):
+    # Lloyd centres the rows on X.mean(axis=0) as scikit-learn's k-means does;
+    # the kernel's sums must give exactly NumPy's mean, not just a close one.
+    X = (np.random.default_rng(3).standard_normal(shape) * 7 + 1e4).astype(dtype)
+    mean = column_mean(X)
+    assert mean.dtype == dtype
+    np.testing.assert_array_equal(mean, X.mean(axis=0))
+    # NumPy's own mean where the kernel's order would differ (one column: pairwise).
+    np.testing.assert_array_equal(column_mean(X[:, :1].copy()), X[:, :1].mean(axis=0))
 
 
 def test_lloyd_matches_reference():
