@@ -126,6 +126,27 @@ def test_label_statistics_match_reference(problem, covariance_type):
     assert_close(stats.sxx.reshape(sxx.shape), sxx, what="S_k")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_weighted_label_statistics_match_reference(k, dtype):
+    # From three components on, the loop engine gathers each label's rows of a
+    # block instead of weighting every row by 0 or 1: several blocks, rows of
+    # no component (-1), a component with no rows, and sample weights.
+    rng = np.random.default_rng(k)
+    X = make_mixture(2600, 5, 3, seed=k).astype(dtype)
+    labels = rng.integers(-1, k - 1, size=X.shape[0]).astype(np.int32)  # k - 1: empty
+    weights = rng.uniform(0.0, 3.0, size=X.shape[0])
+    shift = rng.normal(size=(k, X.shape[1]))
+    stats = label_statistics_of(X, weights, labels, shift, "full")
+    nk, sx, sxx = reference.statistics_from_labels(X.astype(np.float64), labels, shift, k,
+                                                   "full", sample_weight=weights)
+    rtol = 1e-5 if dtype == np.float32 else 1e-10
+    assert stats.nk[k - 1] == 0.0 and not np.any(stats.sxx[k - 1])
+    assert_close(stats.nk, nk, rtol=rtol, what="N_k")
+    assert_close(stats.sx, sx, rtol=rtol, what="s_k")
+    assert_close(stats.sxx.reshape(sxx.shape), sxx, rtol=rtol, what="S_k")
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_kmeans_plusplus_matches_reference(problem, weighted):
     X, k = problem
