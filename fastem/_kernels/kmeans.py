@@ -31,14 +31,21 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ca
                          scale, closest, parts):
     r"""parts[c, t] = :math:`\sum_{n\in c} w_n \min(D_n^2, \lVert x_n - c_t\rVert^2)`,
     chunk c's share of the potential of each candidate centre."""
-    n_candidates = candidates.shape[0]
+    n_candidates, n_features = candidates.shape
     weighted = sample_weight.shape[0] > 0
+    # s c_t, exact (a power of two); s x_n likewise, skipped for s = 1 (x * 1 is x).
+    scaled = candidates * scale
+    unscaled = scale == 1.0
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
         for n in range(first, last):
             w = sample_weight[n] if weighted else 1.0
             for t in range(n_candidates):
-                parts[c, t] += w * min(closest[n], _sq_dist(X, n, candidates[t], scale))
+                total = 0.0
+                for d in range(n_features):
+                    u = (X[n, d] if unscaled else X[n, d] * scale) - scaled[t, d]
+                    total += u * u
+                parts[c, t] += w * min(closest[n], total)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
