@@ -1038,7 +1038,7 @@ class GaussianHMM(BaseEstimator):
             transmat = np.asarray(self.transmat_, dtype=np.float64)
         if self._needs_init("m", "means_"):
             seeds, _ = kmeans_plusplus(X, K, random_state)
-            _, means, _, _ = lloyd(X, seeds)
+            _, means, _, _ = lloyd(X, seeds, inertia=False)
         else:
             means = np.asarray(self.means_, dtype=np.float64)
         if self._needs_init("c", "_covars_"):

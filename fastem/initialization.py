@@ -180,7 +180,7 @@ def _sum_in_order(parts):
     return total
 
 
-def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None):
+def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None, inertia=True):
     r"""Lloyd's k-means from ``centers``, as scikit-learn's ``KMeans`` runs it.
 
     The same arithmetic, so that ties (rows at equal distances from two
@@ -193,11 +193,15 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None):
     summed squared centre shift is at most ``tol * mean(var(X))``. Twin:
     :func:`fastem.reference.lloyd`.
 
-    ``scale`` is :func:`distance_scale` of X when the caller has it.
+    ``scale`` is :func:`distance_scale` of X when the caller has it. The
+    inertia (the weighted sum of squared distances to the nearest centre)
+    costs a tenth of an assignment; ``inertia=False`` skips it (None is
+    returned).
 
     Returns
     -------
-    labels : ndarray (N,) int32, centers : ndarray (K, D), inertia : float, n_iter : int
+    labels : ndarray (N,) int32, centers : ndarray (K, D), inertia : float or None,
+    n_iter : int
     """
     n_samples, n_features = X.shape
     n_clusters = np.shape(centers)[0]
@@ -216,7 +220,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None):
 
     def assign(z_centers):
         slots = (np.zeros((n_chunks, n_clusters, n_features)), np.zeros((n_chunks, n_clusters)),
-                 np.zeros(n_chunks), np.zeros(n_chunks, dtype=np.int64))
+                 np.zeros(n_chunks if inertia else 0), np.zeros(n_chunks, dtype=np.int64))
         norms = np.einsum("ij,ij->i", z_centers, z_centers)  # as scikit-learn's row_norms
         with single_threaded_blas():
             run_chunks(_lloyd_assign_scratch, n_chunks, work, n_chunks, X, sw, offset, scale,
@@ -226,7 +230,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None):
     n_iter = 0
     settled = False
     for n_iter in range(1, max_iter + 1):
-        sums, counts, inertia, changed = assign(z_centers)
+        sums, counts, total, changed = assign(z_centers)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
             _relocate_empty(X, sample_weight, offset, scale, z_centers, labels, sums, counts,
@@ -241,9 +245,9 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None):
             break
     if not settled:
         # As scikit-learn does: the labels (and inertia) of the final centres.
-        _, _, inertia, _ = assign(z_centers)
+        _, _, total, _ = assign(z_centers)
     centers = (z_centers + offset * scale) / scale
-    return labels, centers, float(inertia) / scale / scale, n_iter
+    return labels, centers, float(total) / scale / scale if inertia else None, n_iter
 
 
 def _lloyd_assign_scratch(first, last, n_chunks, X, sw, offset, scale, centers, norms, gemm,
@@ -277,7 +281,8 @@ def _lloyd_reduce(sums_p, counts_p, inertia_p, changed_p):
     for c in range(sums_p.shape[0]):
         sums += sums_p[c]
         counts += counts_p[c]
-        inertia += float(inertia_p[c])
+        if inertia_p.shape[0]:
+            inertia += float(inertia_p[c])
     return sums, counts, inertia, int(changed_p.sum())
 
 
@@ -317,7 +322,7 @@ def initial_statistics(X, sample_weight, n_components, init_params, covariance_t
         if scale is None:
             scale = distance_scale(X)  # one pass for both
         seeds, _ = kmeans_plusplus(X, n_components, random_state, sample_weight, scale=scale)
-        labels, centers, _, _ = lloyd(X, seeds, sample_weight, scale=scale)
+        labels, centers, _, _ = lloyd(X, seeds, sample_weight, scale=scale, inertia=False)
         return label_statistics_of(X, sample_weight, labels, centers, covariance_type)
     if init_params in ("k-means++", "random_from_data"):
         if init_params == "k-means++":

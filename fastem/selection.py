@@ -196,7 +196,7 @@ def _kmeans_start(X, sample_weight, n_components, init_params, random_state):
         labels = np.full(X.shape[0], -1, dtype=np.int32)
         labels[indices] = np.arange(n_components)
         return labels, seeds
-    labels, centers, _, _ = lloyd(X, seeds, sample_weight)
+    labels, centers, _, _ = lloyd(X, seeds, sample_weight, inertia=False)
     return labels, centers
 
 

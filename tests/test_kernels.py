@@ -192,6 +192,12 @@ def test_lloyd_labels_and_inertia_are_those_of_its_final_centres(tol):
     assert_close(inertia, distances.min(axis=1).sum(), what="inertia")
     if tol == 0.0:
         assert n_iter > 1
+    # Without the inertia (as the fits run it): the same iterations, bit for bit.
+    bare_labels, bare_centers, none, bare_iter = lloyd(X, X[[0, 1, 2, 3]], tol=tol,
+                                                       inertia=False)
+    assert none is None and bare_iter == n_iter
+    np.testing.assert_array_equal(bare_labels, labels)
+    np.testing.assert_array_equal(bare_centers, centers)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

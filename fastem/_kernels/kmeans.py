@@ -67,10 +67,8 @@ def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, offset, sc
     Rows are taken as :math:`z_n = s x_n - s o` (the offset ``o`` is the data's
     mean, ``s`` a power of two, see ``_sq_dist``) and the centres ``centers``
     are given so. As in scikit-learn's k-means, the distance compared is
-    :math:`\lVert c_k
-Vert^2 - 2 z_n^T c_k` (``centre_norms`` holds
-    :math:`\lVert c_k
-Vert^2`), computed for each block of ``BLOCK_ROWS``
+    :math:`\lVert c_k\rVert^2 - 2 z_n^T c_k` (``centre_norms`` holds
+    :math:`\lVert c_k\rVert^2`), computed for each block of ``BLOCK_ROWS``
     rows by one ``dgemm``, and ties go to the lowest k: the same arithmetic,
     so rows at equal distances (0/1 or rounded data) go where scikit-learn
     sends them. ``rows`` (BLOCK_ROWS, D) and ``distances`` (BLOCK_ROWS, K) are
@@ -78,12 +76,12 @@ Vert^2`), computed for each block of ``BLOCK_ROWS``
 
     ``sums_p[c]`` (K, D) :math:`\sum_{n \in c, k} w_n z_n`, ``counts_p[c]``
     (K,) :math:`\sum w_n`, ``inertia_p[c]`` :math:`\sum w_n \min_k \lVert
-    z_n-c_k
-Vert^2` and ``changed_p[c]`` the number of labels changed
+    z_n-c_k\rVert^2` and ``changed_p[c]`` the number of labels changed
     (reduced in chunk order by the caller).
     """
     n_clusters, n_features = centers.shape
     weighted = sample_weight.shape[0] > 0
+    inertia = inertia_p.shape[0] > 0
     # BLAS's by-reference arguments: transa 'T', transb 'N' (as bytes: ord()
     # and np.array of a list would each compile helpers of their own), sizes
     # and the scalars alpha = -2, beta = 1.
@@ -124,11 +122,13 @@ Vert^2` and ``changed_p[c]`` the number of labels changed
                     labels[n] = best_k
                 w = sample_weight[n] if weighted else 1.0
                 counts_p[c, best_k] += w
-                norm = 0.0
                 for d in range(n_features):
                     sums_p[c, best_k, d] += rows[r, d] * w
-                    norm += rows[r, d] * rows[r, d]
-                inertia_p[c] += w * max(norm + best, 0.0)
+                if inertia:
+                    norm = 0.0
+                    for d in range(n_features):
+                        norm += rows[r, d] * rows[r, d]
+                    inertia_p[c] += w * max(norm + best, 0.0)
 
 
 @njit(cache=True, error_model="numpy")
