@@ -68,7 +68,8 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
     if sample_weight is None:
         first = min(int(first_u * n_samples), n_samples - 1)
     else:
-        first = int(_draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]))[0])
+        first = int(_draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]),
+                                  np.empty(0))[0])
     return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight, scale)
 
 
@@ -100,11 +101,14 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
     closest = np.full(n_samples, np.inf)
+    # Each block's sum of w D^2, from the pass over X: the draws then scan one block.
+    block_mass = np.empty((n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS)
     work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
-    run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X,
-               np.asarray(X[first_index], dtype=np.float64), scale, closest)
+    run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
+               np.asarray(X[first_index], dtype=np.float64), scale, closest, block_mass)
     for c in range(1, n_clusters):
-        candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64))
+        candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64),
+                                   block_mass)
         parts = np.zeros((n_chunks, candidates.shape[0]))
         run_chunks(kmeans.candidate_potentials, n_chunks, work, n_chunks, X, sw,
                    np.ascontiguousarray(X[candidates], dtype=np.float64), scale, closest,
@@ -115,14 +119,15 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
             potentials += part
         best = int(candidates[int(np.argmin(potentials))])
         indices.append(best)
-        run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X,
-                   np.asarray(X[best], dtype=np.float64), scale, closest)
+        run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
+                   np.asarray(X[best], dtype=np.float64), scale, closest, block_mass)
     indices = np.asarray(indices)
     return np.asarray(X[indices], dtype=np.float64), indices
 
 
-def _draw_by_mass(mass, sample_weight, fractions):
-    return kmeans.draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"))
+def _draw_by_mass(mass, sample_weight, fractions, block_mass):
+    return kmeans.draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"),
+                               block_mass)
 
 
 def column_variance(X, sample_weight=None, scale=1.0, centre=None):

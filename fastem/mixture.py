@@ -82,7 +82,7 @@ class EMMixture(DensityMixin, BaseEstimator):
         return "allow-nan" if self.missing == "em" else True
 
     def _validate_fit_data(self, X):
-        """scikit-learn's validation of the data of ``fit``, and :math:`\max|X|`
+        r"""scikit-learn's validation of the data of ``fit``, and :math:`\max|X|`
         (NaN when X holds missing values ``missing='em'`` accepts).
 
         The finiteness check reads the two reductions that the data's scale

@@ -25,6 +25,8 @@ import math
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from ._kernels.chunks import BLOCK_ROWS
+
 __all__ = [
     "COVARIANCE_TYPES",
     "LOG_2PI",
@@ -357,8 +359,8 @@ def kmeans_plusplus(X, n_clusters, uniforms, first_index, n_local_trials=None, s
     indices = [int(first_index)]
     closest = ((X - X[first_index]) ** 2).sum(axis=1)
     for c in range(1, n_clusters):
-        cumulative = np.cumsum(w * closest)
-        targets = np.asarray(uniforms[c - 1][:n_local_trials]) * cumulative[-1]
+        cumulative, total = blocked_cumulative_mass(w * closest)
+        targets = np.asarray(uniforms[c - 1][:n_local_trials]) * total
         candidates = np.minimum(np.searchsorted(cumulative, targets, side="right"), X.shape[0] - 1)
         best_potential, best = np.inf, None
         for cand in candidates:
@@ -370,6 +372,26 @@ def kmeans_plusplus(X, n_clusters, uniforms, first_index, n_local_trials=None, s
         closest = best_closest
     indices = np.asarray(indices)
     return X[indices].copy(), indices
+
+
+def blocked_cumulative_mass(mass, block=BLOCK_ROWS):
+    r"""The cumulative sums k-means++ draws from, taken in blocks of ``block`` rows.
+
+    With :math:`M_b` block b's sum (rows in order) and :math:`P_b = M_0 + \dots
+    + M_{b-1}`, row i of block b gets :math:`P_b + (m_{b0} + \dots + m_i)`;
+    returns those and the total :math:`P_B`. (Twin of
+    :func:`fastem._kernels.kmeans.draw_by_mass`, whose pass over X sums each
+    block in parallel.)
+    """
+    mass = np.asarray(mass, dtype=np.float64)
+    n = mass.shape[0]
+    n_blocks = -(-n // block)
+    padded = np.zeros(n_blocks * block)
+    padded[:n] = mass
+    within = np.cumsum(padded.reshape(n_blocks, block), axis=1)  # each block in order
+    running = np.cumsum(within[:, -1])
+    prefix = np.concatenate([[0.0], running[:-1]])
+    return (prefix[:, None] + within).reshape(-1)[:n], float(running[-1])
 
 
 def column_moments(X, centre, scale=1.0, sample_weight=None):

@@ -147,6 +147,30 @@ def test_weighted_label_statistics_match_reference(k, dtype):
     assert_close(stats.sxx.reshape(sxx.shape), sxx, rtol=rtol, what="S_k")
 
 
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 3001])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_draw_by_mass_matches_blocked_cumulative_search(n, weighted):
+    from fastem._kernels import kmeans
+    from fastem.initialization import BLOCK_ROWS
+
+    rng = np.random.default_rng(n)
+    mass = rng.exponential(size=n) * (rng.uniform(size=n) < 0.7)  # with zero masses
+    mass[-1] += 0.5
+    weights = rng.uniform(0.0, 2.0, size=n) if weighted else np.empty(0)
+    m = mass * weights if weighted else mass
+    cumulative, total = reference.blocked_cumulative_mass(m)
+    # Draws anywhere, at the exact cumulative values, and at both ends.
+    fractions = np.concatenate([rng.uniform(size=40), cumulative[::97] / total, [0.0, 1 - 1e-17]])
+    expected = np.minimum(np.searchsorted(cumulative, fractions * total, side="right"), n - 1)
+    order = np.argsort(fractions, kind="stable")
+    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, np.empty(0))
+    np.testing.assert_array_equal(drawn, expected)
+    # With the block sums handed over by the pass that computed the masses.
+    blocks = np.array([m[i:i + BLOCK_ROWS].cumsum()[-1] for i in range(0, n, BLOCK_ROWS)])
+    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, blocks)
+    np.testing.assert_array_equal(drawn, expected)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_kmeans_plusplus_matches_reference(problem, weighted):
     X, k = problem

@@ -49,13 +49,21 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ca
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def update_closest(chunk_first, chunk_last, n_chunks, X, center, scale, closest):
+def update_closest(chunk_first, chunk_last, n_chunks, X, sample_weight, center, scale, closest,
+                   block_mass):
     """closest[n] = min(closest[n], ||s x_n - s center||^2), in place (from
-    ``closest = inf``: the scaled squared distances to ``center``)."""
+    ``closest = inf``: the scaled squared distances to ``center``), and each
+    block's mass for :func:`draw_by_mass`: block_mass[b] = the sum of
+    ``w_n closest[n]`` over rows ``b * BLOCK_ROWS ...`` in order."""
+    weighted = sample_weight.shape[0] > 0
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
-        for n in range(first, last):
-            closest[n] = min(closest[n], _sq_dist(X, n, center, scale))
+        for start in range(first, last, BLOCK_ROWS):
+            mass = 0.0
+            for n in range(start, min(start + BLOCK_ROWS, last)):
+                closest[n] = min(closest[n], _sq_dist(X, n, center, scale))
+                mass += closest[n] * sample_weight[n] if weighted else closest[n]
+            block_mass[start // BLOCK_ROWS] = mass
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -132,34 +140,56 @@ def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, offset, sc
 
 
 @njit(cache=True, error_model="numpy")
-def draw_by_mass(closest, sample_weight, fractions, order):
-    r"""Rows drawn with probability :math:`\propto w_n D_n^2`, without a cumulative array.
+def draw_by_mass(closest, sample_weight, fractions, order, block_mass):
+    r"""Rows drawn with probability :math:`\propto m_n = w_n D_n^2`, without a
+    cumulative array.
 
-    Row ``i`` is drawn for fraction ``u`` when the running sum
-    :math:`\sum_{n\le i} w_n D_n^2` first exceeds ``u`` times the total, the
-    rows taken left to right exactly as ``np.searchsorted(np.cumsum(.),
-    side="right")`` would (the twin, :func:`fastem.reference.kmeans_plusplus`,
-    does that): same additions in the same order, no N-sized temporary.
-    ``order`` is ``np.argsort(fractions)`` (sorted by the caller: a sort
-    compiled here would cost more than the kernel).
+    The running sum is taken in blocks of ``BLOCK_ROWS`` rows: with
+    :math:`M_b` the sum of block b's masses in row order and :math:`P_b =
+    M_0 + ... + M_{b-1}` (in order), row i of block b has the cumulative mass
+    :math:`C_i = P_b + (m_{b0} + ... + m_i)`. Row ``i`` is drawn for fraction
+    ``u`` when :math:`C_i` first exceeds ``u`` times the total
+    :math:`P_B`, as ``np.searchsorted(C, u * total, side="right")`` (the
+    twin, :func:`fastem.reference.blocked_cumulative_mass`). :math:`C` rises
+    with i, and the last row of block b has :math:`C = P_{b + 1}`; so the
+    search steps over whole blocks and scans only the block holding the
+    draw. The block sums come from the pass that computed the masses
+    (``block_mass``, from :func:`update_closest`), or are summed here when
+    ``block_mass`` is empty. ``order`` is ``np.argsort(fractions)`` (sorted by
+    the caller: a sort compiled here would cost more than the kernel).
     """
     n = closest.shape[0]
     weighted = sample_weight.shape[0] > 0
+    n_blocks = (n + BLOCK_ROWS - 1) // BLOCK_ROWS
+    if block_mass.shape[0] == 0:
+        block_mass = np.empty(n_blocks)
+        for b in range(n_blocks):
+            mass = 0.0
+            for i in range(b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)):
+                mass += closest[i] * sample_weight[i] if weighted else closest[i]
+            block_mass[b] = mass
     total = 0.0
-    for i in range(n):
-        total += closest[i] * sample_weight[i] if weighted else closest[i]
+    for b in range(n_blocks):
+        total += block_mass[b]
     rows = np.empty(fractions.shape[0], dtype=np.int64)
     for t in range(rows.shape[0]):
         rows[t] = n - 1
-    running = 0.0
+    prefix = 0.0
     t = 0
-    for i in range(n):
-        running += closest[i] * sample_weight[i] if weighted else closest[i]
-        while t < order.shape[0] and running > fractions[order[t]] * total:
-            rows[order[t]] = i
-            t += 1
+    for b in range(n_blocks):
         if t == order.shape[0]:
             break
+        following = prefix + block_mass[b]
+        if following > fractions[order[t]] * total:
+            # The draw (and maybe the next ones) lies in this block.
+            partial = 0.0
+            for i in range(b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)):
+                partial += closest[i] * sample_weight[i] if weighted else closest[i]
+                running = prefix + partial
+                while t < order.shape[0] and running > fractions[order[t]] * total:
+                    rows[order[t]] = i
+                    t += 1
+        prefix = following
     return rows
 
 
