@@ -129,9 +129,8 @@ def test_label_statistics_match_reference(problem, covariance_type):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("k", [2, 3, 6])
 def test_weighted_label_statistics_match_reference(k, dtype):
-    # From three components on, the loop engine gathers each label's rows of a
-    # block instead of weighting every row by 0 or 1: several blocks, rows of
-    # no component (-1), a component with no rows, and sample weights.
+    # Several blocks, rows of no component (-1), a component with no rows,
+    # and sample weights.
     rng = np.random.default_rng(k)
     X = make_mixture(2600, 5, 3, seed=k).astype(dtype)
     labels = rng.integers(-1, k - 1, size=X.shape[0]).astype(np.int32)  # k - 1: empty

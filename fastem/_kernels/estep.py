@@ -344,8 +344,7 @@ def _component_weight(weights, n_pad, zeros):
 
 
 @helper_inline
-def _moments_loops_full(X, start, xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk,
-                        sx, sxx, by_label, labels, sample_weight, members):
+def _moments_loops_full(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx):
     """Add the block's weighted first moments and scatter around the means.
 
     With ``centred``, ``diffs[k]`` already holds the block centred on mean k
@@ -354,46 +353,15 @@ def _moments_loops_full(X, start, xT, n_rows, means, resp, diffs, centred, wdiff
     the next whole vector. Sums over the block's rows are taken lane-wise in
     X's precision, every total across blocks in float64. (Separate from the
     diagonal variant so that neither engine compiles the other's code.)
-
-    With ``by_label`` the weights are one-hot: row ``r`` belongs to component
-    ``labels[start + r]`` (-1: none) with its sample weight. Each component's
-    rows are then gathered from ``xT``, in order, and centred into ``diffs[0]``
-    (their indices in ``members``, their weights in ``resp[0]``), so that a
-    row enters only its own component's sums: 1/K of the work of weighting
-    every row by 0 or 1.
     """
     n_components, n_features = means.shape
     width = lanes(zeros)
-    weighted = sample_weight.shape[0] > 0
+    n_pad = _padded(n_rows, zeros)
     for k in range(n_components):
-        n = n_rows
-        if by_label:
-            n = 0
-            for r in range(n_rows):
-                # Branch-free: labels in random order would mispredict.
-                members[n] = r
-                n += labels[start + r] == k
-            if n == 0:
-                continue
-            n_pad = _padded(n, zeros)
-            diff = diffs[0]
-            for d in range(n_features):
-                m = means[k, d]
-                for i in range(n):
-                    diff[d, i] = xT[d, members[i]] - m
-                for i in range(n, n_pad):
-                    diff[d, i] = 0.0
-            weights = resp[0]
-            for i in range(n):
-                weights[i] = sample_weight[start + members[i]] if weighted else 1.0
-            for i in range(n, n_pad):
-                weights[i] = 0.0
-        else:
-            weights = resp[k]
-            n_pad = _padded(n, zeros)
-            diff = diffs[k] if centred else diffs[0]
-            if not centred:
-                _centre(xT, n, means[k], diff)
+        diff = diffs[k] if centred else diffs[0]
+        if not centred:
+            _centre(xT, n_rows, means[k], diff)
+        weights = resp[k]
         nk[k] += _component_weight(weights, n_pad, zeros)
         for i in range(n_features):
             row = diff[i]
@@ -849,15 +817,14 @@ def _log_prob_blas_diag(X, start, n_rows, means, prec, log_const, trmm, W, const
 @helper_inline
 def _accumulate_loops_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
                            rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
-                           sxx, by_label, labels, sample_weight, members):
-    _moments_loops_full(X, start, xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk,
-                        sx, sxx, by_label, labels, sample_weight, members)
+                           sxx):
+    _moments_loops_full(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, nk, sx, sxx)
 
 
 @helper_inline
 def _accumulate_loops_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
                            rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
-                           sxx, by_label, labels, sample_weight, members):
+                           sxx):
     # The diagonal loops leave no centred block behind.
     _moments_loops_diag(xT, n_rows, means, resp, diffs[0], zeros, nk, sx, sxx)
 
@@ -865,14 +832,14 @@ def _accumulate_loops_diag(X, start, n_rows, means, resp, centred, xT, diffs, wd
 @helper_inline
 def _accumulate_blas_full(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
                           rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
-                          sxx, by_label, labels, sample_weight, members):
+                          sxx):
     _accumulate_full_blas(X, start, n_rows, means, resp, rows, nk, sx, sxx, syrk)
 
 
 @helper_inline
 def _accumulate_blas_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros,
                           rows, gathered, gathered_weights, dense_resp, moments, syrk, nk, sx,
-                          sxx, by_label, labels, sample_weight, members):
+                          sxx):
     _accumulate_diag_moments(rows, n_rows, resp, nk, sx, sxx, gathered, gathered_weights,
                              dense_resp, moments)
 
@@ -898,8 +865,7 @@ _ENGINES = {
                             _engine_accumulate=_accumulate_loops_full,
                             _engine_prepare_labels=_prepare_labels_loops,
                             _ENGINE_BLOCK=LOOPS_BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=True,
-                            _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False,
-                            _ENGINE_GATHERS_LABELS=True),
+                            _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False),
     ENGINE_LOOPS_DIAG: dict(_engine_log_prob=_log_prob_loops_diag,
                             _engine_accumulate=_accumulate_loops_diag,
                             _engine_prepare_labels=_prepare_labels_loops,
@@ -922,8 +888,6 @@ _ENGINE_NAMES = {ENGINE_LOOPS_FULL: "loops_full", ENGINE_LOOPS_DIAG: "loops_diag
 _engine_log_prob = _engine_accumulate = _engine_prepare_labels = None
 _ENGINE_BLOCK = BLOCK_ROWS
 _ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = _ENGINE_PRUNES = False
-# Whether the engine's accumulation gathers each label's rows (MODE_LABELS) itself.
-_ENGINE_GATHERS_LABELS = False
 
 
 def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, labels, means,
@@ -1039,10 +1003,6 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     sums = np.empty(block)
     log_sums = np.empty(block)
     far = np.zeros(block, dtype=np.bool_)
-    # Gathering each label's rows pays from three components on (1M x 10, one
-    # thread: K = 2 even, K = 5 18 against 27 ms, K = 20 four times faster).
-    gathers = _ENGINE_GATHERS_LABELS and mode == MODE_LABELS and n_components >= 3
-    members = np.empty(block if gathers else 0, dtype=np.int64)
     weighted = sample_weight.shape[0] > 0
     if _ENGINE_PRUNES:
         prunes = bounds.shape[0] > 0 and (mode == MODE_STATISTICS or mode == MODE_PROBA
@@ -1064,10 +1024,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
             # The loop engines' sums run over whole vectors of rows: the
             # responsibilities of the rows past the block's end are 0.
             n_pad = _padded(n_rows, zeros) if _ENGINE_LOOPS else n_rows
-            if gathers:
-                # The accumulation gathers each label's rows from the block.
-                _engine_prepare_labels(X, start, n_rows, centre, xT, rows)
-            elif mode == MODE_LABELS:
+            if mode == MODE_LABELS:
                 for k in range(n_components):
                     for r in range(n_pad):
                         log_prob[k, r] = 0.0
@@ -1190,8 +1147,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
             if accumulates:
                 _engine_accumulate(X, start, n_rows, means, log_prob, mode == MODE_STATISTICS,
                                    xT, diffs, wdiff, zeros, rows, gathered, gathered_weights,
-                                   dense_resp, moments, syrk, nk, sx, sxx,
-                                   gathers, labels, sample_weight, members)
+                                   dense_resp, moments, syrk, nk, sx, sxx)
         ll_parts[c] = loglik
         worst[c] = worst_c
         worst_index[c] = worst_i
