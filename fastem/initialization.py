@@ -170,11 +170,21 @@ def _column_moments(X, sample_weight, centre, scale):
 
 
 def column_mean(X):
-    """``X.mean(axis=0)``, the same bits (scikit-learn's k-means centres X on
-    it), by :func:`fastem._kernels.kmeans.column_sums` where they agree."""
+    """``X.mean(axis=0)``, the same bits (scikit-learn's k-means centres X on it).
+
+    NumPy reduces a C-contiguous float64 (N, D > 1) array over axis 0 row by
+    row, adding each row to the running sums; so does
+    :func:`fastem._kernels.kmeans.column_moments` over one chunk, around 0
+    and unscaled (``x * 1 - 0`` is ``x``), in a quarter of NumPy's time (its
+    inner loop is one row long). NumPy's own mean elsewhere (one column it
+    sums pairwise; float32 it sums in float32).
+    """
     if (X.ndim == 2 and X.shape[1] > 1 and X.shape[0] > 0 and X.flags.c_contiguous
-            and X.dtype in (np.float32, np.float64)):
-        return kmeans.column_sums(X) / X.shape[0]
+            and X.dtype == np.float64):
+        first, second = np.zeros((1, X.shape[1])), np.zeros((1, X.shape[1]))
+        kmeans.column_moments(0, 1, 1, X, weights_operand(None), np.zeros(X.shape[1]), 1.0,
+                              first, second)
+        return first[0] / X.shape[0]
     return X.mean(axis=0)
 
 

@@ -209,19 +209,3 @@ def column_moments(chunk_first, chunk_last, n_chunks, X, sample_weight, centre, 
                 t = X[n, d] * scale - centre[d]
                 first_parts[c, d] += w * t
                 second_parts[c, d] += w * t * t
-
-
-@njit(cache=True, error_model="numpy", nogil=True)
-def column_sums(X):
-    r""":math:`\sum_n x_{nd}` for each column, row after row, in X's dtype.
-
-    NumPy reduces a C-contiguous (N, D > 1) array over axis 0 the same way (it
-    adds each row to the running sums), so ``column_sums(X) / N`` has the bits
-    of ``X.mean(axis=0)`` in a quarter of the time (NumPy's inner loop is one
-    row long). A single column NumPy sums pairwise instead.
-    """
-    out = np.zeros(X.shape[1], dtype=X.dtype)
-    for n in range(X.shape[0]):
-        for d in range(X.shape[1]):
-            out[d] += X[n, d]
-    return out
