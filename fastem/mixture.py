@@ -91,7 +91,8 @@ class EMMixture(DensityMixin, BaseEstimator):
         """
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
                           order="C", ensure_all_finite=False)
-        largest = largest_magnitude(X)
+        with _threads.limit(self.n_threads):
+            largest = largest_magnitude(X)
         if not math.isfinite(largest):
             X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
                               order="C", ensure_all_finite=self._finite_rule())

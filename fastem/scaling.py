@@ -26,7 +26,12 @@ import math
 
 import numpy as np
 
+from . import _threads
 from .stats import GaussianParameters
+
+# largest_magnitude's row ranges (NumPy releases the GIL in its reductions).
+_EXTREMES_RANGES = 8
+_EXTREMES_MIN_ROWS = 16_384
 
 # Largest binary exponent of the coordinates fitted as they are (and, negated,
 # the smallest), by dtype: squares and their block sums then stay in range.
@@ -34,12 +39,23 @@ _EXPONENT_LIMIT = {np.dtype(np.float64): 400, np.dtype(np.float32): 40}
 
 
 def largest_magnitude(X) -> float:
-    """:math:`\\max|X|` (0 for empty X), by two NumPy reductions and no N x D
-    temporary: infinite when X holds an infinity, NaN when it holds a NaN (the
-    reductions propagate it), so one call also tells whether X is finite."""
+    """:math:`\\max|X|` (0 for empty X), by NumPy's maximum and minimum over row
+    ranges on the kernels' threads, with no N x D temporary: infinite when X
+    holds an infinity, NaN when it holds a NaN (the reductions propagate it),
+    so one call also tells whether X is finite."""
     if X.size == 0:
         return 0.0
-    return max(abs(float(X.max())), abs(float(X.min())))
+    n_rows = X.shape[0]
+    n_ranges = max(1, min(_EXTREMES_RANGES, n_rows // _EXTREMES_MIN_ROWS))
+    extremes = np.empty((n_ranges, 2))
+
+    def ranges(first, last):
+        for r in range(first, last):
+            part = X[r * n_rows // n_ranges:(r + 1) * n_rows // n_ranges]
+            extremes[r] = part.max(), part.min()
+
+    _threads.run_chunks(ranges, n_ranges, X.size)
+    return max(abs(float(extremes[:, 0].max())), abs(float(extremes[:, 1].min())))
 
 
 def power_of_two_scale(X, exponent_limit: int) -> float:

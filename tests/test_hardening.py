@@ -74,6 +74,23 @@ def test_data_near_the_float64_limit_fit_as_their_rescaled_copy(covariance_type)
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("n_rows", [3, 40_000, 200_001])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_largest_magnitude_sees_every_row_range(n_rows, dtype):
+    # The fit's finiteness check and data scale read it: a NaN or an infinity
+    # in any of its row ranges (first, last) must show, as must the extreme.
+    from fastem.scaling import largest_magnitude
+
+    X = np.random.default_rng(n_rows).normal(size=(n_rows, 3)).astype(dtype)
+    X[n_rows // 2, 1] = -7e3
+    assert largest_magnitude(X) == 7e3
+    for row, bad in ((0, np.inf), (n_rows - 1, -np.inf), (n_rows - 1, np.nan)):
+        Y = X.copy()
+        Y[row, 2] = bad
+        result = largest_magnitude(Y)
+        assert np.isnan(result) if np.isnan(bad) else result == np.inf
+
+
 def test_kmeans_on_extreme_data_chooses_as_on_the_rescaled_copy():
     X = _two_clusters(n=500, d=3)
     X[7] = 1e200
