@@ -104,8 +104,9 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     # Each block's sum of w D^2, from the pass over X: the draws then scan one block.
     block_mass = np.empty((n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS)
     work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
-    run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
-               np.asarray(X[first_index], dtype=np.float64), scale, closest, block_mass)
+    if n_clusters > 1:
+        run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
+                   np.asarray(X[first_index], dtype=np.float64), scale, closest, block_mass)
     for c in range(1, n_clusters):
         candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64),
                                    block_mass)
@@ -119,8 +120,9 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
             potentials += part
         best = int(candidates[int(np.argmin(potentials))])
         indices.append(best)
-        run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
-                   np.asarray(X[best], dtype=np.float64), scale, closest, block_mass)
+        if c < n_clusters - 1:  # the distances are for the next draw
+            run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
+                       np.asarray(X[best], dtype=np.float64), scale, closest, block_mass)
     indices = np.asarray(indices)
     return np.asarray(X[indices], dtype=np.float64), indices
 
