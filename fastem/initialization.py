@@ -173,6 +173,13 @@ def _column_moments(X, sample_weight, centre, scale):
 
 def column_mean(X):
     """``X.mean(axis=0)``, the same bits (scikit-learn's k-means centres X on it).
+    See :func:`column_mean_and_square`."""
+    return column_mean_and_square(X)[0]
+
+
+def column_mean_and_square(X):
+    r"""``X.mean(axis=0)`` (the same bits) and :math:`\frac1N\sum_n x_{nd}^2`, or
+    None where it is not read along.
 
     NumPy reduces a C-contiguous float64 (N, D > 1) array over axis 0 row by
     row, adding each row to the running sums; so does
@@ -186,8 +193,8 @@ def column_mean(X):
         first, second = np.zeros((1, X.shape[1])), np.zeros((1, X.shape[1]))
         kmeans.column_moments(0, 1, 1, X, weights_operand(None), np.zeros(X.shape[1]), 1.0,
                               first, second)
-        return first[0] / X.shape[0]
-    return X.mean(axis=0)
+        return first[0] / X.shape[0], second[0] / X.shape[0]
+    return X.mean(axis=0), None
 
 
 def _sum_in_order(parts):
@@ -227,9 +234,10 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None, in
     # Rows are taken as z = s x - s m: the mean m as scikit-learn subtracts
     # it, and a power of two s that keeps squares in range (1 for most data).
     scale = distance_scale(X) if scale is None else scale
-    offset = np.asarray(column_mean(X), dtype=np.float64)
+    offset, square = column_mean_and_square(X)
+    offset = np.asarray(offset, dtype=np.float64)
     z_centers = np.asarray(centers, dtype=np.float64) * scale - offset * scale
-    tol_abs = tol * column_variance(X, sample_weight, scale, offset * scale).mean()
+    tolerance = _LloydTolerance(X, sample_weight, scale, offset, square, tol)
     # int32 labels: at a million rows they are the largest temporary of a fit.
     labels = np.full(n_samples, -1, dtype=np.int32)
     work = n_samples * n_clusters * n_features
@@ -258,13 +266,41 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None, in
         # centres, so the labels and inertia just computed are final.
         settled = changed == 0 and not empty.size and np.array_equal(new_centers, z_centers)
         z_centers = new_centers
-        if changed == 0 or shift <= tol_abs:
+        if changed == 0 or tolerance.reached(shift):
             break
     if not settled:
         # As scikit-learn does: the labels (and inertia) of the final centres.
         _, _, total, _ = assign(z_centers)
     centers = (z_centers + offset * scale) / scale
     return labels, centers, float(total) / scale / scale if inertia else None, n_iter
+
+
+class _LloydTolerance:
+    r"""Lloyd's stopping rule, shift :math:`\le` ``tol * mean(var(X))`` (in the
+    units of ``scale * X``), with the variances computed only when a shift
+    comes near: unweighted, :math:`\sigma_d^2 \le \frac1N\sum_n x_{nd}^2`
+    (``square``, read along with the column means), so a shift beyond ``tol``
+    times that bound (widened for rounding) cannot stop the iteration. The
+    first iterations, whose shifts are large, then cost no pass over X.
+    The decisions are those of the exact rule.
+    """
+
+    def __init__(self, X, sample_weight, scale, offset, square, tol):
+        self._args = (X, sample_weight, scale, offset * scale)
+        self._tol = tol
+        self._exact = None
+        mean_square = np.inf if square is None else float(np.mean(square))
+        # No bound for weights (the variance is weighted), or where squares
+        # may have underflowed enough to matter (tiny data, scaled up).
+        usable = sample_weight is None and 1e-290 < mean_square < np.inf
+        self._bound = tol * mean_square * scale * scale * (1.0 + 1e-6) if usable else np.inf
+
+    def reached(self, shift: float) -> bool:
+        if shift > self._bound:
+            return False
+        if self._exact is None:
+            self._exact = self._tol * column_variance(*self._args).mean()
+        return shift <= self._exact
 
 
 def _lloyd_assign_scratch(first, last, n_chunks, X, sw, offset, scale, centers, norms, gemm,

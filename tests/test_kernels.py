@@ -195,6 +195,44 @@ def test_column_mean_has_numpys_bits(shape, dtype):
     np.testing.assert_array_equal(column_mean(X[:, :1].copy()), X[:, :1].mean(axis=0))
 
 
+@pytest.mark.parametrize("case", ["separated", "offset", "tiny", "weighted", "stops_on_tol"])
+def test_lloyd_tolerance_bound_changes_no_decision(case, monkeypatch):
+    # Lloyd reads the variances (for tol) only once a shift comes near the
+    # bound from the mean squares; every decision must be the exact rule's.
+    import fastem.initialization as init
+
+    if case == "separated":
+        X = np.random.default_rng(3).normal(size=(3000, 4)) + 40.0 * np.repeat(np.eye(4), 750, 0)
+    else:  # overlapping: Lloyd runs a dozen iterations, some with small shifts
+        X = make_mixture(3000, 4, 4, seed=3)
+    weights, tol = None, 1e-4
+    if case == "offset":
+        X = X + 1e6
+    elif case == "tiny":
+        X = X * 1e-200
+    elif case == "weighted":
+        weights = np.random.default_rng(0).uniform(0.5, 2.0, X.shape[0])
+    elif case == "stops_on_tol":
+        tol = 0.5
+    seeds = X[[0, 800, 1600, 2400]]  # separated: one in each cluster
+    exact_calls = []
+    variance = init.column_variance
+    monkeypatch.setattr(init, "column_variance",
+                        lambda *a, **k: exact_calls.append(1) or variance(*a, **k))
+    labels, centers, _, n_iter = lloyd(X, seeds, weights, tol=tol, inertia=False)
+    calls = len(exact_calls)
+    monkeypatch.setattr(init._LloydTolerance, "reached",
+                        lambda self, shift: shift <= self._tol * variance(*self._args).mean())
+    exact = lloyd(X, seeds, weights, tol=tol, inertia=False)
+    np.testing.assert_array_equal(labels, exact[0])
+    np.testing.assert_array_equal(centers, exact[1])
+    assert n_iter == exact[3]
+    if case == "separated":
+        assert calls == 0  # the large shifts of the first iterations need no variance
+    if case == "stops_on_tol":
+        assert n_iter < lloyd(X, seeds, tol=0.0, inertia=False)[3]
+
+
 def test_lloyd_matches_reference():
     X = make_mixture(900, 4, 5, seed=2)
     centers0 = X[[0, 10, 20, 30, 40]]
