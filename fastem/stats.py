@@ -276,6 +276,8 @@ def pruning_is_exact(n_features: int) -> bool:
             if not np.array_equal(part, whole[:, columns]):
                 return False
     return True
+
+
 _NO_OUTPUT = (np.empty((0, 0)), np.empty(0))
 
 
