@@ -184,7 +184,7 @@ def column_mean_and_square(X):
     NumPy reduces a C-contiguous float64 (N, D > 1) array over axis 0 row by
     row, adding each row to the running sums; so does
     :func:`fastem._kernels.kmeans.column_moments` over one chunk, around 0
-    and unscaled (``x * 1 - 0`` is ``x``), in a quarter of NumPy's time (its
+    and unscaled (``x * 1 - 0`` is ``x``), in about a third of NumPy's time (its
     inner loop is one row long). NumPy's own mean elsewhere (one column it
     sums pairwise; float32 it sums in float32).
     """
