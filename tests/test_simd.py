@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastem._kernels._blocks import log_normal_positive
+from fastem._kernels._blocks import log_normal_positive, transpose_block
 from fastem._kernels.estep import sum_rows
 from fastem._kernels.simd import fma, lanes, vadd, vbroadcast, vfma, vload, vmul, vstore, vsum
 
@@ -118,3 +118,25 @@ def test_vectorised_log_of_values_outside_its_domain_does_not_fault():
     out = np.empty_like(values)
     _log_block(values, out, np.empty(5, dtype=np.int64))  # meaningless values, no fault
     assert out.shape == (5,)
+
+
+@njit
+def _transpose(X, start, n_rows, out):
+    transpose_block(X, start, n_rows, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n_features", [1, 2, 7, 8, 9, 10, 16, 17, 23])
+def test_transposition_copies_every_value_and_nothing_else(dtype, n_features):
+    # W x W register tiles (masked to the row's end) for C-contiguous data,
+    # element copies for other layouts and the rows past the last whole vector.
+    rng = np.random.default_rng(n_features)
+    X = rng.normal(size=(301, n_features)).astype(dtype)
+    for data in (X, np.asfortranarray(X), X[::-1]):
+        # (45, 256) and (285, 16): whole tiles that end on the last row.
+        for start, n_rows in ((0, 256), (3, 100), (45, 256), (285, 16), (290, 11), (0, 5)):
+            out = np.full((n_features, 256), -7.0, dtype=dtype)
+            _transpose(data, start, n_rows, out)
+            expected = np.full_like(out, -7.0)
+            expected[:, :n_rows] = data[start:start + n_rows].T
+            np.testing.assert_array_equal(out, expected)

@@ -778,24 +778,24 @@ def far_rows(X, start, far, means, prec, log_const, full, keep_log, log_prob, ro
 # once per engine with these names bound to that engine's functions (see
 # ``specialise``), and a fit compiles only its own engine's code.
 #
+#   read_block(X, start, n_rows, centre, xT, rows): the block as the engine
+#       reads it (the loops: transposed into xT; diagonal BLAS: centred rows
+#       and their squares in rows), once per block whatever the mode
 #   log_prob(X, start, n_rows, means, prec, log_const, trmm, W, const, centre,
 #            xT, diffs, y, quad, rows, products, log_prob)
 #   accumulate(X, start, n_rows, means, resp, centred, xT, diffs, wdiff, zeros, rows,
 #              gathered, gathered_weights, dense_resp, moments, syrk, nk, sx, sxx)
-#   prepare_labels(X, start, n_rows, centre, xT, rows)
 
 
 @helper_inline
 def _log_prob_loops_full(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
                          diffs, y, quad, rows, products, log_prob):
-    transpose_block(X, start, n_rows, xT)
     _log_prob_full_loops(xT, n_rows, means, prec, log_const, diffs, y, quad, log_prob)
 
 
 @helper_inline
 def _log_prob_loops_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
                          diffs, y, quad, rows, products, log_prob):
-    transpose_block(X, start, n_rows, xT)
     _log_prob_diag_loops(xT, n_rows, means, prec, log_const, log_prob)
 
 
@@ -810,7 +810,6 @@ def _log_prob_blas_full(X, start, n_rows, means, prec, log_const, trmm, W, const
 @helper_inline
 def _log_prob_blas_diag(X, start, n_rows, means, prec, log_const, trmm, W, const, centre, xT,
                         diffs, y, quad, rows, products, log_prob):
-    _centred_powers(X, start, n_rows, centre, rows)
     _log_prob_diag_gemm(rows, n_rows, W, const, products, log_prob)
 
 
@@ -845,17 +844,17 @@ def _accumulate_blas_diag(X, start, n_rows, means, resp, centred, xT, diffs, wdi
 
 
 @helper_inline
-def _prepare_labels_loops(X, start, n_rows, centre, xT, rows):
+def _read_block_loops(X, start, n_rows, centre, xT, rows):
     transpose_block(X, start, n_rows, xT)
 
 
 @helper_inline
-def _prepare_labels_blas_full(X, start, n_rows, centre, xT, rows):
-    pass  # the accumulation reads X itself
+def _read_block_blas_full(X, start, n_rows, centre, xT, rows):
+    pass  # the products read X itself
 
 
 @helper_inline
-def _prepare_labels_blas_diag(X, start, n_rows, centre, xT, rows):
+def _read_block_blas_diag(X, start, n_rows, centre, xT, rows):
     _centred_powers(X, start, n_rows, centre, rows)
 
 
@@ -863,29 +862,29 @@ def _prepare_labels_blas_diag(X, start, n_rows, centre, xT, rows):
 _ENGINES = {
     ENGINE_LOOPS_FULL: dict(_engine_log_prob=_log_prob_loops_full,
                             _engine_accumulate=_accumulate_loops_full,
-                            _engine_prepare_labels=_prepare_labels_loops,
+                            _engine_read_block=_read_block_loops,
                             _ENGINE_BLOCK=LOOPS_BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=True,
                             _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False),
     ENGINE_LOOPS_DIAG: dict(_engine_log_prob=_log_prob_loops_diag,
                             _engine_accumulate=_accumulate_loops_diag,
-                            _engine_prepare_labels=_prepare_labels_loops,
+                            _engine_read_block=_read_block_loops,
                             _ENGINE_BLOCK=LOOPS_BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=False,
                             _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False),
     ENGINE_BLAS_FULL: dict(_engine_log_prob=_log_prob_blas_full,
                            _engine_accumulate=_accumulate_blas_full,
-                           _engine_prepare_labels=_prepare_labels_blas_full,
+                           _engine_read_block=_read_block_blas_full,
                            _ENGINE_BLOCK=BLOCK_ROWS * BLAS_BLOCKS, _ENGINE_LOOPS=False,
                            _ENGINE_FULL=True, _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=True),
     ENGINE_BLAS_DIAG: dict(_engine_log_prob=_log_prob_blas_diag,
                            _engine_accumulate=_accumulate_blas_diag,
-                           _engine_prepare_labels=_prepare_labels_blas_diag,
+                           _engine_read_block=_read_block_blas_diag,
                            _ENGINE_BLOCK=BLOCK_ROWS, _ENGINE_LOOPS=False, _ENGINE_FULL=False,
                            _ENGINE_DIAG_BLAS=True, _ENGINE_PRUNES=False),
 }
 _ENGINE_NAMES = {ENGINE_LOOPS_FULL: "loops_full", ENGINE_LOOPS_DIAG: "loops_diag",
                  ENGINE_BLAS_FULL: "blas_full", ENGINE_BLAS_DIAG: "blas_diag"}
 # Placeholders the specialised copies rebind (the generic body is never compiled).
-_engine_log_prob = _engine_accumulate = _engine_prepare_labels = None
+_engine_log_prob = _engine_accumulate = _engine_read_block = None
 _ENGINE_BLOCK = BLOCK_ROWS
 _ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = _ENGINE_PRUNES = False
 
@@ -1024,6 +1023,8 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
             # The loop engines' sums run over whole vectors of rows: the
             # responsibilities of the rows past the block's end are 0.
             n_pad = _padded(n_rows, zeros) if _ENGINE_LOOPS else n_rows
+            # The block as the engine reads it (one copy of that code per pass).
+            _engine_read_block(X, start, n_rows, centre, xT, rows)
             if mode == MODE_LABELS:
                 for k in range(n_components):
                     for r in range(n_pad):
@@ -1032,7 +1033,6 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
                     label = labels[start + r]
                     if label >= 0:
                         log_prob[label, r] = sample_weight[start + r] if weighted else 1.0
-                _engine_prepare_labels(X, start, n_rows, centre, xT, rows)
             else:
                 if _ENGINE_PRUNES:
                     tries = prunes and rest == 0

@@ -41,7 +41,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._blocks import helper, specialise
+from ._blocks import helper, specialise, transpose_block
 
 # Emission forms (``method``).
 SCALED = 0
@@ -305,9 +305,7 @@ def _emission_block(X, low, n, gT, shift, full, xT, dx, gd, lane_nk, lane_sx, la
     without reassociation; :func:`_reduce_lanes` adds the lanes in order.
     """
     n_states, n_features = shift.shape
-    for d in range(n_features):  # stores along xT's rows (see transpose_block)
-        for r in range(n):
-            xT[d, r] = X[low + r, d]
+    transpose_block(X, low, n, xT)
     for k in range(n_states):
         for r in range(n):
             lane_nk[k, r] += gT[k, r]

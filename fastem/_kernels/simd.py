@@ -130,13 +130,8 @@ def vbroadcast(typingctx, arr, value):
     vector = _vector_of(arr.dtype)
 
     def codegen(context, builder, signature, args):
-        # LLVM's splat idiom: into lane 0, then shuffled to every lane.
         lane = context.cast(builder, args[1], value, arr.dtype)
-        vector_type = context.get_value_type(vector)
-        first = builder.insert_element(ir.Constant(vector_type, ir.Undefined), lane,
-                                       ir.Constant(ir.IntType(32), 0))
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
-        return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined), mask)
+        return _splat(builder, lane, context.get_value_type(vector))
 
     return vector(arr, value), codegen
 
@@ -205,6 +200,96 @@ def vsum(typingctx, v):
         return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
 
     return v.dtype(v), codegen
+
+
+def _splat(builder, value, vector_type):
+    """A vector whose every lane is the scalar ``value`` (LLVM's splat idiom)."""
+    undefined = ir.Constant(vector_type, ir.Undefined)
+    first = builder.insert_element(undefined, value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(first, undefined, zeros)
+
+
+def _transpose_masks(width):
+    """Shuffle masks of a W x W transposition, one pair per stage.
+
+    Stage ``b`` (W/2, W/4, ..., 1) exchanges bit ``b`` of the row index with
+    bit ``b`` of the lane index: rows ``i`` and ``i + b`` (bit ``b`` of ``i``
+    clear) swap their off-diagonal ``b``-lane blocks. After every stage,
+    row ``i`` lane ``l`` holds what row ``l`` lane ``i`` held.
+    """
+    stages = []
+    b = width // 2
+    while b >= 1:
+        low = [lane if lane & b == 0 else width + lane - b for lane in range(width)]
+        high = [lane + b if lane & b == 0 else width + lane for lane in range(width)]
+        stages.append((b, low, high))
+        b //= 2
+    return stages
+
+
+@intrinsic
+def transpose_tile(typingctx, X, row, col, n_cols, out, out_col):
+    """``out[col + j, out_col + i] = X[row + i, col + j]`` for ``i < W`` and
+    ``j < n_cols`` (``n_cols <= W``): one W x W tile of a transposition.
+
+    W rows are read as vectors (masked to ``n_cols`` lanes, so nothing past
+    a row's end is touched), transposed in registers by ``log2(W)`` stages
+    of W shuffles, and the first ``n_cols`` vectors stored along ``out``'s
+    rows. A copy: no arithmetic, the same bits. ``X`` and ``out`` are 2-D,
+    C-contiguous, of one float dtype.
+    """
+    if not (isinstance(X, types.Array) and isinstance(out, types.Array) and X.ndim == 2
+            and out.ndim == 2 and X.layout == "C" and out.layout == "C"
+            and X.dtype == out.dtype and X.dtype in (types.float32, types.float64)
+            and all(isinstance(t, types.Integer) for t in (row, col, n_cols, out_col))):
+        return None
+    vector = _vector_of(X.dtype)
+    width = vector.count
+
+    def codegen(context, builder, signature, args):
+        row_, col_, n_cols_, out_col_ = (
+            context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3, 5))
+        source = context.make_array(X)(context, builder, args[0])
+        target = context.make_array(out)(context, builder, args[4])
+        intp = context.get_value_type(types.intp)
+        vector_type = context.get_value_type(vector)
+        i32 = ir.IntType(32)
+        lane_index = ir.Constant(ir.VectorType(intp, width), list(range(width)))
+        mask = builder.icmp_signed("<", lane_index,
+                                   _splat(builder, n_cols_, ir.VectorType(intp, width)))
+        align = ir.Constant(i32, X.dtype.bitwidth // 8)
+        lane = "f64" if X.dtype.bitwidth == 64 else "f32"
+        rows = []
+        for i in range(width):
+            pointer = cgutils.get_item_pointer(
+                context, builder, X, source, [builder.add(row_, ir.Constant(intp, i)), col_],
+                wraparound=False, boundscheck=False)
+            load = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vector_type, [pointer.type, i32, mask.type,
+                                                              vector_type]),
+                f"llvm.masked.load.v{width}{lane}.p0")
+            rows.append(builder.call(load, [pointer, align, mask,
+                                            ir.Constant(vector_type, None)]))
+        for b, low, high in _transpose_masks(width):
+            low = ir.Constant(ir.VectorType(i32, width), low)
+            high = ir.Constant(ir.VectorType(i32, width), high)
+            for i in range(width):
+                if i & b == 0:
+                    rows[i], rows[i + b] = (builder.shuffle_vector(rows[i], rows[i + b], low),
+                                            builder.shuffle_vector(rows[i], rows[i + b], high))
+        for j in range(width):
+            inside = builder.icmp_signed("<", ir.Constant(intp, j), n_cols_)
+            with builder.if_then(inside, likely=True):
+                pointer = cgutils.get_item_pointer(
+                    context, builder, out, target,
+                    [builder.add(col_, ir.Constant(intp, j)), out_col_],
+                    wraparound=False, boundscheck=False)
+                builder.store(rows[j], builder.bitcast(pointer, vector_type.as_pointer()),
+                              align=X.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(X, row, col, n_cols, out, out_col), codegen
 
 
 @intrinsic
