@@ -183,6 +183,40 @@ def test_kmeans_plusplus_matches_reference(problem, weighted):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n_candidates, weighted, scale",
+                         [(1, False, 1.0), (3, True, 1.0), (9, False, 0.125), (17, True, 4.0)])
+def test_candidate_potentials_sum_each_candidate_as_the_scalar_loop(dtype, n_candidates,
+                                                                     weighted, scale):
+    # The kernel takes W candidates per vector; every lane must add the same
+    # rounded terms in the same order as a plain loop over rows and features:
+    # d = (((s x_0 - s c_0)^2 + (s x_1 - s c_1)^2) + ...), then
+    # parts[c, t] = ((w_0 min(D_0, d_0) + w_1 min(D_1, d_1)) + ...) per chunk.
+    from fastem._kernels import kmeans
+    from fastem._kernels.chunks import BLOCK_ROWS
+    rng = np.random.default_rng(n_candidates)
+    n, n_features, n_chunks = 3 * BLOCK_ROWS + 17, 5, 3
+    X = (rng.normal(size=(n, n_features)) * [1, 10, 0.1, 3, 1]).astype(dtype)
+    weights = rng.uniform(0.1, 2.0, n) if weighted else np.empty(0)
+    candidates = X[rng.integers(0, n, n_candidates)].astype(np.float64)
+    closest = rng.uniform(0, 20, n)
+    parts = np.zeros((n_chunks, n_candidates))
+    kmeans.candidate_potentials(0, n_chunks, n_chunks, X, weights, candidates, scale, closest,
+                                parts)
+    x = X.astype(np.float64) * scale
+    w = weights if weighted else np.ones(n)
+    n_blocks = -(-n // BLOCK_ROWS)
+    for c in range(n_chunks):
+        rows = slice(c * n_blocks // n_chunks * BLOCK_ROWS,
+                     min(n, (c + 1) * n_blocks // n_chunks * BLOCK_ROWS))
+        for t in range(n_candidates):
+            distance = np.zeros(n)
+            for d in range(n_features):
+                distance = distance + (x[:, d] - candidates[t, d] * scale) ** 2
+            terms = w * np.minimum(closest, distance)
+            assert parts[c, t] == np.cumsum(terms[rows])[-1], (c, t)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", [(2, 2), (1000, 3), (4099, 10), (257, 64), (3, 500)])
 def test_column_mean_has_numpys_bits(shape, dtype):
     # Lloyd centres the rows on X.mean(axis=0) as scikit-learn's k-means does;

