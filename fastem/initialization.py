@@ -69,7 +69,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
         first = min(int(first_u * n_samples), n_samples - 1)
     else:
         first = int(_draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]),
-                                  np.empty(0))[0])
+                                  np.empty(0), X, np.empty((0, X.shape[1])))[0])
     return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight, scale)
 
 
@@ -95,41 +95,45 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
                                scale=None):
     """k-means++ from pre-drawn uniforms (the twin of
     :func:`fastem.reference.kmeans_plusplus`, which consumes the same draws)."""
-    n_samples = X.shape[0]
+    n_samples, n_features = X.shape
     scale = distance_scale(X) if scale is None else scale
     sw = weights_operand(sample_weight)
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
     closest = np.full(n_samples, np.inf)
     # Each block's sum of w D^2, from the pass over X: the draws then scan one block.
-    block_mass = np.empty((n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS)
-    work = n_samples * X.shape[1] * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
+    n_blocks = (n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS
+    block_mass = np.empty(n_blocks)
+    work = n_samples * n_features * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
     if n_clusters > 1:
         run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
                    np.asarray(X[first_index], dtype=np.float64), scale, closest, block_mass)
+    # The centre last chosen, not yet in closest: the next candidates' pass
+    # takes it in (the draws before it compute its distances in one block).
+    pending = np.empty((0, n_features))
     for c in range(1, n_clusters):
         candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64),
-                                   block_mass)
-        parts = np.zeros((n_chunks, candidates.shape[0]))
-        run_chunks(kmeans.candidate_potentials, n_chunks, work, n_chunks, X, sw,
-                   np.ascontiguousarray(X[candidates], dtype=np.float64), scale, closest,
-                   parts)
+                                   block_mass, X, pending, scale)
+        targets = np.concatenate([pending, np.asarray(X[candidates], dtype=np.float64)])
+        parts = np.zeros((n_chunks, targets.shape[0]))
+        block_parts = np.empty((n_blocks, targets.shape[0]))
+        run_chunks(kmeans.candidate_potentials, n_chunks, work, n_chunks, X, sw, targets,
+                   pending.shape[0], scale, closest, parts, block_parts)
         # Summed in chunk order: the same potentials for any thread count.
         potentials = np.zeros(candidates.shape[0])
         for part in parts:
-            potentials += part
-        best = int(candidates[int(np.argmin(potentials))])
-        indices.append(best)
-        if c < n_clusters - 1:  # the distances are for the next draw
-            run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
-                       np.asarray(X[best], dtype=np.float64), scale, closest, block_mass)
+            potentials += part[pending.shape[0]:]
+        column = pending.shape[0] + int(np.argmin(potentials))
+        indices.append(int(candidates[column - pending.shape[0]]))
+        pending = targets[column:column + 1]
+        block_mass = np.ascontiguousarray(block_parts[:, column])
     indices = np.asarray(indices)
     return np.asarray(X[indices], dtype=np.float64), indices
 
 
-def _draw_by_mass(mass, sample_weight, fractions, block_mass):
+def _draw_by_mass(mass, sample_weight, fractions, block_mass, X, pending, scale=1.0):
     return kmeans.draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"),
-                               block_mass)
+                               block_mass, X, pending, scale)
 
 
 def column_variance(X, sample_weight=None, scale=1.0, centre=None):

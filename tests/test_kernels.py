@@ -162,11 +162,24 @@ def test_draw_by_mass_matches_blocked_cumulative_search(n, weighted):
     fractions = np.concatenate([rng.uniform(size=40), cumulative[::97] / total, [0.0, 1 - 1e-17]])
     expected = np.minimum(np.searchsorted(cumulative, fractions * total, side="right"), n - 1)
     order = np.argsort(fractions, kind="stable")
-    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, np.empty(0))
+    X, no_pending = np.zeros((n, 2)), np.empty((0, 2))
+    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, np.empty(0), X, no_pending, 1.0)
     np.testing.assert_array_equal(drawn, expected)
     # With the block sums handed over by the pass that computed the masses.
     blocks = np.array([m[i:i + BLOCK_ROWS].cumsum()[-1] for i in range(0, n, BLOCK_ROWS)])
-    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, blocks)
+    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, blocks, X, no_pending, 1.0)
+    np.testing.assert_array_equal(drawn, expected)
+    # With a pending centre p: masses w min(mass, |x - p|^2), for rows the
+    # kernel reads from X (distances computed feature by feature in order).
+    X = rng.normal(size=(n, 2)) * 2.0
+    pending = rng.normal(size=(1, 2))
+    distance = (X[:, 0] - pending[0, 0]) ** 2 + (X[:, 1] - pending[0, 1]) ** 2
+    updated = np.minimum(mass, distance)
+    m = updated * weights if weighted else updated
+    cumulative, total = reference.blocked_cumulative_mass(m)
+    expected = np.minimum(np.searchsorted(cumulative, fractions * total, side="right"), n - 1)
+    blocks = np.array([m[i:i + BLOCK_ROWS].cumsum()[-1] for i in range(0, n, BLOCK_ROWS)])
+    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, blocks, X, pending, 1.0)
     np.testing.assert_array_equal(drawn, expected)
 
 
@@ -199,21 +212,38 @@ def test_candidate_potentials_sum_each_candidate_as_the_scalar_loop(dtype, n_can
     weights = rng.uniform(0.1, 2.0, n) if weighted else np.empty(0)
     candidates = X[rng.integers(0, n, n_candidates)].astype(np.float64)
     closest = rng.uniform(0, 20, n)
-    parts = np.zeros((n_chunks, n_candidates))
-    kmeans.candidate_potentials(0, n_chunks, n_chunks, X, weights, candidates, scale, closest,
-                                parts)
     x = X.astype(np.float64) * scale
     w = weights if weighted else np.ones(n)
+
+    def distance_to(centre):
+        distance = np.zeros(n)
+        for d in range(n_features):
+            distance = distance + (x[:, d] - centre[d] * scale) ** 2
+        return distance
+
     n_blocks = -(-n // BLOCK_ROWS)
-    for c in range(n_chunks):
-        rows = slice(c * n_blocks // n_chunks * BLOCK_ROWS,
-                     min(n, (c + 1) * n_blocks // n_chunks * BLOCK_ROWS))
+    for n_pending in (0, 1):
+        # A pending centre (lane 0) is first taken into closest.
+        pending = X[rng.integers(0, n, n_pending)].astype(np.float64)
+        targets = np.concatenate([pending, candidates])
+        updated = closest.copy()
+        parts = np.zeros((n_chunks, targets.shape[0]))
+        block_parts = np.full((n_blocks, targets.shape[0]), np.nan)
+        kmeans.candidate_potentials(0, n_chunks, n_chunks, X, weights, targets, n_pending,
+                                    scale, updated, parts, block_parts)
+        expected = np.minimum(closest, distance_to(pending[0])) if n_pending else closest
+        np.testing.assert_array_equal(updated, expected)
+        for c in range(n_chunks):
+            rows = slice(c * n_blocks // n_chunks * BLOCK_ROWS,
+                         min(n, (c + 1) * n_blocks // n_chunks * BLOCK_ROWS))
+            for t in range(n_candidates):
+                terms = w * np.minimum(expected, distance_to(candidates[t]))
+                assert parts[c, n_pending + t] == np.cumsum(terms[rows])[-1], (c, t)
+        # Block by block: the block masses update_closest would give for c_t.
         for t in range(n_candidates):
-            distance = np.zeros(n)
-            for d in range(n_features):
-                distance = distance + (x[:, d] - candidates[t, d] * scale) ** 2
-            terms = w * np.minimum(closest, distance)
-            assert parts[c, t] == np.cumsum(terms[rows])[-1], (c, t)
+            terms = w * np.minimum(expected, distance_to(candidates[t]))
+            blocks = [np.cumsum(terms[i:i + BLOCK_ROWS])[-1] for i in range(0, n, BLOCK_ROWS)]
+            np.testing.assert_array_equal(block_parts[:, n_pending + t], blocks)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -28,47 +28,73 @@ def _sq_dist(X, n, center, scale):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, candidates,
-                         scale, closest, parts):
-    r"""parts[c, t] = :math:`\sum_{n\in c} w_n \min(D_n^2, \lVert s x_n - s c_t\rVert^2)`,
-    chunk c's share of the potential of each candidate centre (rows in order).
+def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, targets,
+                         n_pending, scale, closest, parts, block_parts):
+    r"""The potential of each candidate centre, after the pending update of ``closest``.
 
-    The candidates lie along the lanes of a vector (W at a time): each
-    feature of a row is broadcast and taken from all of them at once, so
-    every lane computes one candidate's distance and sum as the scalar loop
-    did, in the same order, with the same bits (one pass over 1M x 10 with
-    three candidates, one thread: 9.5 against 4.4 ms).
+    ``targets`` are ``n_pending`` (0 or 1) pending centres, whose distances are
+    first taken into ``closest`` (:math:`D_n^2 \leftarrow \min(D_n^2, \lVert s
+    x_n - s p\rVert^2)`, as :func:`update_closest` would), then the
+    candidates :math:`c_t`. For every target (the pending one included,
+    its column unused),
+
+    .. math::
+
+        \text{parts}[c, t] = \sum_{n\in c} w_n \min(D_n^2, \lVert s x_n - s c_t\rVert^2)
+
+    is chunk c's share of its potential (rows in order), and
+    ``block_parts[b, t]`` the same sum over block b's rows only: the
+    ``block_mass`` :func:`update_closest` would give after taking ``c_t``,
+    so the caller keeps the best candidate pending and needs no pass of its
+    own for it.
+
+    The targets lie along the lanes of a vector (W at a time), the pending
+    one in lane 0: each feature of a row is broadcast and taken from all of
+    them at once, so every lane computes one target's distance and sums as
+    the scalar loop did, in the same order, with the same bits (one pass over
+    1M x 10 with three candidates, one thread: 9.5 against 3.8 ms).
     """
-    n_candidates, n_features = candidates.shape
+    n_targets, n_features = targets.shape
     weighted = sample_weight.shape[0] > 0
     unscaled = scale == 1.0
-    # s c_t (exact: a power of two), one group of W candidates per vector,
-    # feature by feature; the lanes past the last candidate are dropped.
+    # s c_t (exact: a power of two), one group of W targets per vector,
+    # feature by feature; the lanes past the last target are dropped.
     lane = np.zeros(1)
     width = lanes(lane)
-    n_groups = (n_candidates + width - 1) // width
+    n_groups = (n_targets + width - 1) // width
     grouped = np.zeros((n_groups, n_features, width))
-    for t in range(n_candidates):
+    for t in range(n_targets):
         for d in range(n_features):
-            grouped[t // width, d, t % width] = candidates[t, d] * scale
+            grouped[t // width, d, t % width] = targets[t, d] * scale
     totals = np.empty(width)
+    distances = np.empty(width)
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
         for g in range(n_groups):
+            in_group = min(width, n_targets - g * width)
             for t in range(width):
-                totals[t] = parts[c, g * width + t] if g * width + t < n_candidates else 0.0
+                totals[t] = parts[c, g * width + t] if t < in_group else 0.0
             potential = vload(totals, 0)
-            for n in range(first, last):
-                distance = vzeros(lane)
-                for d in range(n_features):
-                    x = X[n, d] if unscaled else X[n, d] * scale
-                    u = vsub(vbroadcast(lane, x), vload(grouped[g, d], 0))
-                    distance = vadd(distance, vmul(u, u))
-                w = sample_weight[n] if weighted else 1.0
-                nearer = vmin(vbroadcast(lane, closest[n]), distance)
-                potential = vadd(potential, vmul(vbroadcast(lane, w), nearer))
+            for start in range(first, last, BLOCK_ROWS):
+                block_potential = vzeros(lane)
+                for n in range(start, min(start + BLOCK_ROWS, last)):
+                    distance = vzeros(lane)
+                    for d in range(n_features):
+                        x = X[n, d] if unscaled else X[n, d] * scale
+                        u = vsub(vbroadcast(lane, x), vload(grouped[g, d], 0))
+                        distance = vadd(distance, vmul(u, u))
+                    if g == 0 and n_pending:
+                        vstore(distances, 0, distance)
+                        closest[n] = min(closest[n], distances[0])
+                    w = sample_weight[n] if weighted else 1.0
+                    term = vmul(vbroadcast(lane, w), vmin(vbroadcast(lane, closest[n]), distance))
+                    potential = vadd(potential, term)
+                    block_potential = vadd(block_potential, term)
+                vstore(totals, 0, block_potential)
+                for t in range(in_group):
+                    block_parts[start // BLOCK_ROWS, g * width + t] = totals[t]
             vstore(totals, 0, potential)
-            for t in range(min(width, n_candidates - g * width)):
+            for t in range(in_group):
                 parts[c, g * width + t] = totals[t]
 
 
@@ -164,7 +190,7 @@ def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, offset, sc
 
 
 @njit(cache=True, error_model="numpy")
-def draw_by_mass(closest, sample_weight, fractions, order, block_mass):
+def draw_by_mass(closest, sample_weight, fractions, order, block_mass, X, pending, scale):
     r"""Rows drawn with probability :math:`\propto m_n = w_n D_n^2`, without a
     cumulative array.
 
@@ -181,6 +207,11 @@ def draw_by_mass(closest, sample_weight, fractions, order, block_mass):
     (``block_mass``, from :func:`update_closest`), or are summed here when
     ``block_mass`` is empty. ``order`` is ``np.argsort(fractions)`` (sorted by
     the caller: a sort compiled here would cost more than the kernel).
+
+    ``pending`` (1, D) is a centre not yet taken into ``closest`` (see
+    :func:`candidate_potentials`, whose ``block_parts`` are then the block
+    sums): the scanned rows' masses are :math:`w_n \min(D_n^2, \lVert s x_n -
+    s p\rVert^2)`, computed as that kernel computes them. (0, D): none.
     """
     n = closest.shape[0]
     weighted = sample_weight.shape[0] > 0
@@ -208,7 +239,14 @@ def draw_by_mass(closest, sample_weight, fractions, order, block_mass):
             # The draw (and maybe the next ones) lies in this block.
             partial = 0.0
             for i in range(b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)):
-                partial += closest[i] * sample_weight[i] if weighted else closest[i]
+                value = closest[i]
+                if pending.shape[0]:
+                    distance = 0.0
+                    for d in range(X.shape[1]):
+                        u = X[i, d] * scale - pending[0, d] * scale
+                        distance += u * u
+                    value = min(value, distance)
+                partial += value * sample_weight[i] if weighted else value
                 running = prefix + partial
                 while t < order.shape[0] and running > fractions[order[t]] * total:
                     rows[order[t]] = i
