@@ -21,8 +21,8 @@ from ._validation import _check_shape, check_positive_definite, check_sample_wei
 from .blocks import INIT_SAMPLE_ROWS, blocks_of, is_out_of_core
 from .covariance import COVARIANCE_TYPES, precisions_from_cholesky
 from .initialization import (
-    distance_scale_for_largest,
     initial_statistics,
+    known_columns,
     responsibility_statistics,
 )
 from .mixture import EMMixture
@@ -202,7 +202,7 @@ default='dirichlet_process'
                              "use GaussianMixture, or fit a memory-mapped file")
         if is_out_of_core(X):
             return self._fit_out_of_core(X, sample_weight)
-        X, largest = self._validate_fit_data(X)
+        X, largest, scan = self._validate_fit_data(X)
         self._check_n_samples(X.shape[0])
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
         rescaled = self._check_scale(DataScale.of_largest(largest, X.dtype))
@@ -210,7 +210,7 @@ default='dirichlet_process'
         return self._fit_source(source, X.shape[1], X.dtype, rescaled,
                                 lambda: (X, sample_weight),
                                 moments=lambda: data_moments(X, sample_weight),
-                                init_scale=distance_scale_for_largest(largest))
+                                init_known=known_columns(scan, largest, rescaled))
 
     def _fit_out_of_core(self, X, sample_weight):
         blocks = blocks_of(X, sample_weight)
@@ -293,11 +293,11 @@ default='dirichlet_process'
         return {}
 
     def _initial_parameters(self, X, sample_weight, random_state, user_init,
-                            rescaled=DataScale(), m_step=None, scale=None):
+                            rescaled=DataScale(), m_step=None, known=None):
         """The variational update of the initial responsibilities (``init_params``);
-        ``scale`` is the k-means distance scale of ``X`` when known."""
+        ``known`` is what the caller read of ``X`` (:class:`~fastem.initialization.ColumnScan`)."""
         stats = initial_statistics(X, sample_weight, self.n_components, self.init_params,
-                                   self.covariance_type, random_state, scale)
+                                   self.covariance_type, random_state, known)
         params, jitter = m_step(stats)
         if np.any(jitter < 0):
             raise ValueError("the initial posterior's covariances are not positive definite; "

@@ -8,7 +8,9 @@ turns into initial parameters, as scikit-learn's ``_initialize`` does.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -170,7 +172,8 @@ def _column_moments(X, sample_weight, centre, scale):
     first = np.zeros((n_chunks, n_features))
     second = np.zeros((n_chunks, n_features))
     run_chunks(kmeans.column_moments, n_chunks, n_samples * n_features, n_chunks, X,
-               weights_operand(sample_weight), centre, float(scale), first, second)
+               weights_operand(sample_weight), centre, float(scale), first, second,
+               np.empty((0, n_features)))
     # Summed in chunk order: the same moments for any thread count.
     return _sum_in_order(first), _sum_in_order(second)
 
@@ -179,6 +182,16 @@ def column_mean(X):
     """``X.mean(axis=0)``, the same bits (scikit-learn's k-means centres X on it).
     See :func:`column_mean_and_square`."""
     return column_mean_and_square(X)[0]
+
+
+def known_columns(scan, largest, rescaled) -> ColumnScan:
+    """What a fit knows of the rows it starts from (X rescaled by ``rescaled``,
+    a :class:`~fastem.scaling.DataScale`): the distance scale from X's largest
+    coordinate, and the means of ``scan`` (:func:`scan_columns` of X, or None)
+    when the rows are X itself."""
+    if scan is not None and rescaled.scale == 1.0:
+        return scan
+    return ColumnScan(distance_scale_for_largest(largest * rescaled.scale), None, None)
 
 
 def column_mean_and_square(X):
@@ -192,13 +205,43 @@ def column_mean_and_square(X):
     inner loop is one row long). NumPy's own mean elsewhere (one column it
     sums pairwise; float32 it sums in float32).
     """
-    if (X.ndim == 2 and X.shape[1] > 1 and X.shape[0] > 0 and X.flags.c_contiguous
+    scan = scan_columns(X, largest=False)
+    return (X.mean(axis=0), None) if scan is None else (scan.mean, scan.mean_square)
+
+
+class ColumnScan(NamedTuple):
+    """What one pass over X tells the k-means start (:func:`scan_columns`)."""
+
+    scale: float                     # distance_scale(X)
+    mean: np.ndarray | None          # X.mean(axis=0), NumPy's bits
+    mean_square: np.ndarray | None   # (1/N) sum_n x_n^2, per column
+    largest: float = math.nan        # max |X|
+
+
+def scan_columns(X, largest=True) -> ColumnScan | None:
+    r""":func:`column_mean_and_square` and :math:`\max|X|` in one pass, where
+    the kernel gives NumPy's mean (see there); None elsewhere, and when a sum
+    is not finite (X holds an infinity or a NaN, or its squares overflow:
+    the caller then reads X by the usual means).
+
+    A fit with k-means starts reads X for its extremes (validation and
+    scale) and again for its mean (Lloyd): here both at once, on one thread
+    (NumPy's order of additions): 6.1 ms for 1M x 10, against 3.0 ms (two
+    threads) and 4.2 ms for the two passes.
+    """
+    if not (X.ndim == 2 and X.shape[1] > 1 and X.shape[0] > 0 and X.flags.c_contiguous
             and X.dtype == np.float64):
-        first, second = np.zeros((1, X.shape[1])), np.zeros((1, X.shape[1]))
-        kmeans.column_moments(0, 1, 1, X, weights_operand(None), np.zeros(X.shape[1]), 1.0,
-                              first, second)
-        return first[0] / X.shape[0], second[0] / X.shape[0]
-    return X.mean(axis=0), None
+        return None
+    n_samples, n_features = X.shape
+    first, second = np.zeros((1, n_features)), np.zeros((1, n_features))
+    extremes = np.zeros((1 if largest else 0, n_features))
+    kmeans.column_moments(0, 1, 1, X, weights_operand(None), np.zeros(n_features), 1.0, first,
+                          second, extremes)
+    if not (np.isfinite(first).all() and np.isfinite(second).all()):
+        return None
+    biggest = float(extremes.max()) if largest else math.nan
+    return ColumnScan(distance_scale_for_largest(biggest) if largest else math.nan,
+                      first[0] / n_samples, second[0] / n_samples, biggest)
 
 
 def _sum_in_order(parts):
@@ -208,7 +251,8 @@ def _sum_in_order(parts):
     return total
 
 
-def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None, inertia=True):
+def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None, inertia=True,
+          moments=None):
     r"""Lloyd's k-means from ``centers``, as scikit-learn's ``KMeans`` runs it.
 
     The same arithmetic, so that ties (rows at equal distances from two
@@ -221,7 +265,8 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None, in
     summed squared centre shift is at most ``tol * mean(var(X))``. Twin:
     :func:`fastem.reference.lloyd`.
 
-    ``scale`` is :func:`distance_scale` of X when the caller has it. The
+    ``scale`` is :func:`distance_scale` of X when the caller has it, and
+    ``moments`` :func:`column_mean_and_square` of X (its mean square may be None). The
     inertia (the weighted sum of squared distances to the nearest centre)
     costs a tenth of an assignment; ``inertia=False`` skips it (None is
     returned).
@@ -238,7 +283,7 @@ def lloyd(X, centers, sample_weight=None, max_iter=300, tol=1e-4, scale=None, in
     # Rows are taken as z = s x - s m: the mean m as scikit-learn subtracts
     # it, and a power of two s that keeps squares in range (1 for most data).
     scale = distance_scale(X) if scale is None else scale
-    offset, square = column_mean_and_square(X)
+    offset, square = column_mean_and_square(X) if moments is None else moments
     offset = np.asarray(offset, dtype=np.float64)
     z_centers = np.asarray(centers, dtype=np.float64) * scale - offset * scale
     tolerance = _LloydTolerance(X, sample_weight, scale, offset, square, tol)
@@ -365,7 +410,7 @@ def _relocate_empty(X, sample_weight, offset, scale, z_centers, labels, sums, co
 
 
 def initial_statistics(X, sample_weight, n_components, init_params, covariance_type,
-                       random_state, scale=None) -> GaussianStatistics:
+                       random_state, known=None) -> GaussianStatistics:
     """Statistics of the initial assignment chosen by ``init_params``.
 
     'kmeans' runs Lloyd's k-means from a k-means++ seeding and assigns each
@@ -373,13 +418,16 @@ def initial_statistics(X, sample_weight, n_components, init_params, covariance_t
     to each component and leave the others unassigned (as scikit-learn does);
     'random' draws soft responsibilities uniformly and normalises them;
     'hierarchical' cuts the model-based hierarchy (:class:`Hierarchy`) at K.
-    ``scale`` is :func:`distance_scale` of X when the caller knows it.
+    ``known`` is what the caller already read of X (a :class:`ColumnScan`:
+    its distance scale, and its mean and mean squares unless None).
     """
     if init_params == "kmeans":
-        if scale is None:
-            scale = distance_scale(X)  # one pass for both
+        scale = distance_scale(X) if known is None else known.scale  # one pass for both
+        moments = None if known is None or known.mean is None else (known.mean,
+                                                                     known.mean_square)
         seeds, _ = kmeans_plusplus(X, n_components, random_state, sample_weight, scale=scale)
-        labels, centers, _, _ = lloyd(X, seeds, sample_weight, scale=scale, inertia=False)
+        labels, centers, _, _ = lloyd(X, seeds, sample_weight, scale=scale, inertia=False,
+                                      moments=moments)
         return label_statistics_of(X, sample_weight, labels, centers, covariance_type)
     if init_params in ("k-means++", "random_from_data"):
         if init_params == "k-means++":

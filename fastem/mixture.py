@@ -38,8 +38,9 @@ from .em import DegenerateDataWarning
 from .initialization import (
     INIT_METHODS,
     ShortRunEM,
-    distance_scale_for_largest,
     initial_statistics,
+    known_columns,
+    scan_columns,
     short_run_statistics,
 )
 from .missing import MISSING_OPTIONS, MissingValueSource, mean_filled, observed_moments
@@ -87,19 +88,22 @@ class EMMixture(DensityMixin, BaseEstimator):
 
         The finiteness check reads the two reductions that the data's scale
         (:class:`fastem.scaling.DataScale`) needs anyway; only data that fail
-        it are checked again by scikit-learn, for its error message.
+        it are checked again by scikit-learn, for its error message. A k-means
+        start reads the columns' means along (:func:`~fastem.initialization.scan_columns`,
+        returned, or None).
         """
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
                           order="C", ensure_all_finite=False)
         with _threads.limit(self.n_threads):
-            largest = largest_magnitude(X)
+            scan = scan_columns(X) if self.init_params == "kmeans" else None
+            largest = largest_magnitude(X) if scan is None else scan.largest
         if not math.isfinite(largest):
             X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
                               order="C", ensure_all_finite=self._finite_rule())
             if not math.isnan(largest):
                 # Infinite (NaN checks out only with missing='em'): sklearn must have raised.
                 raise ValueError("Input X contains infinity.")
-        return X, largest
+        return X, largest, scan
 
     def _check_n_samples(self, n_samples):
         if n_samples < 2:
@@ -112,15 +116,15 @@ class EMMixture(DensityMixin, BaseEstimator):
             )
 
     def _fit_source(self, source, n_features, dtype, rescaled, init_data, random_state=None,
-                    start_with=None, moments=None, n_observed=None, init_scale=None):
+                    start_with=None, moments=None, n_observed=None, init_known=None):
         """EM on ``source`` (data rescaled by ``rescaled``): ``n_init`` starts
         from ``init_data()`` (the rows and weights the initialisation runs on),
         or from ``start_with(random_state, user_init)`` when given, or the last
         fit with ``warm_start``. ``moments()`` gives the data's mean and
         covariance (as fitted) for a prior; ``n_observed`` is the average
         number of observed coordinates of a row (missing values), which the
-        objective's rescaling shift counts; ``init_scale`` the k-means distance
-        scale of ``init_data()``'s rows when the caller knows it."""
+        objective's rescaling shift counts; ``init_known`` what the caller read
+        of ``init_data()``'s rows (:class:`~fastem.initialization.ColumnScan`)."""
         shape_of = np.empty((0, n_features))
         user_init = self._check_initial_parameters(shape_of)
         do_init = not (self.warm_start and hasattr(self, "converged_"))
@@ -143,7 +147,7 @@ class EMMixture(DensityMixin, BaseEstimator):
             X_init, weights = initial[0]
             candidate = {"candidate": index} if short_run else {}
             return self._initial_parameters(X_init, weights, random_state, user_init, rescaled,
-                                            m_step, scale=init_scale, **candidate)
+                                            m_step, known=init_known, **candidate)
 
         with _threads.limit(self.n_threads), _threads.deferred_interrupts():
             if short_run:
@@ -552,7 +556,7 @@ class GaussianMixture(EMMixture):
             return distributed.fit(self, X, sample_weight)
         if is_out_of_core(X):
             return self._fit_out_of_core(X, sample_weight)
-        X, largest = self._validate_fit_data(X)
+        X, largest, scan = self._validate_fit_data(X)
         if math.isnan(largest):  # missing values, accepted only with missing='em'
             return self._fit_missing(X, sample_weight)
         self._check_n_samples(X.shape[0])
@@ -575,7 +579,7 @@ class GaussianMixture(EMMixture):
         return self._fit_source(source, X.shape[1], X.dtype, rescaled,
                                 lambda: (X_fit, sample_weight), start_with=start_with,
                                 moments=lambda: data_moments(X_fit, sample_weight),
-                                init_scale=distance_scale_for_largest(largest * rescaled.scale))
+                                init_known=known_columns(scan, largest, rescaled))
 
     def _minibatch_epochs(self, X, sample_weight, random_state, user_init, rescaled):
         """Mini-batch EM (``batch_size``, ``n_epochs``): stepwise EM over shuffled
@@ -762,12 +766,12 @@ class GaussianMixture(EMMixture):
         )
 
     def _initial_parameters(self, X, sample_weight, random_state, user_init,
-                            rescaled=DataScale(), m_step=None, candidate=0, scale=None):
+                            rescaled=DataScale(), m_step=None, candidate=0, known=None):
         """Initial parameters: from the chosen init, overridden by user values
         (given in the data's units, ``X`` being the data rescaled by ``rescaled``).
         The init's statistics go through ``m_step`` (default: maximum likelihood).
         With 'em-em', the start is that search's candidate number ``candidate``;
-        ``scale`` is the k-means distance scale of ``X`` when known."""
+        ``known`` what the caller read of ``X`` (:class:`~fastem.initialization.ColumnScan`)."""
         needs_data_init = any(v is None for v in user_init.values())
         if needs_data_init:
             if self.init_params == "em-em":
@@ -776,7 +780,7 @@ class GaussianMixture(EMMixture):
             else:
                 stats = initial_statistics(X, sample_weight, self.n_components,
                                            self.init_params, self.covariance_type,
-                                           random_state, scale)
+                                           random_state, known)
             if m_step is None:
                 m_step = MaximumLikelihood(self.covariance_type, self.reg_covar)
             (weights, means, cov, prec_chol), jitter = m_step(stats)

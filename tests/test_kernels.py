@@ -246,6 +246,27 @@ def test_candidate_potentials_sum_each_candidate_as_the_scalar_loop(dtype, n_can
             np.testing.assert_array_equal(block_parts[:, n_pending + t], blocks)
 
 
+@pytest.mark.parametrize("shape", [(2, 2), (1000, 3), (4099, 10), (257, 64)])
+def test_column_scan_reads_numpys_mean_and_the_largest_coordinate(shape):
+    # One pass for the k-means start: X.mean(axis=0) bit for bit, the mean
+    # squares and max|X|; None where a sum is not finite, for the usual means.
+    from fastem.initialization import scan_columns
+
+    rng = np.random.default_rng(shape[0])
+    X = rng.standard_normal(shape) * 7 + 1e4
+    X[shape[0] // 2, -1] = -3e4  # the largest magnitude, negative
+    scan = scan_columns(X)
+    np.testing.assert_array_equal(scan.mean, X.mean(axis=0))
+    np.testing.assert_allclose(scan.mean_square, (X ** 2).mean(axis=0), rtol=1e-12)
+    assert scan.largest == 3e4
+    for bad in (np.nan, np.inf, -np.inf, 1e200):  # 1e200: the squares overflow
+        Y = X.copy()
+        Y[-1, 0] = bad
+        assert scan_columns(Y) is None
+    assert scan_columns(X.astype(np.float32)) is None
+    assert scan_columns(np.asfortranarray(X)) is None
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", [(2, 2), (1000, 3), (4099, 10), (257, 64), (3, 500)])
 def test_column_mean_has_numpys_bits(shape, dtype):

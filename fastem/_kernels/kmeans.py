@@ -257,17 +257,27 @@ def draw_by_mass(closest, sample_weight, fractions, order, block_mass, X, pendin
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def column_moments(chunk_first, chunk_last, n_chunks, X, sample_weight, centre, scale,
-                   first_parts, second_parts):
+                   first_parts, second_parts, largest_parts):
     r"""Chunk c's weighted first and second moments of each column around ``centre``:
     first_parts[c, d] = :math:`\sum_{n\in c} w_n (s x_{nd} - c_d)` and
-    second_parts[c, d] = :math:`\sum_{n\in c} w_n (s x_{nd} - c_d)^2`, rows in order."""
+    second_parts[c, d] = :math:`\sum_{n\in c} w_n (s x_{nd} - c_d)^2`, rows in order;
+    and, unless ``largest_parts`` is empty, largest_parts[c, d] =
+    :math:`\max_{n\in c} |s x_{nd} - c_d|` (meaningful for finite data only)."""
     weighted = sample_weight.shape[0] > 0
+    extremes = largest_parts.shape[0] > 0
     n_features = X.shape[1]
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
+        sums, squares = first_parts[c], second_parts[c]
+        largest = largest_parts[c] if extremes else sums[0:0]
         for n in range(first, last):
             w = sample_weight[n] if weighted else 1.0
             for d in range(n_features):
                 t = X[n, d] * scale - centre[d]
-                first_parts[c, d] += w * t
-                second_parts[c, d] += w * t * t
+                sums[d] += w * t
+                squares[d] += w * t * t
+            if extremes:
+                # A loop of its own: inside the one above, LLVM vectorised
+                # neither (8.3 against 6.1 ms for 1M x 10, 4.1 without).
+                for d in range(n_features):
+                    largest[d] = max(largest[d], abs(X[n, d] * scale - centre[d]))
