@@ -70,8 +70,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None, n_local_tri
     if sample_weight is None:
         first = min(int(first_u * n_samples), n_samples - 1)
     else:
-        first = int(_draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]),
-                                  np.empty(0), X, np.empty((0, X.shape[1])))[0])
+        first = int(draw_by_mass(sample_weight, weights_operand(None), np.array([first_u]))[0])
     return kmeans_plusplus_from_draws(X, n_clusters, uniforms, first, sample_weight, scale)
 
 
@@ -114,8 +113,7 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     # takes it in (the draws before it compute its distances in one block).
     pending = np.empty((0, n_features))
     for c in range(1, n_clusters):
-        candidates = _draw_by_mass(closest, sw, np.asarray(uniforms[c - 1], dtype=np.float64),
-                                   block_mass, X, pending, scale)
+        candidates = draw_by_mass(closest, sw, uniforms[c - 1], block_mass, X, pending, scale)
         targets = np.concatenate([pending, np.asarray(X[candidates], dtype=np.float64)])
         parts = np.zeros((n_chunks, targets.shape[0]))
         block_parts = np.empty((n_blocks, targets.shape[0]))
@@ -133,9 +131,61 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     return np.asarray(X[indices], dtype=np.float64), indices
 
 
-def _draw_by_mass(mass, sample_weight, fractions, block_mass, X, pending, scale=1.0):
-    return kmeans.draw_by_mass(mass, sample_weight, fractions, np.argsort(fractions, kind="stable"),
-                               block_mass, X, pending, scale)
+def draw_by_mass(mass, sample_weight, fractions, block_mass=None, X=None, pending=None,
+                 scale=1.0):
+    r"""Rows drawn with probability :math:`\propto m_n = w_n D_n^2`, from the
+    sums of blocks of ``BLOCK_ROWS`` rows: no cumulative array over all rows.
+
+    With :math:`M_b` block b's mass summed in row order and :math:`P_b = M_0 +
+    \dots + M_{b-1}` (in order), row i of block b has the cumulative mass
+    :math:`C_i = P_b + (m_{b0} + \dots + m_i)`, and row i is drawn for the
+    fraction ``u`` where :math:`C_i` first exceeds ``u`` times the total (as
+    ``np.searchsorted(C, u * total, side="right")``, at most the last row;
+    twin: :func:`fastem.reference.blocked_cumulative_mass`). :math:`C` rises
+    with i and the last row of block b has :math:`C = P_{b+1}`: the search
+    finds the block among the block sums, then scans that block alone.
+
+    ``mass`` (N,) holds :math:`D_n^2` (the rows' masses before the weights
+    ``sample_weight``, (N,) or (0,) for none). ``block_mass`` are the block
+    sums when the pass that computed the masses has them (else summed here).
+    ``pending`` (1, D) is a centre not yet taken into ``mass``: the block
+    sums are then those after it, and the scanned block's masses are
+    :math:`\min(D_n^2, \lVert s x_n - s p\rVert^2)`, the squares added
+    feature by feature in order (as :func:`~fastem._kernels.kmeans.candidate_potentials`
+    computes them).
+    """
+    n = mass.shape[0]
+    weighted = sample_weight.shape[0] > 0
+    if block_mass is None:
+        block_mass = _block_sums(mass * sample_weight if weighted else mass)
+    following = np.cumsum(block_mass)  # P_{b+1}, added in order
+    targets = np.asarray(fractions, dtype=np.float64) * following[-1]
+    blocks = np.searchsorted(following, targets, side="right")
+    rows = np.full(targets.shape[0], n - 1, dtype=np.int64)
+    for b in np.unique(blocks[blocks < following.shape[0]]):
+        first, last = b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)
+        values = mass[first:last]
+        if pending is not None and pending.shape[0]:
+            distance = np.zeros(last - first)
+            for d in range(X.shape[1]):
+                u = np.asarray(X[first:last, d], dtype=np.float64) * scale - pending[0, d] * scale
+                distance = distance + u * u
+            values = np.minimum(values, distance)
+        if weighted:
+            values = values * sample_weight[first:last]
+        running = (following[b - 1] if b else 0.0) + np.cumsum(values)
+        inside = blocks == b
+        rows[inside] = first + np.minimum(
+            np.searchsorted(running, targets[inside], side="right"), last - first - 1)
+    return rows
+
+
+def _block_sums(mass):
+    """Each block's sum of ``mass``, rows in order."""
+    n_blocks = -(-mass.shape[0] // BLOCK_ROWS)
+    padded = np.zeros(n_blocks * BLOCK_ROWS)
+    padded[:mass.shape[0]] = mass
+    return np.cumsum(padded.reshape(n_blocks, BLOCK_ROWS), axis=1)[:, -1].copy()
 
 
 def column_variance(X, sample_weight=None, scale=1.0, centre=None):

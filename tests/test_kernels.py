@@ -149,8 +149,7 @@ def test_weighted_label_statistics_match_reference(k, dtype):
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 3001])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_draw_by_mass_matches_blocked_cumulative_search(n, weighted):
-    from fastem._kernels import kmeans
-    from fastem.initialization import BLOCK_ROWS
+    from fastem.initialization import BLOCK_ROWS, draw_by_mass
 
     rng = np.random.default_rng(n)
     mass = rng.exponential(size=n) * (rng.uniform(size=n) < 0.7)  # with zero masses
@@ -161,25 +160,24 @@ def test_draw_by_mass_matches_blocked_cumulative_search(n, weighted):
     # Draws anywhere, at the exact cumulative values, and at both ends.
     fractions = np.concatenate([rng.uniform(size=40), cumulative[::97] / total, [0.0, 1 - 1e-17]])
     expected = np.minimum(np.searchsorted(cumulative, fractions * total, side="right"), n - 1)
-    order = np.argsort(fractions, kind="stable")
-    X, no_pending = np.zeros((n, 2)), np.empty((0, 2))
-    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, np.empty(0), X, no_pending, 1.0)
+    drawn = draw_by_mass(mass, weights, fractions)
     np.testing.assert_array_equal(drawn, expected)
     # With the block sums handed over by the pass that computed the masses.
     blocks = np.array([m[i:i + BLOCK_ROWS].cumsum()[-1] for i in range(0, n, BLOCK_ROWS)])
-    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, blocks, X, no_pending, 1.0)
+    drawn = draw_by_mass(mass, weights, fractions, blocks)
     np.testing.assert_array_equal(drawn, expected)
-    # With a pending centre p: masses w min(mass, |x - p|^2), for rows the
-    # kernel reads from X (distances computed feature by feature in order).
-    X = rng.normal(size=(n, 2)) * 2.0
+    # With a pending centre p: masses w min(mass, |s x - s p|^2) (distances
+    # added feature by feature in order), float32 rows read in float64.
+    X = (rng.normal(size=(n, 2)) * 2.0).astype(np.float32)
     pending = rng.normal(size=(1, 2))
-    distance = (X[:, 0] - pending[0, 0]) ** 2 + (X[:, 1] - pending[0, 1]) ** 2
+    x = X.astype(np.float64) * 0.5
+    distance = (x[:, 0] - pending[0, 0] * 0.5) ** 2 + (x[:, 1] - pending[0, 1] * 0.5) ** 2
     updated = np.minimum(mass, distance)
     m = updated * weights if weighted else updated
     cumulative, total = reference.blocked_cumulative_mass(m)
     expected = np.minimum(np.searchsorted(cumulative, fractions * total, side="right"), n - 1)
     blocks = np.array([m[i:i + BLOCK_ROWS].cumsum()[-1] for i in range(0, n, BLOCK_ROWS)])
-    drawn = kmeans.draw_by_mass(mass, weights, fractions, order, blocks, X, pending, 1.0)
+    drawn = draw_by_mass(mass, weights, fractions, blocks, X, pending, 0.5)
     np.testing.assert_array_equal(drawn, expected)
 
 

@@ -46,7 +46,8 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ta
     ``block_parts[b, t]`` the same sum over block b's rows only: the
     ``block_mass`` :func:`update_closest` would give after taking ``c_t``,
     so the caller keeps the best candidate pending and needs no pass of its
-    own for it.
+    own for it (:func:`fastem.initialization.draw_by_mass` computes the pending
+    distances of the one block it scans).
 
     The targets lie along the lanes of a vector (W at a time), the pending
     one in lane 0: each feature of a row is broadcast and taken from all of
@@ -187,72 +188,6 @@ def lloyd_assign(chunk_first, chunk_last, n_chunks, X, sample_weight, offset, sc
                     for d in range(n_features):
                         norm += rows[r, d] * rows[r, d]
                     inertia_p[c] += w * max(norm + best, 0.0)
-
-
-@njit(cache=True, error_model="numpy")
-def draw_by_mass(closest, sample_weight, fractions, order, block_mass, X, pending, scale):
-    r"""Rows drawn with probability :math:`\propto m_n = w_n D_n^2`, without a
-    cumulative array.
-
-    The running sum is taken in blocks of ``BLOCK_ROWS`` rows: with
-    :math:`M_b` the sum of block b's masses in row order and :math:`P_b =
-    M_0 + ... + M_{b-1}` (in order), row i of block b has the cumulative mass
-    :math:`C_i = P_b + (m_{b0} + ... + m_i)`. Row ``i`` is drawn for fraction
-    ``u`` when :math:`C_i` first exceeds ``u`` times the total
-    :math:`P_B`, as ``np.searchsorted(C, u * total, side="right")`` (the
-    twin, :func:`fastem.reference.blocked_cumulative_mass`). :math:`C` rises
-    with i, and the last row of block b has :math:`C = P_{b + 1}`; so the
-    search steps over whole blocks and scans only the block holding the
-    draw. The block sums come from the pass that computed the masses
-    (``block_mass``, from :func:`update_closest`), or are summed here when
-    ``block_mass`` is empty. ``order`` is ``np.argsort(fractions)`` (sorted by
-    the caller: a sort compiled here would cost more than the kernel).
-
-    ``pending`` (1, D) is a centre not yet taken into ``closest`` (see
-    :func:`candidate_potentials`, whose ``block_parts`` are then the block
-    sums): the scanned rows' masses are :math:`w_n \min(D_n^2, \lVert s x_n -
-    s p\rVert^2)`, computed as that kernel computes them. (0, D): none.
-    """
-    n = closest.shape[0]
-    weighted = sample_weight.shape[0] > 0
-    n_blocks = (n + BLOCK_ROWS - 1) // BLOCK_ROWS
-    if block_mass.shape[0] == 0:
-        block_mass = np.empty(n_blocks)
-        for b in range(n_blocks):
-            mass = 0.0
-            for i in range(b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)):
-                mass += closest[i] * sample_weight[i] if weighted else closest[i]
-            block_mass[b] = mass
-    total = 0.0
-    for b in range(n_blocks):
-        total += block_mass[b]
-    rows = np.empty(fractions.shape[0], dtype=np.int64)
-    for t in range(rows.shape[0]):
-        rows[t] = n - 1
-    prefix = 0.0
-    t = 0
-    for b in range(n_blocks):
-        if t == order.shape[0]:
-            break
-        following = prefix + block_mass[b]
-        if following > fractions[order[t]] * total:
-            # The draw (and maybe the next ones) lies in this block.
-            partial = 0.0
-            for i in range(b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)):
-                value = closest[i]
-                if pending.shape[0]:
-                    distance = 0.0
-                    for d in range(X.shape[1]):
-                        u = X[i, d] * scale - pending[0, d] * scale
-                        distance += u * u
-                    value = min(value, distance)
-                partial += value * sample_weight[i] if weighted else value
-                running = prefix + partial
-                while t < order.shape[0] and running > fractions[order[t]] * total:
-                    rows[order[t]] = i
-                    t += 1
-        prefix = following
-    return rows
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
