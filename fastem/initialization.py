@@ -102,28 +102,32 @@ def kmeans_plusplus_from_draws(X, n_clusters, uniforms, first_index, sample_weig
     n_chunks = n_chunks_for(n_samples, uniforms.shape[1] if uniforms.ndim == 2 else 1)
     indices = [int(first_index)]
     closest = np.full(n_samples, np.inf)
-    # Each block's sum of w D^2, from the pass over X: the draws then scan one block.
     n_blocks = (n_samples + BLOCK_ROWS - 1) // BLOCK_ROWS
-    block_mass = np.empty(n_blocks)
     work = n_samples * n_features * (uniforms.shape[1] if uniforms.ndim == 2 else 1)
-    if n_clusters > 1:
-        run_chunks(kmeans.update_closest, n_chunks, work, n_chunks, X, sw,
-                   np.asarray(X[first_index], dtype=np.float64), scale, closest, block_mass)
+
+    def potentials(targets, n_pending):
+        """Each target's potential (chunks summed in order: the same for any
+        thread count), after the pending one (if any) is taken into
+        ``closest``, and each block's sum of w D^2 once a target is: the
+        draws then scan one block."""
+        parts = np.zeros((n_chunks, targets.shape[0]))
+        block_parts = np.empty((n_blocks, targets.shape[0]))
+        run_chunks(kmeans.candidate_potentials, n_chunks, work, n_chunks, X, sw, targets,
+                   n_pending, scale, closest, parts, block_parts)
+        return _sum_in_order(parts), block_parts
+
+    if n_clusters > 1:  # the distances to the first centre
+        _, block_parts = potentials(np.asarray(X[first_index:first_index + 1],
+                                               dtype=np.float64), 1)
+        block_mass = np.ascontiguousarray(block_parts[:, 0])
     # The centre last chosen, not yet in closest: the next candidates' pass
     # takes it in (the draws before it compute its distances in one block).
     pending = np.empty((0, n_features))
     for c in range(1, n_clusters):
         candidates = draw_by_mass(closest, sw, uniforms[c - 1], block_mass, X, pending, scale)
         targets = np.concatenate([pending, np.asarray(X[candidates], dtype=np.float64)])
-        parts = np.zeros((n_chunks, targets.shape[0]))
-        block_parts = np.empty((n_blocks, targets.shape[0]))
-        run_chunks(kmeans.candidate_potentials, n_chunks, work, n_chunks, X, sw, targets,
-                   pending.shape[0], scale, closest, parts, block_parts)
-        # Summed in chunk order: the same potentials for any thread count.
-        potentials = np.zeros(candidates.shape[0])
-        for part in parts:
-            potentials += part[pending.shape[0]:]
-        column = pending.shape[0] + int(np.argmin(potentials))
+        totals, block_parts = potentials(targets, pending.shape[0])
+        column = pending.shape[0] + int(np.argmin(totals[pending.shape[0]:]))
         indices.append(int(candidates[column - pending.shape[0]]))
         pending = targets[column:column + 1]
         block_mass = np.ascontiguousarray(block_parts[:, column])

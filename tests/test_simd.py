@@ -15,6 +15,7 @@ from fastem._kernels.simd import (
     lanes,
     vadd,
     vbroadcast,
+    vfirst,
     vfma,
     vload,
     vmin,
@@ -37,24 +38,28 @@ def _lane_ops(a, b, c, out):
 
 
 @njit
-def _difference_and_minimum(a, b, difference, minimum):
+def _difference_and_minimum(a, b, difference, minimum, first):
     width = lanes(a)
     for start in range(0, a.shape[0], width):
         vstore(difference, start, vsub(vload(a, start), vload(b, start)))
         vstore(minimum, start, vmin(vload(a, start), vload(b, start)))
+        first[start // width] = vfirst(vload(a, start))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_vsub_and_vmin_are_lane_wise(dtype):
+def test_vsub_vmin_and_vfirst_are_lane_wise(dtype):
     rng = np.random.default_rng(2)
     a = rng.normal(size=64).astype(dtype)
     b = rng.normal(size=64).astype(dtype)
     b[::5] = a[::5]  # ties
     a[1], b[1] = np.inf, 3.0
     difference, minimum = np.empty_like(a), np.empty_like(a)
-    _difference_and_minimum(a, b, difference, minimum)
+    width = 64 // a.itemsize
+    first = np.empty(64 // width, dtype=dtype)
+    _difference_and_minimum(a, b, difference, minimum, first)
     np.testing.assert_array_equal(difference, a - b)
     np.testing.assert_array_equal(minimum, np.minimum(a, b))
+    np.testing.assert_array_equal(first, a[::width])
 
 
 @njit

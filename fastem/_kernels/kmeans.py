@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from ._blocks import BLOCK_ROWS, chunk_rows, helper_inline
-from .simd import lanes, vadd, vbroadcast, vload, vmin, vmul, vstore, vsub, vzeros
+from .simd import lanes, vadd, vbroadcast, vfirst, vload, vmin, vmul, vstore, vsub, vzeros
 
 
 @helper_inline
@@ -34,20 +34,20 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ta
 
     ``targets`` are ``n_pending`` (0 or 1) pending centres, whose distances are
     first taken into ``closest`` (:math:`D_n^2 \leftarrow \min(D_n^2, \lVert s
-    x_n - s p\rVert^2)`, as :func:`update_closest` would), then the
-    candidates :math:`c_t`. For every target (the pending one included,
-    its column unused),
+    x_n - s p\rVert^2)`; from ``closest = inf``, the distances to the first
+    centre), then the candidates :math:`c_t`. For every target,
 
     .. math::
 
         \text{parts}[c, t] = \sum_{n\in c} w_n \min(D_n^2, \lVert s x_n - s c_t\rVert^2)
 
     is chunk c's share of its potential (rows in order), and
-    ``block_parts[b, t]`` the same sum over block b's rows only: the
-    ``block_mass`` :func:`update_closest` would give after taking ``c_t``,
-    so the caller keeps the best candidate pending and needs no pass of its
-    own for it (:func:`fastem.initialization.draw_by_mass` computes the pending
-    distances of the one block it scans).
+    ``block_parts[b, t]`` the same sum over block b's rows only: block b's
+    mass once ``c_t`` is taken into ``closest``. So the caller keeps the best
+    candidate pending and needs no pass of its own for it
+    (:func:`fastem.initialization.draw_by_mass` computes the pending
+    distances of the one block it scans). The pending target's own block
+    sums are the masses after it.
 
     The targets lie along the lanes of a vector (W at a time), the pending
     one in lane 0: each feature of a row is broadcast and taken from all of
@@ -68,7 +68,6 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ta
         for d in range(n_features):
             grouped[t // width, d, t % width] = targets[t, d] * scale
     totals = np.empty(width)
-    distances = np.empty(width)
     for c in range(chunk_first, chunk_last):
         first, last = chunk_rows(c, n_chunks, X.shape[0])
         for g in range(n_groups):
@@ -85,8 +84,7 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ta
                         u = vsub(vbroadcast(lane, x), vload(grouped[g, d], 0))
                         distance = vadd(distance, vmul(u, u))
                     if g == 0 and n_pending:
-                        vstore(distances, 0, distance)
-                        closest[n] = min(closest[n], distances[0])
+                        closest[n] = min(closest[n], vfirst(distance))
                     w = sample_weight[n] if weighted else 1.0
                     term = vmul(vbroadcast(lane, w), vmin(vbroadcast(lane, closest[n]), distance))
                     potential = vadd(potential, term)
@@ -97,24 +95,6 @@ def candidate_potentials(chunk_first, chunk_last, n_chunks, X, sample_weight, ta
             vstore(totals, 0, potential)
             for t in range(in_group):
                 parts[c, g * width + t] = totals[t]
-
-
-@njit(cache=True, error_model="numpy", nogil=True)
-def update_closest(chunk_first, chunk_last, n_chunks, X, sample_weight, center, scale, closest,
-                   block_mass):
-    """closest[n] = min(closest[n], ||s x_n - s center||^2), in place (from
-    ``closest = inf``: the scaled squared distances to ``center``), and each
-    block's mass for :func:`draw_by_mass`: block_mass[b] = the sum of
-    ``w_n closest[n]`` over rows ``b * BLOCK_ROWS ...`` in order."""
-    weighted = sample_weight.shape[0] > 0
-    for c in range(chunk_first, chunk_last):
-        first, last = chunk_rows(c, n_chunks, X.shape[0])
-        for start in range(first, last, BLOCK_ROWS):
-            mass = 0.0
-            for n in range(start, min(start + BLOCK_ROWS, last)):
-                closest[n] = min(closest[n], _sq_dist(X, n, center, scale))
-                mass += closest[n] * sample_weight[n] if weighted else closest[n]
-            block_mass[start // BLOCK_ROWS] = mass
 
 
 @njit(cache=True, error_model="numpy", nogil=True)

@@ -195,6 +195,19 @@ def vfma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
+
+@intrinsic
+def vfirst(typingctx, v):
+    """Lane 0 of a vector (a register move: through memory, a vector store
+    read back as a scalar waits for the store)."""
+    if not isinstance(v, Vector):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.extract_element(args[0], ir.Constant(ir.IntType(32), 0))
+
+    return v.dtype(v), codegen
+
 @intrinsic
 def vsum(typingctx, v):
     r"""The lanes' sum in a fixed tree order: halves are added lane-wise,
