@@ -126,6 +126,82 @@ def test_label_statistics_match_reference(problem, covariance_type):
     assert_close(stats.sxx.reshape(sxx.shape), sxx, what="S_k")
 
 
+def _lane_sums_of_one_hot(X, weights, labels, shift, full, n_chunks):
+    """The loop engines' statistics pass with one-hot responsibilities,
+    emulated in float64: per chunk (its rows in one pass block, below 1,024),
+    lane ``row mod 8`` adds w d (one rounding) and (w d_i) d_j (a fused
+    multiply-add, rounded once through fractions) in row order; the lanes are
+    added as ``simd.vsum`` adds them (halves, in turn); chunks in order."""
+    from fractions import Fraction
+
+    from fastem._kernels.chunks import BLOCK_ROWS
+
+    def fma(a, b, c):
+        return float(Fraction(a) * Fraction(b) + Fraction(c))
+
+    def tree(lanes):
+        while len(lanes) > 1:
+            half = len(lanes) // 2
+            lanes = [lanes[i] + lanes[i + half] for i in range(half)]
+        return lanes[0]
+
+    k_count, n_features = shift.shape
+    nk, sx = np.zeros(k_count), np.zeros((k_count, n_features))
+    sxx = np.zeros((k_count, n_features, n_features))
+    n_blocks = -(-X.shape[0] // BLOCK_ROWS)
+    for c in range(n_chunks):
+        first = c * n_blocks // n_chunks * BLOCK_ROWS
+        last = min(X.shape[0], (c + 1) * n_blocks // n_chunks * BLOCK_ROWS)
+        assert last - first <= 1024  # one pass block
+        for k in range(k_count):
+            a_nk = [0.0] * 8
+            a_sx = [[0.0] * 8 for _ in range(n_features)]
+            a_sxx = [[[0.0] * 8 for _ in range(n_features)] for _ in range(n_features)]
+            for n in range(first, last):
+                if labels[n] != k:
+                    continue
+                lane = (n - first) % 8
+                d = X[n] - shift[k]
+                wd = weights[n] * d
+                a_nk[lane] += weights[n]
+                for i in range(n_features):
+                    a_sx[i][lane] += wd[i]
+                    for j in range(i, n_features if full else i + 1):
+                        a_sxx[i][j][lane] = fma(wd[i], d[j], a_sxx[i][j][lane])
+            nk[k] += tree(a_nk)
+            for i in range(n_features):
+                sx[k, i] += tree(a_sx[i])
+                for j in range(i, n_features if full else i + 1):
+                    sxx[k, i, j] += tree(a_sxx[i][j])
+    if full:
+        lower = np.tril_indices(n_features, -1)
+        sxx[:, lower[0], lower[1]] = sxx[:, lower[1], lower[0]]
+        return nk, sx, sxx
+    return nk, sx, np.diagonal(sxx, axis1=1, axis2=2)[:, :, None]
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_label_statistics_have_the_bits_of_one_hot_sums(covariance_type):
+    # The loop engines gather each component's rows in their lanes: the sums
+    # must be those of one-hot responsibilities, bit for bit (emulated), with
+    # labels -1, zero weights and a component without rows.
+    from fastem.stats import statistics_chunks
+
+    rng = np.random.default_rng(11)
+    X = make_mixture(1300, 3, 3, seed=4)
+    labels = rng.integers(-1, 3, size=X.shape[0]).astype(np.int32)  # 3 of 4: none for k=3
+    weights = rng.uniform(0.0, 2.0, size=X.shape[0])
+    weights[::9] = 0.0
+    shift = rng.normal(size=(4, 3))
+    stats = label_statistics_of(X, weights, labels, shift, covariance_type)
+    n_chunks = statistics_chunks(X.shape[0], 4, 3, covariance_type)
+    nk, sx, sxx = _lane_sums_of_one_hot(X, weights, labels, shift, covariance_type == "full",
+                                        n_chunks)
+    np.testing.assert_array_equal(stats.nk, nk)
+    np.testing.assert_array_equal(stats.sx, sx)
+    np.testing.assert_array_equal(stats.sxx, sxx)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("k", [2, 3, 6])
 def test_weighted_label_statistics_match_reference(k, dtype):
