@@ -182,9 +182,9 @@ def _lane_sums_of_one_hot(X, weights, labels, shift, full, n_chunks):
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
 def test_label_statistics_have_the_bits_of_one_hot_sums(covariance_type):
-    # The loop engines gather each component's rows in their lanes: the sums
-    # must be those of one-hot responsibilities, bit for bit (emulated), with
-    # labels -1, zero weights and a component without rows.
+    # The loop engines' sums, lane by lane, for one-hot responsibilities, bit
+    # for bit (emulated), with labels -1, zero weights and a component
+    # without rows.
     from fastem.stats import statistics_chunks
 
     rng = np.random.default_rng(11)

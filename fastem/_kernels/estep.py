@@ -356,21 +356,21 @@ def _moments_loops_full(xT, n_rows, means, resp, diffs, centred, wdiff, zeros, n
     """
     for k in range(means.shape[0]):
         diff = diffs[k] if centred else diffs[0]
-        moments_component_full(xT, n_rows, means[k], resp[k], diff, centred, wdiff, zeros, k,
-                               nk, sx, sxx)
+        _moments_component_full(xT, n_rows, means[k], resp[k], diff, centred, wdiff, zeros, k,
+                                nk, sx, sxx)
 
 
 @helper
-def moments_component_full(xT, n_rows, mean, weights, diff, centred, wdiff, zeros, k, nk, sx,
-                           sxx):
+def _moments_component_full(xT, n_rows, mean, weights, diff, centred, wdiff, zeros, k, nk, sx,
+                            sxx):
     """Component k's share of :func:`_moments_loops_full`: ``nk[k]``,
     ``sx[k]`` and the upper triangle of ``sxx[k]`` from the block ``xT``
     (centred on ``mean`` into ``diff`` unless ``centred``) and the weights.
 
     Sums over the block's rows are taken lane-wise in X's precision, every
-    total across blocks in float64. Not inlined: compiled once per dtype for
-    the loop engine's pass and :mod:`fastem._kernels.labels` alike (called
-    once per block and component, the call costs nothing measurable).
+    total across blocks in float64. A function of its own, not inlined into
+    the component loop: the pass compiles in 0.3 s less per dtype, and the
+    call, once per block and component, costs nothing measurable.
     """
     n_features = xT.shape[0]
     width = lanes(zeros)
@@ -397,13 +397,13 @@ def _moments_loops_diag(xT, n_rows, means, resp, diff, zeros, nk, sx, sxx):
     the means, centring the block on each mean in ``diff`` (as
     :func:`_moments_loops_full` for the rest)."""
     for k in range(means.shape[0]):
-        moments_component_diag(xT, n_rows, means[k], resp[k], diff, zeros, k, nk, sx, sxx)
+        _moments_component_diag(xT, n_rows, means[k], resp[k], diff, zeros, k, nk, sx, sxx)
 
 
 @helper
-def moments_component_diag(xT, n_rows, mean, weights, diff, zeros, k, nk, sx, sxx):
-    """Component k's share of :func:`_moments_loops_diag` (not inlined, as
-    :func:`moments_component_full`)."""
+def _moments_component_diag(xT, n_rows, mean, weights, diff, zeros, k, nk, sx, sxx):
+    """Component k's share of :func:`_moments_loops_diag` (a function of its
+    own, as :func:`_moments_component_full`)."""
     n_features = xT.shape[0]
     width = lanes(zeros)
     n_pad = _padded(n_rows, zeros)
@@ -794,89 +794,6 @@ def far_rows(X, start, far, means, prec, log_const, full, keep_log, log_prob, ro
         row_sum[r] = 1.0
 
 
-@helper_inline
-def _list_labels(labels, start, n_rows, members, counts):
-    """members[k, :counts[k]] = the block's rows labelled k, in order (index
-    K: label -1), without a branch per row (labels in random order would
-    mispredict)."""
-    n_components = counts.shape[0] - 1
-    for k in range(n_components + 1):
-        counts[k] = 0
-    for r in range(n_rows):
-        k = labels[start + r]
-        k = k if k >= 0 else n_components
-        members[k, counts[k]] = r
-        counts[k] += 1
-
-
-@helper_inline
-def _gather_lanes(X, sample_weight, start, members, count, lane_count, by_row, gathered,
-                  weights):
-    r"""One component's rows of the block (``members[:count]``) for
-    ``MODE_LABELS`` of the loop engines, in their lanes. Returns the columns
-    used.
-
-    The statistics pass sums a component's moments lane-wise (lane ``l`` of
-    a vector takes the block's rows ``l, l + W, ...``, in order); with
-    one-hot responsibilities a row adds exact zeros to every other component.
-    So the component's rows are gathered keeping every row in its lane and
-    each lane's rows in order (row r, the j-th of lane ``l = r mod W``, to
-    column ``j W + l`` of ``gathered`` and ``weights``), the holes up to the
-    longest lane weighing 0, and the same sums run over these columns only:
-    the terms left out are the exact zeros (:math:`0 \cdot d` added to a sum
-    that started at +0). K = 5 over 1M x 10: 12.9 against 11.3 ms (two
-    threads), the same bits (tested).
-    """
-    width = lane_count.shape[0]
-    for lane in range(width):
-        lane_count[lane] = 0
-    for q in range(count):
-        r = members[q]
-        lane = r % width
-        column = lane_count[lane] * width + lane
-        lane_count[lane] += 1
-        for d in range(X.shape[1]):
-            by_row[column, d] = X[start + r, d]
-        # In the operands' precision, as the pass's responsibilities.
-        weights[column] = sample_weight[start + r] if sample_weight.shape[0] else 1.0
-    longest = 0
-    for lane in range(width):
-        longest = max(longest, lane_count[lane])
-    n_columns = longest * width
-    # The holes weigh 0 (and hold a finite value), up to the padded length.
-    for lane in range(width):
-        for j in range(lane_count[lane], longest):
-            column = j * width + lane
-            weights[column] = 0.0
-            for d in range(X.shape[1]):
-                by_row[column, d] = 0.0
-    for r in range(n_columns, _padded(n_columns, weights)):
-        weights[r] = 0.0
-    # Gathered as rows (a row's values written in a column of ``gathered``
-    # became scatter instructions), then transposed in register tiles.
-    transpose_block(by_row, 0, n_columns, gathered)
-    return n_columns
-
-
-@helper_inline
-def _component_moments_full(xT, n_rows, mean, weights, diff, centred, wdiff, zeros, k, nk, sx,
-                            sxx):
-    moments_component_full(xT, n_rows, mean, weights, diff, centred, wdiff, zeros, k, nk, sx,
-                           sxx)
-
-
-@helper_inline
-def _component_moments_diag(xT, n_rows, mean, weights, diff, centred, wdiff, zeros, k, nk, sx,
-                            sxx):
-    moments_component_diag(xT, n_rows, mean, weights, diff, zeros, k, nk, sx, sxx)
-
-
-@helper_inline
-def _component_moments_none(xT, n_rows, mean, weights, diff, centred, wdiff, zeros, k, nk, sx,
-                            sxx):
-    pass  # the BLAS engines take MODE_LABELS through their own accumulation
-
-
 # Block engines. Each engine is three functions with one signature per role, so
 # that one pass body (``_gaussian_pass``) serves every engine: it is compiled
 # once per engine with these names bound to that engine's functions (see
@@ -967,25 +884,21 @@ _ENGINES = {
     ENGINE_LOOPS_FULL: dict(_engine_log_prob=_log_prob_loops_full,
                             _engine_accumulate=_accumulate_loops_full,
                             _engine_read_block=_read_block_loops,
-                            _engine_component_moments=_component_moments_full,
                             _ENGINE_BLOCK=LOOPS_BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=True,
                             _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False),
     ENGINE_LOOPS_DIAG: dict(_engine_log_prob=_log_prob_loops_diag,
                             _engine_accumulate=_accumulate_loops_diag,
                             _engine_read_block=_read_block_loops,
-                            _engine_component_moments=_component_moments_diag,
                             _ENGINE_BLOCK=LOOPS_BLOCK_ROWS, _ENGINE_LOOPS=True, _ENGINE_FULL=False,
                             _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=False),
     ENGINE_BLAS_FULL: dict(_engine_log_prob=_log_prob_blas_full,
                            _engine_accumulate=_accumulate_blas_full,
                            _engine_read_block=_read_block_blas_full,
-                           _engine_component_moments=_component_moments_none,
                            _ENGINE_BLOCK=BLOCK_ROWS * BLAS_BLOCKS, _ENGINE_LOOPS=False,
                            _ENGINE_FULL=True, _ENGINE_DIAG_BLAS=False, _ENGINE_PRUNES=True),
     ENGINE_BLAS_DIAG: dict(_engine_log_prob=_log_prob_blas_diag,
                            _engine_accumulate=_accumulate_blas_diag,
                            _engine_read_block=_read_block_blas_diag,
-                           _engine_component_moments=_component_moments_none,
                            _ENGINE_BLOCK=BLOCK_ROWS, _ENGINE_LOOPS=False, _ENGINE_FULL=False,
                            _ENGINE_DIAG_BLAS=True, _ENGINE_PRUNES=False),
 }
@@ -993,7 +906,6 @@ _ENGINE_NAMES = {ENGINE_LOOPS_FULL: "loops_full", ENGINE_LOOPS_DIAG: "loops_diag
                  ENGINE_BLAS_FULL: "blas_full", ENGINE_BLAS_DIAG: "blas_diag"}
 # Placeholders the specialised copies rebind (the generic body is never compiled).
 _engine_log_prob = _engine_accumulate = _engine_read_block = None
-_engine_component_moments = None
 _ENGINE_BLOCK = BLOCK_ROWS
 _ENGINE_LOOPS = _ENGINE_FULL = _ENGINE_DIAG_BLAS = _ENGINE_PRUNES = False
 
@@ -1081,10 +993,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
         centre, W, const = _diag_gemm_operands(means, prec, log_const)
     else:
         centre, W, const = np.empty(0), np.empty((0, 0)), np.empty(0)
-    # The loop engines add MODE_LABELS's rows component by component
-    # (_label_moments_loops); the others through their accumulation.
-    labels_loops = mode == MODE_LABELS and _ENGINE_LOOPS
-    accumulates = mode == MODE_STATISTICS or (mode == MODE_LABELS and not _ENGINE_LOOPS)
+    accumulates = mode == MODE_STATISTICS or mode == MODE_LABELS
     predicts = (mode == MODE_LOG_RESP or mode == MODE_PROBA or mode == MODE_LOG_NORM
                 or mode == MODE_ARGMAX)
     # Scratch of one call, reused chunk after chunk (each engine allocates its own).
@@ -1096,13 +1005,6 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
     quad = np.empty(loops, dtype=X.dtype)
     wdiff = np.empty((n_features, loops), dtype=X.dtype)
     zeros = np.zeros(loops, dtype=X.dtype)
-    gathering = loops if mode == MODE_LABELS else 0
-    members = np.empty((n_components + 1, gathering), dtype=np.int64)
-    counts = np.empty(n_components + 1, dtype=np.int64)
-    lane_count = np.empty(lanes(zeros) if gathering else 0, dtype=np.int64)
-    label_rows = np.empty((n_features, gathering), dtype=X.dtype)
-    label_by_row = np.empty((gathering, n_features), dtype=X.dtype)
-    label_weights = np.empty(gathering, dtype=X.dtype)
     contributions = np.empty(block)
     rows = np.empty((wide, n_features * (1 if _ENGINE_FULL else 2)))
     products = np.empty((diag_blas, n_components))
@@ -1144,20 +1046,7 @@ def _gaussian_pass(chunk_first, chunk_last, n_chunks, mode, X, sample_weight, la
             n_pad = _padded(n_rows, zeros) if _ENGINE_LOOPS else n_rows
             # The block as the engine reads it (one copy of that code per pass).
             _engine_read_block(X, start, n_rows, centre, xT, rows)
-            if labels_loops:
-                # Each row added to its own component only (see _gather_lanes).
-                _list_labels(labels, start, n_rows, members, counts)
-                for k in range(n_components):
-                    if counts[k] > 0:  # else the one-hot sums add +0
-                        n_columns = _gather_lanes(X, sample_weight, start, members[k], counts[k],
-                                                  lane_count, label_by_row, label_rows,
-                                                  label_weights)
-                        # Not centred: a bool known at run time, so that the
-                        # helper compiled for the statistics serves.
-                        _engine_component_moments(label_rows, n_columns, means[k], label_weights,
-                                                  diffs[0], mode == MODE_STATISTICS, wdiff, zeros,
-                                                  k, nk, sx, sxx)
-            elif mode == MODE_LABELS:
+            if mode == MODE_LABELS:
                 for k in range(n_components):
                     for r in range(n_pad):
                         log_prob[k, r] = 0.0
