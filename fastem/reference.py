@@ -380,8 +380,8 @@ def blocked_cumulative_mass(mass, block=BLOCK_ROWS):
     With :math:`M_b` block b's sum (rows in order) and :math:`P_b = M_0 + \dots
     + M_{b-1}`, row i of block b gets :math:`P_b + (m_{b0} + \dots + m_i)`;
     returns those and the total :math:`P_B`. (Twin of
-    :func:`fastem._kernels.kmeans.draw_by_mass`, whose pass over X sums each
-    block in parallel.)
+    :func:`fastem.initialization.draw_by_mass`, which finds a draw's block
+    among the block sums that the pass over X adds in parallel.)
     """
     mass = np.asarray(mass, dtype=np.float64)
     n = mass.shape[0]
