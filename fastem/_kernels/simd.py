@@ -290,13 +290,14 @@ def transpose_tile(typingctx, X, row, col, n_cols, out, out_col):
         lane = "f64" if X.dtype.bitwidth == 64 else "f32"
         rows = []
         for i in range(width):
-            pointer = cgutils.get_item_pointer(
+            pointer = builder.bitcast(cgutils.get_item_pointer(
                 context, builder, X, source, [builder.add(row_, ir.Constant(intp, i)), col_],
-                wraparound=False, boundscheck=False)
+                wraparound=False, boundscheck=False), vector_type.as_pointer())
+            # The typed-pointer name (LLVM 14 needs it; later LLVMs upgrade it).
             load = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vector_type, [pointer.type, i32, mask.type,
                                                               vector_type]),
-                f"llvm.masked.load.v{width}{lane}.p0")
+                f"llvm.masked.load.v{width}{lane}.p0v{width}{lane}")
             rows.append(builder.call(load, [pointer, align, mask,
                                             ir.Constant(vector_type, None)]))
         for b, low, high in _transpose_masks(width):
